@@ -1,0 +1,36 @@
+//! One module per command. Each returns `Ok(exit code)` or `Err(message)` (exit 2).
+
+pub(crate) mod check;
+pub(crate) mod jsonpath;
+pub(crate) mod render;
+pub(crate) mod tools;
+
+use std::io::Read;
+
+use midcall::ActionSet;
+
+/// Exit code for bad config, arguments or input.
+pub(crate) const EXIT_BAD_INPUT: u8 = 2;
+
+pub(crate) fn load(file: &str) -> Result<ActionSet, String> {
+    ActionSet::load(file).map_err(|e| e.to_string())
+}
+
+/// Parses a JSON command-line value, naming the flag on error.
+pub(crate) fn parse_json(flag: &str, text: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(text).map_err(|e| format!("{flag}: not valid JSON: {e}"))
+}
+
+/// Reads a file, or stdin when `path` is `None` or `-`.
+pub(crate) fn read_input(path: Option<&str>) -> Result<String, String> {
+    match path {
+        Some(p) if p != "-" => std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}")),
+        _ => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| format!("stdin: {e}"))?;
+            Ok(s)
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Extraction: an action's `extract` rules turn a parsed response into typed values bound for
+//! state paths.
+
+use serde_json::Value;
+
+use super::Query;
+use crate::state::StatePath;
+
+/// How an extracted node is converted before it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Conversion {
+    /// Stored as it is (the default).
+    #[default]
+    Json,
+    /// A string; numbers and booleans become their JSON text.
+    String,
+    /// A number; a string holding a number is parsed.
+    Number,
+    /// A boolean; the strings `"true"` and `"false"` are accepted.
+    Bool,
+}
+
+impl Conversion {
+    /// Parses `string`, `number`, `bool` or `json`.
+    pub fn parse(s: &str) -> Option<Conversion> {
+        Some(match s {
+            "json" => Conversion::Json,
+            "string" => Conversion::String,
+            "number" => Conversion::Number,
+            "bool" => Conversion::Bool,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Conversion::Json => "json",
+            Conversion::String => "string",
+            Conversion::Number => "number",
+            Conversion::Bool => "bool",
+        }
+    }
+
+    fn apply(self, v: &Value) -> Option<Value> {
+        match (self, v) {
+            (Conversion::Json, v) => Some(v.clone()),
+            (Conversion::String, Value::String(_)) => Some(v.clone()),
+            (Conversion::String, Value::Number(_) | Value::Bool(_)) => {
+                Some(Value::String(v.to_string()))
+            }
+            (Conversion::Number, Value::Number(_)) => Some(v.clone()),
+            (Conversion::Number, Value::String(s)) => {
+                let s = s.trim();
+                if let Ok(i) = s.parse::<i64>() {
+                    Some(Value::from(i))
+                } else {
+                    s.parse::<f64>()
+                        .ok()
+                        .and_then(serde_json::Number::from_f64)
+                        .map(Value::Number)
+                }
+            }
+            (Conversion::Bool, Value::Bool(_)) => Some(v.clone()),
+            (Conversion::Bool, Value::String(s)) => match s.as_str() {
+                "true" => Some(Value::Bool(true)),
+                "false" => Some(Value::Bool(false)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// One extraction rule: where in state, from which query, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtractRule {
+    /// Where the value is written.
+    pub target: StatePath,
+    /// What selects it.
+    pub query: Query,
+    /// A missing value is an error (default false: nothing is written).
+    pub required: bool,
+    /// Written when the query selects nothing.
+    pub default: Option<Value>,
+    /// Conversion of each node.
+    pub conversion: Conversion,
+    /// Store every node as an array instead of the first node.
+    pub all: bool,
+}
+
+/// A response value that could not be extracted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtractError {
+    /// A required query selected nothing.
+    #[error("extract \"{target}\": {query} selected nothing and the value is required")]
+    Missing {
+        /// The state path.
+        target: String,
+        /// The query.
+        query: String,
+    },
+    /// A node could not be converted.
+    #[error("extract \"{target}\": {query} selected a {found}, which cannot be read as {wanted}")]
+    Conversion {
+        /// The state path.
+        target: String,
+        /// The query.
+        query: String,
+        /// The JSON type found.
+        found: &'static str,
+        /// The conversion asked for.
+        wanted: &'static str,
+    },
+}
+
+/// An action's compiled extraction rules.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Extractor {
+    rules: Vec<ExtractRule>,
+}
+
+impl Extractor {
+    /// Rules, in the order written.
+    pub fn new(rules: Vec<ExtractRule>) -> Self {
+        Extractor { rules }
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &[ExtractRule] {
+        &self.rules
+    }
+
+    /// True when there is nothing to extract.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Runs every rule on a parsed document: `(state path, value)` pairs, in rule order.
+    /// Rules that select nothing and are neither required nor defaulted give no pair.
+    pub fn extract(&self, doc: &Value) -> Result<Vec<(StatePath, Value)>, ExtractError> {
+        let mut out = Vec::with_capacity(self.rules.len());
+        for rule in &self.rules {
+            let nodes = rule.query.select(doc);
+            let convert = |v: &Value| {
+                rule.conversion
+                    .apply(v)
+                    .ok_or_else(|| ExtractError::Conversion {
+                        target: rule.target.to_string(),
+                        query: rule.query.as_str().to_string(),
+                        found: crate::state::kind_of(v),
+                        wanted: rule.conversion.name(),
+                    })
+            };
+            let value = if rule.all {
+                if nodes.is_empty() && rule.default.is_some() {
+                    rule.default.clone()
+                } else if nodes.is_empty() && rule.required {
+                    None
+                } else {
+                    Some(Value::Array(
+                        nodes.into_iter().map(convert).collect::<Result<_, _>>()?,
+                    ))
+                }
+            } else {
+                match nodes.first() {
+                    Some(v) => Some(convert(v)?),
+                    None => rule.default.clone(),
+                }
+            };
+            match value {
+                Some(v) => out.push((rule.target.clone(), v)),
+                None if rule.required => {
+                    return Err(ExtractError::Missing {
+                        target: rule.target.to_string(),
+                        query: rule.query.as_str().to_string(),
+                    })
+                }
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,83 @@
+//! RFC 9535 JSONPath queries, compiled once, and the extraction of values from responses.
+//!
+//! The engine sits behind [`Query`] so a faster evaluator can replace it without touching
+//! callers; today it is `serde_json_path`, which passes the whole compliance test suite.
+
+mod extract;
+
+pub use extract::{Conversion, ExtractError, ExtractRule, Extractor};
+
+use std::fmt;
+
+use serde_json::Value;
+
+/// A compiled JSONPath query.
+#[derive(Clone)]
+pub struct Query {
+    text: Box<str>,
+    inner: serde_json_path::JsonPath,
+}
+
+impl fmt::Debug for Query {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Query({})", self.text)
+    }
+}
+
+impl PartialEq for Query {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+/// A query that does not compile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid JSONPath at character {position}: {message}")]
+pub struct QueryError {
+    /// Character position (1-based) where parsing failed.
+    pub position: usize,
+    /// What the parser expected.
+    pub message: String,
+}
+
+impl Query {
+    /// Compiles an RFC 9535 query such as `$.data.customer.name`.
+    pub fn compile(text: &str) -> Result<Query, QueryError> {
+        match serde_json_path::JsonPath::parse(text) {
+            Ok(inner) => Ok(Query {
+                text: text.into(),
+                inner,
+            }),
+            Err(e) => {
+                let byte = e.position().min(text.len());
+                let byte = (0..=byte)
+                    .rev()
+                    .find(|b| text.is_char_boundary(*b))
+                    .unwrap_or(0);
+                Err(QueryError {
+                    position: text[..byte].chars().count() + 1,
+                    message: e.message().to_string(),
+                })
+            }
+        }
+    }
+
+    /// The query as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The nodes the query selects, in document order.
+    pub fn select<'v>(&self, doc: &'v Value) -> Vec<&'v Value> {
+        self.inner.query(doc).all()
+    }
+
+    /// The normalized paths (`$['a'][0]`) of the selected nodes, in document order.
+    pub fn select_paths(&self, doc: &Value) -> Vec<String> {
+        self.inner
+            .query_located(doc)
+            .iter()
+            .map(|n| n.location().to_string())
+            .collect()
+    }
+}

@@ -1,0 +1,61 @@
+//! midcall lets a voice AI agent act on the world during a live phone call.
+//!
+//! The agent runtime hands a tool call to midcall in-process; midcall renders the HTTP request
+//! from the conversation, sends it within a hard latency budget, extracts the values that matter
+//! with JSONPath (RFC 9535), writes them into the conversation state and gives the agent a
+//! compact result or a fallback line to say.
+//!
+//! # Layout
+//! - [`spec`]: the agent config (actions, webhooks, automations, egress); load TOML/JSON,
+//!   validate with errors that name file, line, action and field; compile once into an
+//!   [`ActionSet`]; tool definitions for the model and argument validation.
+//! - [`template`]: `{{…}}` templates, compiled once, rendered into a URL (percent-encoded per
+//!   component), a header (CR/LF/NUL refused) or a JSON body (types kept); secrets and their
+//!   redaction.
+//! - [`jsonpath`]: RFC 9535 queries behind a small API, and extraction rules that turn a
+//!   response into typed values for state paths.
+//! - [`state`]: `CallInfo`, `ConversationState` (dotted paths, size cap) and `Transcript`.
+//! - [`events`]: the event types webhooks subscribe to.
+//! - `cli` (binary only): one file per command.
+//!
+//! # Example
+//! ```
+//! use midcall::{ActionSet, Syntax, Call, CallInfo, RenderContext, MapSecrets};
+//! let set = ActionSet::from_str("demo.toml", r#"
+//! [agent]
+//! id = "front-desk"
+//! tenant = "acme"
+//! [[actions]]
+//! name = "lookup_customer"
+//! description = "Look up the caller"
+//! url = "https://crm.example.com/v1/customers?phone={{call.from_number}}"
+//! headers = { Authorization = "Bearer {{secrets.CRM_TOKEN}}" }
+//! "#, Syntax::Toml).unwrap();
+//! let call = Call::new(CallInfo {
+//!     id: "c1".into(), agent_id: "front-desk".into(), tenant: "acme".into(),
+//!     from_number: "+15551234567".into(), to_number: "+15557654321".into(),
+//!     is_outgoing: false, started_at: "2025-11-03T19:33:18.330Z".into(),
+//! });
+//! let secrets = MapSecrets::new().with("CRM_TOKEN", "tok-123");
+//! let ctx = RenderContext { call: &call.info, state: &call.state, args: &serde_json::Value::Null,
+//!     transcript: &call.transcript, secrets: &secrets, payload: None };
+//! let req = set.action("lookup_customer").unwrap().render(&ctx).unwrap();
+//! assert_eq!(req.url, "https://crm.example.com/v1/customers?phone=%2B15551234567");
+//! assert!(req.redacted_text().contains("Bearer ***"));
+//! ```
+
+pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod jsonpath;
+pub mod spec;
+pub mod state;
+pub mod template;
+
+pub use jsonpath::{ExtractError, Extractor, Query, QueryError};
+pub use spec::{
+    ActionSet, ActionSpec, ArgsError, ConfigError, Format, LoadError, RenderedRequest,
+    RequestError, Syntax,
+};
+pub use state::{Call, CallInfo, ConversationState, Speaker, StatePath, Transcript, Turn};
+pub use template::{EnvSecrets, MapSecrets, RenderContext, Secret, SecretSource};

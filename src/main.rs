@@ -1,0 +1,43 @@
+//! The `midcall` command: thin entry that parses arguments, installs the TLS provider and
+//! dispatches to one file per command under `src/cli/`.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// midcall: the runtime that lets voice AI agents act on the world during a live phone call.
+#[derive(Debug, Parser)]
+#[command(name = "midcall", version, about, long_about = None)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Check(cli::check::CheckArgs),
+    Tools(cli::tools::ToolsArgs),
+    Jsonpath(cli::jsonpath::JsonpathArgs),
+    Render(cli::render::RenderArgs),
+}
+
+fn main() -> ExitCode {
+    // ring is the only rustls crypto provider midcall uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Check(a) => cli::check::run(a),
+        Command::Tools(a) => cli::tools::run(a),
+        Command::Jsonpath(a) => cli::jsonpath::run(a),
+        Command::Render(a) => cli::render::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The agent config: actions, webhooks, automations and egress; loaded from TOML or JSON,
+//! validated, and compiled once into an [`ActionSet`].
+
+mod compile;
+mod error;
+mod load;
+mod model;
+mod raw;
+mod render;
+mod tools;
+
+pub use error::{ConfigError, LoadError};
+pub use load::{Syntax, MAX_CONFIG_BYTES};
+pub use model::*;
+pub use render::{RenderedRequest, RequestError};
+pub use tools::{ArgSchema, ArgsError, Format};
