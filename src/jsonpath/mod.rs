@@ -77,7 +77,41 @@ impl Query {
         self.inner
             .query_located(doc)
             .iter()
-            .map(|n| n.location().to_string())
+            .map(|n| normalized_path(n.location()))
             .collect()
     }
+}
+
+/// RFC 9535 section 2.7 normalized path: names in single quotes with the escapes it requires.
+fn normalized_path(path: &serde_json_path::NormalizedPath<'_>) -> String {
+    use serde_json_path_core::path::PathElement;
+    use std::fmt::Write;
+    let mut out = String::from("$");
+    for el in path.iter() {
+        match el {
+            PathElement::Index(i) => {
+                let _ = write!(out, "[{i}]");
+            }
+            PathElement::Name(name) => {
+                out.push_str("['");
+                for c in name.chars() {
+                    match c {
+                        '\'' => out.push_str("\\'"),
+                        '\\' => out.push_str("\\\\"),
+                        '\u{8}' => out.push_str("\\b"),
+                        '\u{c}' => out.push_str("\\f"),
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        '\t' => out.push_str("\\t"),
+                        c if (c as u32) < 0x20 => {
+                            let _ = write!(out, "\\u{:04x}", c as u32);
+                        }
+                        c => out.push(c),
+                    }
+                }
+                out.push_str("']");
+            }
+        }
+    }
+    out
 }

@@ -46,14 +46,18 @@ macro_rules! at {
 struct Scope<'a> {
     problems: &'a mut Vec<Problem>,
     base: Vec<Seg>,
+    /// Part of both the location and the field name (`steps[0].send_webhook`).
+    prefix: Vec<Seg>,
     context: Option<String>,
 }
 
 impl Scope<'_> {
     fn err(&mut self, path: Vec<Seg>, message: impl Into<String>) {
-        let field = field_name(&path);
+        let mut rel = self.prefix.clone();
+        rel.extend(path);
+        let field = field_name(&rel);
         let mut full = self.base.clone();
-        full.extend(path);
+        full.extend(rel);
         self.problems.push(Problem {
             path: full,
             context: self.context.clone(),
@@ -211,6 +215,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         let mut s = Scope {
             problems: &mut problems,
             base: at!["agent"],
+            prefix: Vec::new(),
             context: None,
         };
         if !valid_name(&file.agent.id) {
@@ -255,6 +260,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         let mut s = Scope {
             problems: &mut problems,
             base: at!["actions", i],
+            prefix: Vec::new(),
             context: Some(format!("action \"{}\"", def.name)),
         };
         if let Some(a) = compile_action(&mut s, def, &names) {
@@ -271,6 +277,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         let mut s = Scope {
             problems: &mut problems,
             base: at!["webhooks", i],
+            prefix: Vec::new(),
             context: Some(context),
         };
         if let Some(w) = compile_webhook(&mut s, def) {
@@ -284,6 +291,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         let mut s = Scope {
             problems: &mut problems,
             base: at!["automations", i],
+            prefix: Vec::new(),
             context: Some(format!("automation \"{}\"", def.id)),
         };
         if let Some(first) = automation_ids.get(&def.id) {
@@ -787,11 +795,8 @@ fn compile_automation(
                 let mut headers = Vec::new();
                 let mut sub = Scope {
                     problems: &mut *s.problems,
-                    base: {
-                        let mut b = s.base.clone();
-                        b.extend(base());
-                        b
-                    },
+                    base: s.base.clone(),
+                    prefix: base(),
                     context: s.context.clone(),
                 };
                 headers.extend(sub.headers(&w.headers, roots));

@@ -75,7 +75,7 @@ impl ArgSchema {
         let validator = jsonschema::validator_for(schema).map_err(|e| {
             format!(
                 "invalid JSON Schema at {}: {e}",
-                pointer(e.schema_path.as_str())
+                pointer(e.instance_path.as_str())
             )
         })?;
         let required = match map.get("required") {

@@ -1,0 +1,12 @@
+//! Integration tests, compiled into one binary (faster links on 2 cores).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cli;
+mod config_errors;
+mod cts;
+mod examples;
+mod fuzz_corpus;
+mod templates;
+mod tools;
