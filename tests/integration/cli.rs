@@ -1,1 +1,258 @@
+//! The `midcall` binary as a user runs it.
 
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+
+use crate::support::root;
+
+fn midcall(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_midcall"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("MIDCALL_SECRET_CRM_TOKEN")
+        .env_remove("MIDCALL_SECRET_SCHEDULING_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn check_accepts_the_examples_with_one_line_per_action() {
+    let o = midcall(&[
+        "check",
+        "examples/front-desk/agent.toml",
+        "examples/outage-line/agent.toml",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("examples/front-desk/agent.toml: ok, agent \"front-desk\""),
+        "{out}"
+    );
+    for name in [
+        "lookup_customer",
+        "check_slots",
+        "book_appointment",
+        "find_account",
+        "report_outage",
+    ] {
+        assert_eq!(
+            out.lines()
+                .filter(|l| l.trim_start().starts_with(name))
+                .count(),
+            1,
+            "{name} in {out}"
+        );
+    }
+}
+
+#[test]
+fn check_exits_2_with_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("front-desk.toml");
+    std::fs::write(
+        &bad,
+        "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"x\"\ndescription = \"d\"\nurl = \"https://e.example.com/{{arg.v}}\"\n",
+    )
+    .unwrap();
+    let o = midcall(&["check", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o)
+            .contains("front-desk.toml:7:7: action \"x\": url: unknown template root \"arg\""),
+        "{}",
+        stderr(&o)
+    );
+    let o = midcall(&["check", "--json", bad.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["ok"], false);
+}
+
+#[test]
+fn tools_prints_json_in_both_formats() {
+    let o = midcall(&["tools", "examples/front-desk/agent.toml"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v[0]["function"]["name"], "lookup_customer");
+    let o = midcall(&[
+        "tools",
+        "examples/front-desk/agent.toml",
+        "--format",
+        "anthropic",
+    ]);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v[2]["input_schema"]["required"], json!(["slot"]));
+}
+
+#[test]
+fn jsonpath_reads_stdin_and_prints_nodes_or_paths() {
+    let run = |args: &[&str], input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_midcall"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // midcall may exit before reading (a bad query), closing the pipe.
+        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+        child.wait_with_output().unwrap()
+    };
+    let doc = r#"{"slots": [{"start": "9:00", "available": true}, {"start": "10:00", "available": false}]}"#;
+    let o = run(&["jsonpath", "$.slots[?@.available == true].start"], doc);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&o)).unwrap(),
+        json!(["9:00"])
+    );
+    let o = run(&["jsonpath", "--paths", "$..start"], doc);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&o)).unwrap(),
+        json!(["$['slots'][0]['start']", "$['slots'][1]['start']"])
+    );
+    let o = run(&["jsonpath", "$.slots[?@.x ==]"], doc);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("invalid JSONPath at character"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["jsonpath", "$.a"], "{not json");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("stdin: not valid JSON"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn render_prints_the_exact_request_with_secrets_hidden() {
+    let secret = "sk_test_RENDER_4242";
+    let o = Command::new(env!("CARGO_BIN_EXE_midcall"))
+        .args([
+            "render",
+            "examples/front-desk/agent.toml",
+            "--action",
+            "book_appointment",
+            "--args",
+            r#"{"slot": "2025-11-04T15:00", "reason": "a \"quoted\" reason"}"#,
+            "--state",
+            r#"{"customer": {"id": "cus_9"}}"#,
+            "--call",
+            r#"{"id": "call_777"}"#,
+        ])
+        .current_dir(root())
+        .env("MIDCALL_SECRET_SCHEDULING_TOKEN", secret)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("POST https://scheduling.example.com/appointments\n"),
+        "{out}"
+    );
+    assert!(out.contains("authorization: Bearer ***\n"), "{out}");
+    assert!(out.contains("content-type: application/json\n"));
+    assert!(!out.contains(secret));
+    let body = out.split("\n\n").nth(1).unwrap().trim();
+    assert_eq!(
+        serde_json::from_str::<Value>(body).unwrap(),
+        json!({"phone": "+15551234567", "customer_id": "cus_9", "slot": "2025-11-04T15:00",
+               "reason": "a \"quoted\" reason", "call_id": "call_777"})
+    );
+}
+
+#[test]
+fn render_exits_2_with_a_clear_message() {
+    let o = midcall(&[
+        "render",
+        "examples/front-desk/agent.toml",
+        "--action",
+        "lookup_customer",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("secret \"CRM_TOKEN\" is not set (set the environment variable MIDCALL_SECRET_CRM_TOKEN)"), "{}", stderr(&o));
+    let o = midcall(&[
+        "render",
+        "examples/front-desk/agent.toml",
+        "--action",
+        "book_appointment",
+        "--fake-secrets",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains(
+            "invalid arguments for book_appointment: arguments: \"slot\" is a required property"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let o = midcall(&[
+        "render",
+        "examples/front-desk/agent.toml",
+        "--action",
+        "nope",
+    ]);
+    assert!(stderr(&o).contains("no action \"nope\""), "{}", stderr(&o));
+    let o = midcall(&[
+        "render",
+        "examples/front-desk/agent.toml",
+        "--action",
+        "check_slots",
+        "--fake-secrets",
+        "--args",
+        "{bad",
+    ]);
+    assert!(
+        stderr(&o).contains("--args: not valid JSON"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn render_refuses_a_line_break_from_the_model_in_a_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("a.toml");
+    std::fs::write(
+        &f,
+        "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"x\"\ndescription = \"d\"\nurl = \"https://e.example.com/\"\nheaders = { X-Note = \"{{args.note}}\" }\n",
+    )
+    .unwrap();
+    let o = midcall(&[
+        "render",
+        f.to_str().unwrap(),
+        "--action",
+        "x",
+        "--args",
+        r#"{"note": "hi\r\nX-Admin: 1"}"#,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("header \"x-note\": rendered value contains a carriage return (CR)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    for cmd in ["check", "tools", "jsonpath", "render"] {
+        let o = midcall(&[cmd, "--help"]);
+        assert_eq!(o.status.code(), Some(0));
+        assert!(
+            stdout(&o).contains("Example"),
+            "{cmd} --help has an example"
+        );
+    }
+}

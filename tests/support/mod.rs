@@ -5,14 +5,14 @@
 use midcall::{ActionSet, CallInfo, LoadError, Syntax};
 
 /// The `[agent]` header every small test config starts with.
-pub const AGENT: &str = "[agent]\nid = \"front-desk\"\ntenant = \"acme\"\n";
+pub(crate) const AGENT: &str = "[agent]\nid = \"front-desk\"\ntenant = \"acme\"\n";
 
-pub fn load_toml(text: &str) -> Result<ActionSet, LoadError> {
+pub(crate) fn load_toml(text: &str) -> Result<ActionSet, LoadError> {
     ActionSet::from_str("test.toml", text, Syntax::Toml)
 }
 
 /// Loads `AGENT` followed by `rest`, panicking with the errors when it fails.
-pub fn agent(rest: &str) -> ActionSet {
+pub(crate) fn agent(rest: &str) -> ActionSet {
     let text = format!("{AGENT}{rest}");
     match load_toml(&text) {
         Ok(s) => s,
@@ -20,7 +20,7 @@ pub fn agent(rest: &str) -> ActionSet {
     }
 }
 
-pub fn call_info() -> CallInfo {
+pub(crate) fn call_info() -> CallInfo {
     CallInfo {
         id: "call_123".into(),
         agent_id: "front-desk".into(),
@@ -33,6 +33,6 @@ pub fn call_info() -> CallInfo {
 }
 
 /// The repository root.
-pub fn root() -> std::path::PathBuf {
+pub(crate) fn root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
