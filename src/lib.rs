@@ -15,6 +15,11 @@
 //! - [`jsonpath`]: RFC 9535 queries behind a small API, and extraction rules that turn a
 //!   response into typed values for state paths.
 //! - [`state`]: `CallInfo`, `ConversationState` (dotted paths, size cap) and `Transcript`.
+//! - [`exec`]: the executor: `Runtime`, `Budget`, `execute` / `execute_all`, `Outcome`,
+//!   fallbacks, the circuit breaker, the filler, idempotency keys, 429 handling.
+//! - [`transport`]: hyper-util's pooled client over our connector (egress policy checked on
+//!   every resolved address, `TCP_NODELAY`, rustls with ring, warm-up), one deadline over the
+//!   whole exchange, the body cap.
 //! - [`events`]: the event types webhooks subscribe to.
 //! - `cli` (binary only): one file per command.
 //!
@@ -45,13 +50,16 @@
 //! ```
 
 pub mod events;
+pub mod exec;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod jsonpath;
 pub mod spec;
 pub mod state;
 pub mod template;
+pub mod transport;
 
+pub use exec::{Budget, Error, Outcome, Runtime, RuntimeBuilder, Status, ToolCall};
 pub use jsonpath::{ExtractError, Extractor, Query, QueryError};
 pub use spec::{
     ActionSet, ActionSpec, ArgsError, ConfigError, Format, LoadError, RenderedRequest,
@@ -59,3 +67,4 @@ pub use spec::{
 };
 pub use state::{Call, CallInfo, ConversationState, Speaker, StatePath, Transcript, Turn};
 pub use template::{EnvSecrets, MapSecrets, RenderContext, Secret, SecretSource};
+pub use transport::{Deadline, EgressPolicy};

@@ -21,6 +21,7 @@ enum Command {
     Tools(cli::tools::ToolsArgs),
     Jsonpath(cli::jsonpath::JsonpathArgs),
     Render(cli::render::RenderArgs),
+    Exec(cli::exec::ExecArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Command::Tools(a) => cli::tools::run(a),
         Command::Jsonpath(a) => cli::jsonpath::run(a),
         Command::Render(a) => cli::render::run(a),
+        Command::Exec(a) => cli::exec::run(a),
     };
     match result {
         Ok(code) => code,

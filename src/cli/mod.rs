@@ -1,6 +1,7 @@
 //! One module per command. Each returns `Ok(exit code)` or `Err(message)` (exit 2).
 
 pub(crate) mod check;
+pub(crate) mod exec;
 pub(crate) mod jsonpath;
 pub(crate) mod render;
 pub(crate) mod tools;

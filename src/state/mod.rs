@@ -7,7 +7,7 @@ mod variables;
 mod tests;
 
 pub use transcript::{Speaker, Transcript, TranscriptError, Turn};
-pub(crate) use variables::kind as kind_of;
+pub(crate) use variables::{json_len, kind as kind_of};
 pub use variables::{ConversationState, StateError, StatePath, DEFAULT_STATE_CAP_BYTES};
 
 use serde::{Deserialize, Serialize};

@@ -225,6 +225,9 @@ fn split_authority(authority: &str, https: bool) -> Result<(&str, u16), String> 
             .find(']')
             .ok_or_else(|| "unclosed '[' in an IPv6 host".to_string())?;
         let host = &authority[..=end];
+        if authority[1..end].parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{host:?} is not a valid IPv6 address"));
+        }
         match &authority[end + 1..] {
             "" => (host, None),
             p => (

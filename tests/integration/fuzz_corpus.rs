@@ -39,3 +39,36 @@ fn template_render_corpus() {
 fn jsonpath_compile_corpus() {
     replay("jsonpath_compile", midcall::fuzzing::jsonpath_compile);
 }
+
+/// Found by `jsonpath_compile`: serde_json_path panicked when a query ended inside a `\u`
+/// escape. Now a compile error with a position.
+#[test]
+fn regression_truncated_unicode_escape_is_an_error_not_a_panic() {
+    for q in [
+        r#"$["\uD800\u"#,
+        r#"$["\u"#,
+        r#"$['\uD8"#,
+        r#"$["\uD800\uDC"#,
+    ] {
+        let e = midcall::Query::compile(q).unwrap_err();
+        assert!(e.position >= 1, "{q}: {e}");
+    }
+    // Escaped backslashes before a `u` and complete escapes still compile.
+    assert!(midcall::Query::compile(r#"$['\\u']"#).is_ok());
+    assert!(midcall::Query::compile(r#"$["\uD834\uDD1E"]"#).is_ok());
+}
+
+/// Found by `template_render`: a bracketed host that is not an IPv6 address was accepted and
+/// could carry a NUL into the URL. Now refused at compile time.
+#[test]
+fn regression_bracketed_host_must_be_ipv6() {
+    use midcall::template::{UrlTemplate, ACTION_ROOTS};
+    let e = UrlTemplate::compile("https://[p::::::=\0:: h}]/x", ACTION_ROOTS).unwrap_err();
+    assert!(
+        e.message.contains("is not a valid IPv6 address"),
+        "{}",
+        e.message
+    );
+    let ok = UrlTemplate::compile("https://[::1]:8443/x", ACTION_ROOTS).unwrap();
+    assert_eq!((ok.host(), ok.port()), ("[::1]", 8443));
+}

@@ -1,0 +1,16 @@
+//! The executor: the path of one mid-call action, its budget, outcome, fallback, breaker and
+//! filler.
+
+mod breaker;
+mod budget;
+mod error;
+mod idempotency;
+mod outcome;
+mod retry_after;
+mod runtime;
+
+pub use budget::Budget;
+pub use error::{Error, Fault, Retry};
+pub use outcome::{Outcome, Status, Timings};
+pub use retry_after::parse_retry_after;
+pub use runtime::*;

@@ -1,0 +1,1011 @@
+//! The runtime: one per process, cheap to clone. The action path reads top to bottom in
+//! [`Runtime::execute_with_filler`]: spec → args → render → egress → send → parse → extract →
+//! apply → report.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http_body_util::Full;
+use rustls_pki_types::CertificateDer;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::breaker::{Breakers, Permit};
+use super::budget::Budget;
+use super::error::{Error, Fault, Kind, Retry};
+use super::idempotency::idempotency_key;
+use super::outcome::{llm_result, Outcome, Status, Timings};
+use super::retry_after::parse_retry_after;
+use crate::jsonpath::Extractor;
+use crate::spec::{ActionSet, ActionSpec, Method, RenderedRequest, RequestError};
+use crate::state::{Call, StatePath};
+use crate::template::{EnvSecrets, RenderContext, SecretSource};
+use crate::transport::{
+    ConnectError, Deadline, EgressPolicy, EgressRefusal, Exchange, Resolve, SystemResolver,
+    Transport, TransportConfig, TransportError,
+};
+
+/// Default pool idle timeout: 90 s.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Default idle connections kept per host: 32.
+pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 32;
+/// Default background (`async = true`) actions in flight: 64.
+pub const DEFAULT_MAX_ASYNC_IN_FLIGHT: usize = 64;
+/// Default consecutive failures that open a host's breaker: 5.
+pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
+/// Default breaker cool-down before a probe: 5 s.
+pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
+/// Default cap on the model-facing result: 2 KiB of JSON.
+pub const DEFAULT_LLM_RESULT_MAX_BYTES: usize = 2048;
+/// Default idempotency header: `Idempotency-Key`.
+pub const DEFAULT_IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// The least time a retried attempt is assumed to need, on top of the first attempt's own
+/// duration, when deciding whether a 429's Retry-After fits the budget: 2 ms.
+pub const MIN_RETRY_ATTEMPT: Duration = Duration::from_millis(2);
+
+/// Builds a [`Runtime`]. Every setting has a default, given on its method.
+#[derive(Clone)]
+pub struct RuntimeBuilder {
+    policy: EgressPolicy,
+    extra_roots: Vec<CertificateDer<'static>>,
+    resolver: Arc<dyn Resolve>,
+    secrets: Arc<dyn SecretSource>,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
+    http2: bool,
+    max_async_in_flight: usize,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+    llm_result_max_bytes: usize,
+    idempotency_header: Option<HeaderName>,
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("policy", &self.policy)
+            .field("extra_roots", &self.extra_roots.len())
+            .field("pool_idle_timeout", &self.pool_idle_timeout)
+            .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
+            .field("max_async_in_flight", &self.max_async_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeBuilder {
+    /// The egress policy. Default: HTTPS only, private and special ranges refused
+    /// ([`EgressPolicy::new`]). Build it from an agent's `[egress]` with
+    /// [`EgressPolicy::from_config`]. One runtime enforces one policy: its connections are
+    /// pooled across actions, so the policy cannot vary per request.
+    pub fn egress(mut self, policy: EgressPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Trusts an extra root certificate (DER), besides the bundled webpki roots. Default none.
+    pub fn add_root_certificate(mut self, der: Vec<u8>) -> Self {
+        self.extra_roots.push(CertificateDer::from(der));
+        self
+    }
+
+    /// Trusts every certificate in a PEM bundle as an extra root. Default none.
+    pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Result<Self, String> {
+        use rustls_pki_types::pem::PemObject;
+        let mut n = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            self.extra_roots
+                .push(cert.map_err(|e| format!("not a PEM certificate: {e}"))?);
+            n += 1;
+        }
+        if n == 0 {
+            return Err("no PEM certificate found".into());
+        }
+        Ok(self)
+    }
+
+    /// The resolver for host names. Default: the system resolver.
+    pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Where `{{secrets.NAME}}` come from. Default: [`EnvSecrets`] (`MIDCALL_SECRET_<NAME>`).
+    pub fn secrets(mut self, secrets: Arc<dyn SecretSource>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// How long an idle pooled connection is kept. Default 90 s.
+    pub fn pool_idle_timeout(mut self, d: Duration) -> Self {
+        self.pool_idle_timeout = d;
+        self
+    }
+
+    /// Idle connections kept per host. Default 32.
+    pub fn pool_max_idle_per_host(mut self, n: usize) -> Self {
+        self.pool_max_idle_per_host = n;
+        self
+    }
+
+    /// Offer HTTP/2 by ALPN on TLS connections. Default true.
+    pub fn http2(mut self, yes: bool) -> Self {
+        self.http2 = yes;
+        self
+    }
+
+    /// Background actions in flight before new ones are refused. Default 64.
+    pub fn max_async_in_flight(mut self, n: usize) -> Self {
+        self.max_async_in_flight = n;
+        self
+    }
+
+    /// Consecutive failures that open a host's breaker. Default 5.
+    pub fn breaker_threshold(mut self, n: u32) -> Self {
+        self.breaker_threshold = n;
+        self
+    }
+
+    /// How long an open breaker waits before letting one probe through. Default 5 s.
+    pub fn breaker_cooldown(mut self, d: Duration) -> Self {
+        self.breaker_cooldown = d;
+        self
+    }
+
+    /// Cap on the model-facing result, in bytes of JSON. Default 2048.
+    pub fn llm_result_max_bytes(mut self, n: usize) -> Self {
+        self.llm_result_max_bytes = n;
+        self
+    }
+
+    /// The idempotency header's name, or `None` to send none. Default `Idempotency-Key`.
+    pub fn idempotency_header(mut self, name: Option<&str>) -> Result<Self, String> {
+        self.idempotency_header = match name {
+            None => None,
+            Some(n) => Some(
+                HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("\"{n}\" is not a valid header name"))?,
+            ),
+        };
+        Ok(self)
+    }
+
+    /// Builds the runtime. Fails only on an unusable root certificate.
+    pub fn build(self) -> Result<Runtime, String> {
+        let transport = Transport::new(TransportConfig {
+            policy: self.policy,
+            extra_roots: self.extra_roots,
+            resolver: self.resolver,
+            pool_idle_timeout: self.pool_idle_timeout,
+            pool_max_idle_per_host: self.pool_max_idle_per_host,
+            http2: self.http2,
+        })?;
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                transport,
+                secrets: self.secrets,
+                breakers: Arc::new(Breakers::new(self.breaker_threshold, self.breaker_cooldown)),
+                background: Arc::new(Semaphore::new(self.max_async_in_flight)),
+                max_async_in_flight: self.max_async_in_flight,
+                llm_result_max_bytes: self.llm_result_max_bytes,
+                idempotency_header: self.idempotency_header,
+                user_agent: HeaderValue::from_static(concat!(
+                    "midcall/",
+                    env!("CARGO_PKG_VERSION")
+                )),
+            }),
+        })
+    }
+}
+
+/// The mid-call action runtime. Cheap to clone, `Send + Sync`; make one per process.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Transport,
+    secrets: Arc<dyn SecretSource>,
+    breakers: Arc<Breakers>,
+    background: Arc<Semaphore>,
+    max_async_in_flight: usize,
+    llm_result_max_bytes: usize,
+    idempotency_header: Option<HeaderName>,
+    user_agent: HeaderValue,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("transport", &self.inner.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One tool call from the model: its id (if the model gave one) and its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The model's id for this tool call; keys idempotency when present.
+    pub id: Option<String>,
+    /// The arguments, a JSON object (or null for none).
+    pub args: Value,
+}
+
+impl ToolCall {
+    /// A tool call with an id.
+    pub fn new(id: impl Into<String>, args: Value) -> ToolCall {
+        ToolCall {
+            id: Some(id.into()),
+            args,
+        }
+    }
+}
+
+impl From<Value> for ToolCall {
+    fn from(args: Value) -> ToolCall {
+        ToolCall { id: None, args }
+    }
+}
+
+/// What a warm-up did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WarmReport {
+    /// Origins connected and handshaken.
+    pub warmed: Vec<String>,
+    /// Origins that failed, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// A rendered request ready to send, owning everything it needs.
+struct Prepared {
+    action: Arc<str>,
+    method: Method,
+    uri: http::Uri,
+    host: String,
+    headers: http::HeaderMap,
+    body: Bytes,
+    idempotent: bool,
+    timeout: Duration,
+    max_bytes: u64,
+    /// The URL without query string, secrets redacted: safe for logs.
+    log_url: String,
+}
+
+/// A failed attempt to get values.
+struct Failure {
+    status: Status,
+    error: Error,
+    http_status: Option<u16>,
+    attempts: u32,
+    timings: Timings,
+}
+
+/// Values fetched and extracted, not yet applied.
+struct Fetched {
+    values: Vec<(StatePath, Value)>,
+    http_status: u16,
+    attempts: u32,
+    timings: Timings,
+}
+
+impl Runtime {
+    /// A builder with every default.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder {
+            policy: EgressPolicy::new(),
+            extra_roots: Vec::new(),
+            resolver: Arc::new(SystemResolver),
+            secrets: Arc::new(EnvSecrets),
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            pool_max_idle_per_host: DEFAULT_POOL_MAX_IDLE_PER_HOST,
+            http2: true,
+            max_async_in_flight: DEFAULT_MAX_ASYNC_IN_FLIGHT,
+            breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
+            breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+            llm_result_max_bytes: DEFAULT_LLM_RESULT_MAX_BYTES,
+            idempotency_header: Some(HeaderName::from_static(DEFAULT_IDEMPOTENCY_HEADER)),
+        }
+    }
+
+    /// Connections opened since the runtime was built (warm-up included).
+    pub fn connections_opened(&self) -> usize {
+        self.inner.transport.connections_opened()
+    }
+
+    /// The egress policy in force.
+    pub fn egress(&self) -> &EgressPolicy {
+        self.inner.transport.policy()
+    }
+
+    /// Opens and TLS-handshakes one connection to every distinct action host, concurrently,
+    /// within `within`, without sending a request; the first action to each host uses it.
+    pub async fn warm(&self, set: &ActionSet, within: Duration) -> WarmReport {
+        let deadline = Deadline::at(Instant::now() + within);
+        let mut origins: Vec<&str> = set.actions().iter().map(|a| a.url().origin()).collect();
+        origins.sort_unstable();
+        origins.dedup();
+        let results =
+            futures_util::future::join_all(origins.iter().map(|o| async move {
+                (o.to_string(), self.inner.transport.warm(o, deadline).await)
+            }))
+            .await;
+        let mut report = WarmReport::default();
+        for (origin, r) in results {
+            match r {
+                Ok(()) => report.warmed.push(origin),
+                Err(e) => report.failed.push((origin, describe_transport(&e))),
+            }
+        }
+        report
+    }
+
+    /// Runs one tool call within `budget`; see [`Runtime::execute_with_filler`].
+    pub async fn execute(
+        &self,
+        action: &ActionSpec,
+        call: &mut Call,
+        tool: impl Into<ToolCall>,
+        budget: &Budget,
+    ) -> Outcome {
+        self.execute_with_filler(action, call, tool, budget, |_| {})
+            .await
+    }
+
+    /// Runs one tool call within `budget` and applies its outcome to `call`'s state.
+    ///
+    /// If the action is still running `filler.after_ms` after it started, `on_filler` is called
+    /// once with the line to say, while the action goes on. On any status but ok, cache hit or
+    /// accepted, the action's `on_failure` is applied (its variables set, its line in
+    /// `Outcome::say`). The future is cancel-safe: dropping it (the caller barged in) drops the
+    /// request and its connection; nothing of it keeps running. Actions with `async = true` are
+    /// started in the background (bounded by `max_async_in_flight`) and return `accepted` at
+    /// once; they never write state.
+    pub async fn execute_with_filler(
+        &self,
+        action: &ActionSpec,
+        call: &mut Call,
+        tool: impl Into<ToolCall>,
+        budget: &Budget,
+        on_filler: impl FnOnce(&str),
+    ) -> Outcome {
+        let started = Instant::now();
+        let tool = tool.into();
+        let span = tracing::info_span!(
+            "action",
+            action = action.name(),
+            call_id = %call.info.id,
+            status = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            url = tracing::field::Empty,
+        );
+        // spec → args → render → egress
+        let prepared = match self.prepare(action, call, &tool) {
+            Ok(p) => p,
+            Err(f) => return self.finish(action, call, Err(f), false, started, &span),
+        };
+        span.record("url", prepared.log_url.as_str());
+        if action.is_async() {
+            let result = self.spawn_background(prepared, &span);
+            return self.finish(action, call, result, false, started, &span);
+        }
+        let deadline = budget.deadline_for(started, action.timeout());
+        // send → parse → extract, with the filler alongside
+        let fetch = self
+            .fetch(&prepared, action.extractor(), deadline)
+            .instrument(span.clone());
+        let mut filler_fired = false;
+        let result = match action.filler() {
+            Some(filler) => {
+                tokio::pin!(fetch);
+                tokio::select! {
+                    biased;
+                    r = &mut fetch => r,
+                    _ = tokio::time::sleep_until(started + filler.after) => {
+                        filler_fired = true;
+                        on_filler(&filler.say);
+                        fetch.await
+                    }
+                }
+            }
+            None => fetch.await,
+        };
+        // apply → report
+        self.finish(action, call, result, filler_fired, started, &span)
+    }
+
+    /// Runs several tool calls concurrently under one budget (the model's parallel tool calls).
+    /// Outcomes come back in the order given, each applied to state in that order.
+    pub async fn execute_all(
+        &self,
+        calls: &[(&ActionSpec, ToolCall)],
+        call: &mut Call,
+        budget: &Budget,
+    ) -> Vec<Outcome> {
+        let started = Instant::now();
+        let spans: Vec<tracing::Span> = calls
+            .iter()
+            .map(|(a, _)| {
+                tracing::info_span!(
+                    "action",
+                    action = a.name(),
+                    call_id = %call.info.id,
+                    status = tracing::field::Empty,
+                    attempts = tracing::field::Empty,
+                    url = tracing::field::Empty,
+                )
+            })
+            .collect();
+        let prepared: Vec<Result<Prepared, Box<Failure>>> = calls
+            .iter()
+            .map(|(a, t)| self.prepare(a, call, t))
+            .collect();
+        let results =
+            futures_util::future::join_all(prepared.into_iter().zip(calls).zip(&spans).map(
+                |((p, (action, _)), span)| async move {
+                    let p = p?;
+                    span.record("url", p.log_url.as_str());
+                    if action.is_async() {
+                        return self.spawn_background(p, span);
+                    }
+                    let deadline = budget.deadline_for(started, action.timeout());
+                    self.fetch(&p, action.extractor(), deadline)
+                        .instrument(span.clone())
+                        .await
+                },
+            ))
+            .await;
+        results
+            .into_iter()
+            .zip(calls)
+            .zip(&spans)
+            .map(|((r, (action, _)), span)| self.finish(action, call, r, false, started, span))
+            .collect()
+    }
+
+    /// Validates the arguments, renders the request and checks it against the egress policy.
+    fn prepare(
+        &self,
+        action: &ActionSpec,
+        call: &Call,
+        tool: &ToolCall,
+    ) -> Result<Prepared, Box<Failure>> {
+        let reject = |kind: Kind, fault: Fault, message: String| {
+            Box::new(Failure {
+                status: Status::Rejected,
+                error: Error::new(kind, fault, Retry::No, message),
+                http_status: None,
+                attempts: 0,
+                timings: Timings::default(),
+            })
+        };
+        let ctx = RenderContext {
+            call: &call.info,
+            state: &call.state,
+            args: &tool.args,
+            transcript: &call.transcript,
+            secrets: &*self.inner.secrets,
+            payload: None,
+        };
+        let rendered: RenderedRequest = action.render(&ctx).map_err(|e| match e {
+            RequestError::Args(a) => reject(Kind::InvalidArguments, Fault::Config, a.to_string()),
+            RequestError::Render { .. } => reject(Kind::Render, Fault::Config, e.to_string()),
+        })?;
+        let policy = self.inner.transport.policy();
+        if let Err(r) = policy.check_scheme(action.url().is_https()) {
+            return Err(reject(Kind::Egress, Fault::Config, r.to_string()));
+        }
+        let host = action.url().host().to_string();
+        let uri: http::Uri = rendered.url.parse().map_err(|_| {
+            reject(
+                Kind::Render,
+                Fault::Config,
+                format!(
+                    "action \"{}\": the rendered URL is not valid",
+                    action.name()
+                ),
+            )
+        })?;
+        let mut headers = http::HeaderMap::with_capacity(rendered.headers.len() + 4);
+        for (name, value) in &rendered.headers {
+            let (Ok(n), Ok(mut v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value.as_bytes()),
+            ) else {
+                return Err(reject(
+                    Kind::Render,
+                    Fault::Config,
+                    format!(
+                        "action \"{}\": header \"{name}\" is not a valid header",
+                        action.name()
+                    ),
+                ));
+            };
+            if !rendered.redactor.is_empty() && rendered.redactor.redact(value) != *value {
+                v.set_sensitive(true);
+            }
+            headers.append(n, v);
+        }
+        headers.insert(http::header::USER_AGENT, self.inner.user_agent.clone());
+        if !headers.contains_key(http::header::ACCEPT) {
+            headers.insert(
+                http::header::ACCEPT,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        if let Some(name) = &self.inner.idempotency_header {
+            let key = idempotency_key(&call.info.id, tool.id.as_deref(), action.name(), &tool.args);
+            if let Ok(v) = HeaderValue::from_str(&key) {
+                headers.insert(name.clone(), v);
+            }
+        }
+        let path_only = rendered.url.split('?').next().unwrap_or_default();
+        Ok(Prepared {
+            action: action.name().into(),
+            method: action.method(),
+            uri,
+            host,
+            headers,
+            body: rendered.body.map(Bytes::from).unwrap_or_default(),
+            idempotent: action.is_idempotent(),
+            timeout: action.timeout(),
+            max_bytes: action.max_response_bytes(),
+            log_url: rendered.redactor.redact(path_only),
+        })
+    }
+
+    fn request(&self, p: &Prepared) -> http::Request<Full<Bytes>> {
+        let method = match p.method {
+            Method::Get => http::Method::GET,
+            Method::Head => http::Method::HEAD,
+            Method::Post => http::Method::POST,
+            Method::Put => http::Method::PUT,
+            Method::Patch => http::Method::PATCH,
+            Method::Delete => http::Method::DELETE,
+        };
+        let mut req = http::Request::new(Full::new(p.body.clone()));
+        *req.method_mut() = method;
+        *req.uri_mut() = p.uri.clone();
+        *req.headers_mut() = p.headers.clone();
+        req
+    }
+
+    /// Sends (with the two allowed retries), reads, parses and extracts. Touches no call state.
+    async fn fetch(
+        &self,
+        p: &Prepared,
+        extractor: &Extractor,
+        deadline: Deadline,
+    ) -> Result<Fetched, Box<Failure>> {
+        let mut timings = Timings::default();
+        let fail = |status, kind, fault, retry, message: String, http_status, attempts, timings| {
+            Box::new(Failure {
+                status,
+                error: Error::new(kind, fault, retry, message),
+                http_status,
+                attempts,
+                timings,
+            })
+        };
+        if deadline.remaining().is_zero() {
+            return Err(fail(
+                Status::TimedOut,
+                Kind::Timeout,
+                Fault::Local,
+                Retry::Yes,
+                format!("action \"{}\": no time left in the budget", p.action),
+                None,
+                0,
+                timings,
+            ));
+        }
+        let Some(permit) = self.inner.breakers.check(&p.host) else {
+            return Err(fail(
+                Status::CircuitOpen,
+                Kind::CircuitOpen,
+                Fault::Upstream,
+                Retry::Yes,
+                format!(
+                    "action \"{}\": circuit open for {} after repeated failures",
+                    p.action, p.host
+                ),
+                None,
+                0,
+                timings,
+            ));
+        };
+        let mut attempts = 0;
+        let exchange: Exchange = loop {
+            attempts += 1;
+            let attempt_start = Instant::now();
+            match self
+                .inner
+                .transport
+                .exchange(self.request(p), deadline, p.max_bytes)
+                .await
+            {
+                Ok(ex) if ex.status == http::StatusCode::TOO_MANY_REQUESTS && attempts == 1 => {
+                    let delay = ex
+                        .headers
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                    let needed = delay.map(|d| d + attempt_start.elapsed() + MIN_RETRY_ATTEMPT);
+                    match needed {
+                        Some(n) if n <= deadline.remaining() => {
+                            tokio::time::sleep(delay.unwrap_or_default()).await;
+                            continue;
+                        }
+                        _ => {
+                            record(permit, true);
+                            return Err(fail(
+                                Status::RateLimited,
+                                Kind::RateLimited,
+                                Fault::Upstream,
+                                Retry::Yes,
+                                match delay {
+                                    Some(d) => format!(
+                                        "action \"{}\": rate limited (429); Retry-After {} ms does not fit the {} ms left",
+                                        p.action,
+                                        d.as_millis(),
+                                        deadline.remaining().as_millis()
+                                    ),
+                                    None => format!("action \"{}\": rate limited (429) with no usable Retry-After", p.action),
+                                },
+                                Some(429),
+                                attempts,
+                                timings,
+                            ));
+                        }
+                    }
+                }
+                Ok(ex) => break ex,
+                Err(TransportError::Io { stale: true, .. })
+                    if attempts == 1 && p.idempotent && !deadline.remaining().is_zero() =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    let (status, kind, fault, retry) = match &e {
+                        TransportError::Timeout { .. } => {
+                            (Status::TimedOut, Kind::Timeout, Fault::Upstream, Retry::Yes)
+                        }
+                        TransportError::Connect(ConnectError::Egress(_)) => {
+                            (Status::Rejected, Kind::Egress, Fault::Config, Retry::No)
+                        }
+                        TransportError::Connect(ConnectError::Tls(_)) => (
+                            Status::TransportError,
+                            Kind::Tls,
+                            Fault::Upstream,
+                            Retry::No,
+                        ),
+                        TransportError::Connect(_) => (
+                            Status::TransportError,
+                            Kind::Connect,
+                            Fault::Upstream,
+                            Retry::Yes,
+                        ),
+                        TransportError::Io { .. } => (
+                            Status::TransportError,
+                            Kind::Transport,
+                            Fault::Upstream,
+                            Retry::IfIdempotent,
+                        ),
+                        TransportError::TooLarge { .. } => (
+                            Status::InvalidResponse,
+                            Kind::InvalidResponse,
+                            Fault::Upstream,
+                            Retry::No,
+                        ),
+                    };
+                    // An egress refusal or an oversized body says nothing about the host's health.
+                    let healthy = matches!(status, Status::Rejected | Status::InvalidResponse);
+                    record(permit, healthy);
+                    let attempts_made =
+                        if matches!(e, TransportError::Connect(ConnectError::Egress(_))) {
+                            attempts - 1
+                        } else {
+                            attempts
+                        };
+                    return Err(fail(
+                        status,
+                        kind,
+                        fault,
+                        retry,
+                        format!("action \"{}\": {}", p.action, describe_transport(&e)),
+                        None,
+                        attempts_made,
+                        timings,
+                    ));
+                }
+            }
+        };
+        timings.connect = exchange.connect;
+        timings.tls = exchange.tls;
+        timings.ttfb = Some(exchange.ttfb);
+        timings.body = Some(exchange.body_time);
+        let code = exchange.status.as_u16();
+        if !exchange.status.is_success() {
+            record(permit, code < 500);
+            let what = if exchange.status.is_redirection() {
+                " (redirects are not followed)"
+            } else {
+                ""
+            };
+            return Err(fail(
+                if code == 429 {
+                    Status::RateLimited
+                } else {
+                    Status::HttpError
+                },
+                if code == 429 {
+                    Kind::RateLimited
+                } else {
+                    Kind::HttpStatus(code)
+                },
+                Fault::Upstream,
+                if code >= 500 || code == 429 {
+                    Retry::Yes
+                } else {
+                    Retry::No
+                },
+                format!(
+                    "action \"{}\": upstream answered {}{what}",
+                    p.action, exchange.status
+                ),
+                Some(code),
+                attempts,
+                timings,
+            ));
+        }
+        record(permit, true);
+        let invalid = |message: String, timings| {
+            fail(
+                Status::InvalidResponse,
+                Kind::InvalidResponse,
+                Fault::Upstream,
+                Retry::No,
+                format!("action \"{}\": {message}", p.action),
+                Some(code),
+                attempts,
+                timings,
+            )
+        };
+        if extractor.is_empty() {
+            return Ok(Fetched {
+                values: Vec::new(),
+                http_status: code,
+                attempts,
+                timings,
+            });
+        }
+        if let Some(enc) = exchange.headers.get(http::header::CONTENT_ENCODING) {
+            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+                return Err(invalid(
+                    format!(
+                        "the response is compressed ({}); none was asked for",
+                        String::from_utf8_lossy(enc.as_bytes())
+                    ),
+                    timings,
+                ));
+            }
+        }
+        let ctype = exchange
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !is_json_content_type(ctype) {
+            return Err(invalid(
+                format!(
+                    "expected a JSON response, got content type \"{}\"",
+                    ctype.chars().take(64).collect::<String>()
+                ),
+                timings,
+            ));
+        }
+        let parse_start = Instant::now();
+        let doc: Value = match serde_json::from_slice(&exchange.body) {
+            Ok(d) => d,
+            Err(e) => {
+                return Err(invalid(
+                    format!("the response is not valid JSON: {e}"),
+                    timings,
+                ))
+            }
+        };
+        timings.parse = Some(parse_start.elapsed());
+        let extract_start = Instant::now();
+        let values = extractor
+            .extract(&doc)
+            .map_err(|e| invalid(e.to_string(), timings))?;
+        timings.extract = Some(extract_start.elapsed());
+        Ok(Fetched {
+            values,
+            http_status: code,
+            attempts,
+            timings,
+        })
+    }
+
+    /// Starts a background action; the caller gets `accepted` or, when full, `rejected`.
+    fn spawn_background(&self, p: Prepared, span: &tracing::Span) -> Result<Fetched, Box<Failure>> {
+        let Ok(permit) = self.inner.background.clone().try_acquire_owned() else {
+            return Err(Box::new(Failure {
+                status: Status::Rejected,
+                error: Error::new(
+                    Kind::Overloaded,
+                    Fault::Local,
+                    Retry::Yes,
+                    format!(
+                        "action \"{}\": {} background actions already in flight",
+                        p.action, self.inner.max_async_in_flight
+                    ),
+                ),
+                http_status: None,
+                attempts: 0,
+                timings: Timings::default(),
+            }));
+        };
+        let this = self.clone();
+        let span = tracing::info_span!(parent: span, "background");
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let started = Instant::now();
+                let deadline = Deadline::at(started + p.timeout);
+                let result = this.fetch(&p, &Extractor::default(), deadline).await;
+                let status = match &result {
+                    Ok(_) => Status::Ok,
+                    Err(f) => f.status,
+                };
+                report_metrics(&p.action, status, started.elapsed());
+                match result {
+                    Ok(f) => tracing::info!(status = "ok", http_status = f.http_status, "background action done"),
+                    Err(f) => tracing::warn!(status = f.status.as_str(), error = %f.error, "background action failed"),
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Fetched {
+            values: Vec::new(),
+            http_status: 0,
+            attempts: 0,
+            timings: Timings::default(),
+        })
+    }
+
+    /// Applies the result to state (values, or the fallback) and builds the outcome.
+    fn finish(
+        &self,
+        action: &ActionSpec,
+        call: &mut Call,
+        result: Result<Fetched, Box<Failure>>,
+        filler_fired: bool,
+        started: Instant,
+        span: &tracing::Span,
+    ) -> Outcome {
+        let limit = self.inner.llm_result_max_bytes;
+        let mut outcome = match result {
+            Ok(f) => {
+                let status = if action.is_async() {
+                    Status::Accepted
+                } else {
+                    Status::Ok
+                };
+                let mut applied = Ok(());
+                for (path, value) in &f.values {
+                    if let Err(e) = call.state.set(path, value.clone()) {
+                        applied = Err(e);
+                        break;
+                    }
+                }
+                match applied {
+                    Ok(()) => Outcome {
+                        action: action.name().to_string(),
+                        status,
+                        http_status: (f.http_status != 0).then_some(f.http_status),
+                        attempts: f.attempts,
+                        llm_result: if status == Status::Accepted {
+                            serde_json::json!({"accepted": true})
+                        } else {
+                            llm_result(status, &f.values, None, limit)
+                        },
+                        values: f.values,
+                        say: None,
+                        filler_fired,
+                        timings: f.timings,
+                        error: None,
+                    },
+                    Err(e) => Outcome {
+                        action: action.name().to_string(),
+                        status: Status::InvalidResponse,
+                        http_status: Some(f.http_status),
+                        attempts: f.attempts,
+                        values: Vec::new(),
+                        llm_result: Value::Null,
+                        say: None,
+                        filler_fired,
+                        timings: f.timings,
+                        error: Some(Error::new(
+                            Kind::State,
+                            Fault::Local,
+                            Retry::No,
+                            format!("action \"{}\": {e}", action.name()),
+                        )),
+                    },
+                }
+            }
+            Err(f) => Outcome {
+                action: action.name().to_string(),
+                status: f.status,
+                http_status: f.http_status,
+                attempts: f.attempts,
+                values: Vec::new(),
+                llm_result: Value::Null,
+                say: None,
+                filler_fired,
+                timings: f.timings,
+                error: Some(f.error),
+            },
+        };
+        if !outcome.status.is_success() {
+            let fallback = action.on_failure();
+            for (path, value) in &fallback.set {
+                if let Err(e) = call.state.set(path, value.clone()) {
+                    tracing::warn!(parent: span, error = %e, "fallback state write refused");
+                }
+            }
+            outcome.say = fallback.say.clone();
+            outcome.llm_result = llm_result(outcome.status, &[], outcome.error.as_ref(), limit);
+        }
+        outcome.timings.total = started.elapsed();
+        span.record("status", outcome.status.as_str());
+        span.record("attempts", outcome.attempts);
+        report_metrics(action.name(), outcome.status, outcome.timings.total);
+        outcome
+    }
+}
+
+fn record(permit: Permit, success: bool) {
+    permit.record(success);
+}
+
+fn report_metrics(action: &str, status: Status, elapsed: Duration) {
+    metrics::histogram!("midcall_action_duration_seconds", "action" => action.to_string(), "status" => status.as_str())
+        .record(elapsed.as_secs_f64());
+    metrics::counter!("midcall_actions_total", "action" => action.to_string(), "status" => status.as_str())
+        .increment(1);
+}
+
+fn is_json_content_type(ct: &str) -> bool {
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+fn describe_transport(e: &TransportError) -> String {
+    match e {
+        TransportError::Timeout { got_headers: false } => {
+            "timed out waiting for the response".into()
+        }
+        TransportError::Timeout { got_headers: true } => {
+            "timed out reading the response body".into()
+        }
+        TransportError::Connect(ConnectError::Egress(EgressRefusal::Address(ip))) => {
+            format!("destination {ip} is not allowed by the egress policy")
+        }
+        TransportError::Connect(c) => c.to_string(),
+        TransportError::Io { message, .. } => message.clone(),
+        TransportError::TooLarge { limit } => {
+            format!("the response body is over the {limit}-byte limit")
+        }
+    }
+}
