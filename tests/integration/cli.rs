@@ -247,7 +247,7 @@ fn render_refuses_a_line_break_from_the_model_in_a_header() {
 
 #[test]
 fn every_command_has_help_with_an_example() {
-    for cmd in ["check", "tools", "jsonpath", "render"] {
+    for cmd in ["check", "tools", "jsonpath", "render", "exec"] {
         let o = midcall(&[cmd, "--help"]);
         assert_eq!(o.status.code(), Some(0));
         assert!(
@@ -255,4 +255,97 @@ fn every_command_has_help_with_an_example() {
             "{cmd} --help has an example"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_an_action_against_a_local_server() {
+    use crate::support::servers::{Reply, TestServer};
+    let server =
+        TestServer::http(|_, _| Reply::ok(json!({"data": {"customer": {"name": "Ada"}}}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("agent.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"{}/c?p={{{{call.from_number}}}}\"\nheaders = {{ Authorization = \"Bearer {{{{secrets.EXEC_TOKEN}}}}\" }}\nextract = {{ \"customer.name\" = \"$.data.customer.name\" }}\n",
+            server.origin()
+        ),
+    )
+    .unwrap();
+    let path = f.to_str().unwrap().to_string();
+    let run = move |extra: Vec<&'static str>| {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut args = vec!["exec", path.as_str(), "--action", "lookup"];
+            args.extend(extra);
+            Command::new(env!("CARGO_BIN_EXE_midcall"))
+                .args(&args)
+                .env("MIDCALL_SECRET_EXEC_TOKEN", "sk_exec_cli_77")
+                .output()
+                .unwrap()
+        })
+    };
+    // Refused by the default egress policy: still an outcome, exit 0.
+    let o = run(vec!["--json"]).await.unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["status"], "rejected");
+    assert_eq!(server.accepted(), 0);
+
+    let o = run(vec![
+        "--allow-http",
+        "--allow-network",
+        "127.0.0.0/8",
+        "--repeat",
+        "3",
+        "--json",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        !out.contains("sk_exec_cli_77"),
+        "no secret in --json output"
+    );
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        for k in [
+            "status",
+            "http_status",
+            "attempts",
+            "elapsed_ms",
+            "values",
+            "llm_result",
+            "say",
+            "error",
+            "state",
+        ] {
+            assert!(l.get(k).is_some(), "{k} in {l}");
+        }
+        assert_eq!(l["status"], "ok");
+        assert_eq!(l["state"], json!({"customer": {"name": "Ada"}}));
+    }
+    assert_eq!(
+        server.accepted(),
+        1,
+        "one pooled connection for the three runs"
+    );
+
+    let o = run(vec!["--allow-http", "--allow-network", "127.0.0.0/8"])
+        .await
+        .unwrap();
+    let out = stdout(&o);
+    assert!(
+        out.contains("ok") && out.contains("state.customer.name = \"Ada\""),
+        "{out}"
+    );
+
+    let o = run(vec!["--allow-network", "not-a-cidr"]).await.unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--allow-network: \"not-a-cidr\" is not a CIDR"));
 }

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub(crate) mod servers;
+
 use midcall::{ActionSet, CallInfo, LoadError, Syntax};
 
 /// The `[agent]` header every small test config starts with.
