@@ -233,7 +233,7 @@ async fn hang_before_headers_times_out_no_later_than_the_budget() {
     let server = TestServer::http(|_, _| Reply::Hang).await;
     let set = one_action(&server.origin(), "/x", "timeout_ms = 5000");
     let rt = runtime();
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let out = rt
         .execute(
             set.action("a").unwrap(),
@@ -354,7 +354,7 @@ async fn trickling_body_cannot_outlive_the_deadline() {
         "/x",
         "timeout_ms = 300\nextract = { v = \"$[0]\" }",
     );
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let out = runtime()
         .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
         .await;
@@ -485,7 +485,7 @@ async fn a_429_beyond_the_budget_is_rate_limited_at_once() {
     })
     .await;
     let set = one_action(&server.origin(), "/x", "timeout_ms = 3000");
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let out = runtime()
         .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
         .await;
@@ -839,7 +839,7 @@ async fn execute_all_runs_in_parallel_and_applies_in_order() {
     let set = load_toml(&text).unwrap();
     let rt = runtime();
     let mut c = call();
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let outs = rt
         .execute_all(
             &[
@@ -877,7 +877,7 @@ async fn async_actions_start_in_the_background_and_are_bounded() {
     );
     let rt = builder().max_async_in_flight(1).build().unwrap();
     let mut c = call();
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let out = rt
         .execute(set.action("a").unwrap(), &mut c, json!({"n": 1}), &long())
         .await;
