@@ -10,5 +10,6 @@ mod egress;
 mod examples;
 mod exec;
 mod fuzz_corpus;
+mod observability;
 mod templates;
 mod tools;
