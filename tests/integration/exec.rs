@@ -971,3 +971,30 @@ async fn outcome_json_has_the_documented_keys() {
     assert_eq!(v["values"], json!({"v": 1}));
     let _: &Value = &v["timings"]["total_us"];
 }
+
+#[tokio::test]
+async fn a_warmed_connection_that_went_stale_is_retried_for_get() {
+    // The first connection (opened by warm-up) reads the request and closes without answering.
+    let server = RawServer::start(Arc::new(|mut s, n, _, _| {
+        Box::pin(async move {
+            if n == 1 {
+                read_request(&mut s).await;
+                drop(s);
+            } else {
+                while read_request(&mut s).await.is_some() {
+                    write_all(&mut s, &json_response("{\"v\": 3}")).await;
+                }
+            }
+        })
+    }))
+    .await;
+    let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");
+    let rt = runtime();
+    assert_eq!(rt.warm(&set, Duration::from_secs(1)).await.warmed.len(), 1);
+    let out = rt
+        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
+        .await;
+    assert_eq!(out.status, Status::Ok, "{:?}", out.error);
+    assert_eq!(out.attempts, 2);
+    assert_eq!(server.accepted(), 2);
+}
