@@ -72,3 +72,26 @@ fn regression_bracketed_host_must_be_ipv6() {
     let ok = UrlTemplate::compile("https://[::1]:8443/x", ACTION_ROOTS).unwrap();
     assert_eq!((ok.host(), ok.port()), ("[::1]", 8443));
 }
+
+/// Found by `jsonpath_compile` (a slow unit): nested filters made serde_json_path's parse time
+/// grow about 2x per level. Nesting is now limited to 10, refused at once with a position.
+#[test]
+fn regression_deeply_nested_filters_are_refused_quickly() {
+    let deep = format!("$[?{}@{}]", "$[?".repeat(20), "]".repeat(20));
+    let e = midcall::Query::compile(&deep).unwrap_err();
+    assert!(e.message.contains("nest more than 10 deep"), "{e}");
+    assert_eq!(e.position, 32, "the 11th opening bracket");
+    let ok = format!("$[?{}@{}]", "@[?".repeat(3), "]".repeat(3));
+    assert!(
+        midcall::Query::compile(&ok).is_ok(),
+        "three levels still compile"
+    );
+    // Brackets inside string literals do not count.
+    assert!(midcall::Query::compile("$['[[[[[[[[[[[[[[[[']").is_ok());
+    assert!(midcall::Query::compile(&format!("$.a{}", "[0]".repeat(100))).is_ok());
+    let long = format!("$.{}", "a".repeat(5000));
+    assert!(midcall::Query::compile(&long)
+        .unwrap_err()
+        .message
+        .contains("longer than 4096"));
+}
