@@ -20,6 +20,8 @@
 //! - [`transport`]: hyper-util's pooled client over our connector (egress policy checked on
 //!   every resolved address, `TCP_NODELAY`, rustls with ring, warm-up), one deadline over the
 //!   whole exchange, the body cap.
+//! - [`cache`]: the response cache (extraction results, scoped, weighed in bytes, freshness on
+//!   tokio's clock) and request coalescing.
 //! - [`events`]: the event types webhooks subscribe to.
 //! - `cli` (binary only): one file per command.
 //!
@@ -49,6 +51,7 @@
 //! assert!(req.redacted_text().contains("Bearer ***"));
 //! ```
 
+pub mod cache;
 pub mod events;
 pub mod exec;
 #[doc(hidden)]

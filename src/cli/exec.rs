@@ -43,7 +43,8 @@ pub(crate) struct ExecArgs {
     /// Trust the certificates in this PEM file as extra roots (private CAs).
     #[arg(long, value_name = "PEM")]
     ca_cert: Option<String>,
-    /// Run the action this many times in the same call (1 to 100000).
+    /// Run the action this many times in the same call (1 to 100000), each as a distinct tool
+    /// call: the cache applies, duplicate-call protection does not.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     repeat: u32,
     /// Print one JSON object per execution, one per line.
@@ -70,7 +71,11 @@ pub(crate) fn run(a: ExecArgs) -> Result<ExitCode, String> {
             .map_err(|_| format!("--allow-network: \"{cidr}\" is not a CIDR such as 10.0.0.0/8"))?;
         policy = policy.allow_network(net);
     }
-    let mut builder = Runtime::builder().egress(policy);
+    // Each --repeat run is a distinct tool call: duplicate protection would turn runs 2..N
+    // into replays of the first, so it is off here.
+    let mut builder = Runtime::builder()
+        .egress(policy)
+        .dedupe_window(Duration::ZERO);
     if let Some(path) = &a.ca_cert {
         let pem = std::fs::read(path).map_err(|e| format!("--ca-cert {path}: {e}"))?;
         builder = builder
@@ -78,7 +83,9 @@ pub(crate) fn run(a: ExecArgs) -> Result<ExitCode, String> {
             .map_err(|e| format!("--ca-cert {path}: {e}"))?;
     }
     let runtime = builder.build()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One sequential call: a single-threaded runtime keeps each action and its connection's
+    // task on one thread, so the connection is back in the pool before the next run.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
@@ -136,6 +143,12 @@ fn print_human(i: u32, o: &Outcome, call: &Call) {
     let mut marks = Vec::new();
     if o.filler_fired {
         marks.push("filler".to_string());
+    }
+    if o.cache != midcall::exec::CacheStatus::Bypass {
+        marks.push(format!("cache {}", o.cache.as_str()));
+    }
+    if o.deduplicated {
+        marks.push("deduplicated".into());
     }
     if o.attempts > 1 {
         marks.push(format!("{} attempts", o.attempts));

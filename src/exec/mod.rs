@@ -3,13 +3,17 @@
 
 mod breaker;
 mod budget;
+mod dedupe;
 mod error;
 mod idempotency;
 mod outcome;
 mod retry_after;
 mod runtime;
 
+pub use crate::cache::CacheStatus;
 pub use budget::Budget;
+pub(crate) use dedupe::RecentToolCalls;
+pub use dedupe::DEFAULT_DEDUPE_WINDOW;
 pub use error::{Error, Fault, Retry};
 pub use outcome::{Outcome, Status, Timings};
 pub use retry_after::parse_retry_after;

@@ -118,6 +118,10 @@ pub struct Outcome {
     pub say: Option<String>,
     /// Whether the filler line was signalled.
     pub filler_fired: bool,
+    /// How the cache was involved.
+    pub cache: crate::cache::CacheStatus,
+    /// The earlier outcome of an identical tool call, returned without sending anything.
+    pub deduplicated: bool,
     /// Where the time went.
     pub timings: Timings,
     /// Why it did not succeed.
@@ -143,6 +147,8 @@ impl Serialize for Outcome {
         m.serialize_entry("llm_result", &self.llm_result)?;
         m.serialize_entry("say", &self.say)?;
         m.serialize_entry("filler_fired", &self.filler_fired)?;
+        m.serialize_entry("cache", &self.cache)?;
+        m.serialize_entry("deduplicated", &self.deduplicated)?;
         m.serialize_entry("timings", &self.timings)?;
         m.serialize_entry("error", &self.error.as_ref().map(|e| e.to_string()))?;
         if let Some(e) = &self.error {

@@ -16,13 +16,18 @@ use tracing::Instrument;
 
 use super::breaker::{Breakers, Permit};
 use super::budget::Budget;
+use super::dedupe::{dedupe_key, DEFAULT_DEDUPE_WINDOW};
 use super::error::{Error, Fault, Kind, Retry};
 use super::idempotency::idempotency_key;
 use super::outcome::{llm_result, Outcome, Status, Timings};
 use super::retry_after::parse_retry_after;
+use crate::cache::{
+    CacheKey, CacheStatus, Entry, Join, Lookup, ResponseCache, ScopeId,
+    DEFAULT_CACHE_CAPACITY_BYTES,
+};
 use crate::jsonpath::Extractor;
 use crate::spec::{ActionSet, ActionSpec, Method, RenderedRequest, RequestError};
-use crate::state::{Call, StatePath};
+use crate::state::{Call, CallInfo, StatePath};
 use crate::template::{EnvSecrets, RenderContext, SecretSource};
 use crate::transport::{
     ConnectError, Deadline, EgressPolicy, EgressRefusal, Exchange, Resolve, SystemResolver,
@@ -62,6 +67,8 @@ pub struct RuntimeBuilder {
     breaker_cooldown: Duration,
     llm_result_max_bytes: usize,
     idempotency_header: Option<HeaderName>,
+    cache_capacity_bytes: u64,
+    dedupe_window: Duration,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -161,6 +168,21 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Capacity of the response cache, in bytes of extracted values. Default 64 MiB.
+    pub fn cache_capacity_bytes(mut self, n: u64) -> Self {
+        self.cache_capacity_bytes = n;
+        self
+    }
+
+    /// How long a successful tool call is remembered: the same action with the same canonical
+    /// arguments in the same call within this window returns the earlier outcome
+    /// (`deduplicated: true`) and sends nothing. Default 30 s; per action `dedupe = false`
+    /// turns it off, and so does a zero window.
+    pub fn dedupe_window(mut self, d: Duration) -> Self {
+        self.dedupe_window = d;
+        self
+    }
+
     /// The idempotency header's name, or `None` to send none. Default `Idempotency-Key`.
     pub fn idempotency_header(mut self, name: Option<&str>) -> Result<Self, String> {
         self.idempotency_header = match name {
@@ -192,6 +214,8 @@ impl RuntimeBuilder {
                 max_async_in_flight: self.max_async_in_flight,
                 llm_result_max_bytes: self.llm_result_max_bytes,
                 idempotency_header: self.idempotency_header,
+                cache: Arc::new(ResponseCache::new(self.cache_capacity_bytes)),
+                dedupe_window: self.dedupe_window,
                 user_agent: HeaderValue::from_static(concat!(
                     "midcall/",
                     env!("CARGO_PKG_VERSION")
@@ -215,8 +239,12 @@ struct Inner {
     max_async_in_flight: usize,
     llm_result_max_bytes: usize,
     idempotency_header: Option<HeaderName>,
+    cache: Arc<ResponseCache<FetchResult>>,
+    dedupe_window: Duration,
     user_agent: HeaderValue,
 }
+
+type FetchResult = Result<Fetched, Box<Failure>>;
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -260,6 +288,89 @@ pub struct WarmReport {
     pub failed: Vec<(String, String)>,
 }
 
+/// What [`Runtime::start_call`] did.
+#[derive(Debug, Clone)]
+pub struct StartReport {
+    /// Connections opened ahead of the first turn (prefetched hosts count as warmed when they
+    /// answered).
+    pub warm: WarmReport,
+    /// The prefetch actions' outcomes, in file order.
+    pub prefetched: Vec<Outcome>,
+}
+
+fn action_span(action: &ActionSpec, call: &CallInfo) -> tracing::Span {
+    tracing::info_span!(
+        "action",
+        action = action.name(),
+        call_id = %call.id,
+        status = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+        cache = tracing::field::Empty,
+        url = tracing::field::Empty,
+    )
+}
+
+/// A cached entry as a fetch result: values, or the remembered 404.
+fn from_entry(e: &Entry, action: &str) -> FetchResult {
+    if e.negative {
+        return Err(Box::new(Failure {
+            status: Status::HttpError,
+            error: Error::new(
+                Kind::HttpStatus(404),
+                Fault::Upstream,
+                Retry::No,
+                format!("action \"{action}\": upstream answered 404 Not Found (cached)"),
+            ),
+            http_status: Some(404),
+            attempts: 0,
+            timings: Timings::default(),
+        }));
+    }
+    Ok(Fetched {
+        values: e.values.clone(),
+        http_status: e.http_status,
+        attempts: 0,
+        timings: Timings::default(),
+    })
+}
+
+/// Waits, until this caller's own deadline, for a shared fetch's result.
+async fn wait_shared(
+    mut rx: tokio::sync::watch::Receiver<Option<Arc<FetchResult>>>,
+    deadline: Deadline,
+    action: &str,
+) -> FetchResult {
+    let failure = |status, kind, message: String| {
+        Err(Box::new(Failure {
+            status,
+            error: Error::new(kind, Fault::Upstream, Retry::Yes, message),
+            http_status: None,
+            attempts: 0,
+            timings: Timings::default(),
+        }))
+    };
+    match tokio::time::timeout_at(deadline.instant(), rx.wait_for(|v| v.is_some())).await {
+        Ok(Ok(v)) => match v.as_ref() {
+            Some(r) => (**r).clone(),
+            None => failure(
+                Status::TransportError,
+                Kind::Transport,
+                format!("action \"{action}\": the shared request ended without a result"),
+            ),
+        },
+        Ok(Err(_)) => failure(
+            Status::TransportError,
+            Kind::Transport,
+            format!("action \"{action}\": the shared request was abandoned"),
+        ),
+        Err(_) => failure(
+            Status::TimedOut,
+            Kind::Timeout,
+            format!("action \"{action}\": timed out waiting for the response"),
+        ),
+    }
+}
+
 /// A rendered request ready to send, owning everything it needs.
 struct Prepared {
     action: Arc<str>,
@@ -273,9 +384,12 @@ struct Prepared {
     max_bytes: u64,
     /// The URL without query string, secrets redacted: safe for logs.
     log_url: String,
+    /// The cache key and scope, for cacheable actions.
+    cache: Option<(CacheKey, ScopeId)>,
 }
 
 /// A failed attempt to get values.
+#[derive(Clone)]
 struct Failure {
     status: Status,
     error: Error,
@@ -285,6 +399,7 @@ struct Failure {
 }
 
 /// Values fetched and extracted, not yet applied.
+#[derive(Clone)]
 struct Fetched {
     values: Vec<(StatePath, Value)>,
     http_status: u16,
@@ -308,6 +423,8 @@ impl Runtime {
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             llm_result_max_bytes: DEFAULT_LLM_RESULT_MAX_BYTES,
             idempotency_header: Some(HeaderName::from_static(DEFAULT_IDEMPOTENCY_HEADER)),
+            cache_capacity_bytes: DEFAULT_CACHE_CAPACITY_BYTES,
+            dedupe_window: DEFAULT_DEDUPE_WINDOW,
         }
     }
 
@@ -324,10 +441,14 @@ impl Runtime {
     /// Opens and TLS-handshakes one connection to every distinct action host, concurrently,
     /// within `within`, without sending a request; the first action to each host uses it.
     pub async fn warm(&self, set: &ActionSet, within: Duration) -> WarmReport {
-        let deadline = Deadline::at(Instant::now() + within);
         let mut origins: Vec<&str> = set.actions().iter().map(|a| a.url().origin()).collect();
         origins.sort_unstable();
         origins.dedup();
+        self.warm_origins(&origins, within).await
+    }
+
+    async fn warm_origins(&self, origins: &[&str], within: Duration) -> WarmReport {
+        let deadline = Deadline::at(Instant::now() + within);
         let results =
             futures_util::future::join_all(origins.iter().map(|o| async move {
                 (o.to_string(), self.inner.transport.warm(o, deadline).await)
@@ -374,47 +495,75 @@ impl Runtime {
     ) -> Outcome {
         let started = Instant::now();
         let tool = tool.into();
-        let span = tracing::info_span!(
-            "action",
-            action = action.name(),
-            call_id = %call.info.id,
-            status = tracing::field::Empty,
-            attempts = tracing::field::Empty,
-            url = tracing::field::Empty,
-        );
+        let span = action_span(action, &call.info);
+        // A re-issued identical tool call gets the earlier outcome; nothing is sent again.
+        let dkey =
+            (action.dedupe() && !action.is_async()).then(|| dedupe_key(action.name(), &tool.args));
+        if let Some(o) = dkey.and_then(|k| self.deduplicated(call, k, started)) {
+            return o;
+        }
         // spec → args → render → egress
         let prepared = match self.prepare(action, call, &tool) {
             Ok(p) => p,
-            Err(f) => return self.finish(action, call, Err(f), false, started, &span),
+            Err(f) => {
+                return self.finish(
+                    action,
+                    call,
+                    Err(f),
+                    CacheStatus::Bypass,
+                    false,
+                    dkey,
+                    started,
+                    &span,
+                )
+            }
         };
         span.record("url", prepared.log_url.as_str());
         if action.is_async() {
             let result = self.spawn_background(prepared, &span);
-            return self.finish(action, call, result, false, started, &span);
+            return self.finish(
+                action,
+                call,
+                result,
+                CacheStatus::Bypass,
+                false,
+                None,
+                started,
+                &span,
+            );
         }
         let deadline = budget.deadline_for(started, action.timeout());
-        // send → parse → extract, with the filler alongside
-        let fetch = self
-            .fetch(&prepared, action.extractor(), deadline)
+        // cache → send → parse → extract, with the filler alongside
+        let obtain = self
+            .obtain(action, prepared, deadline)
             .instrument(span.clone());
         let mut filler_fired = false;
-        let result = match action.filler() {
+        let (result, cache) = match action.filler() {
             Some(filler) => {
-                tokio::pin!(fetch);
+                tokio::pin!(obtain);
                 tokio::select! {
                     biased;
-                    r = &mut fetch => r,
+                    r = &mut obtain => r,
                     _ = tokio::time::sleep_until(started + filler.after) => {
                         filler_fired = true;
                         on_filler(&filler.say);
-                        fetch.await
+                        obtain.await
                     }
                 }
             }
-            None => fetch.await,
+            None => obtain.await,
         };
         // apply → report
-        self.finish(action, call, result, filler_fired, started, &span)
+        self.finish(
+            action,
+            call,
+            result,
+            cache,
+            filler_fired,
+            dkey,
+            started,
+            &span,
+        )
     }
 
     /// Runs several tool calls concurrently under one budget (the model's parallel tool calls).
@@ -428,42 +577,233 @@ impl Runtime {
         let started = Instant::now();
         let spans: Vec<tracing::Span> = calls
             .iter()
-            .map(|(a, _)| {
-                tracing::info_span!(
-                    "action",
-                    action = a.name(),
-                    call_id = %call.info.id,
-                    status = tracing::field::Empty,
-                    attempts = tracing::field::Empty,
-                    url = tracing::field::Empty,
-                )
-            })
+            .map(|(a, _)| action_span(a, &call.info))
             .collect();
-        let prepared: Vec<Result<Prepared, Box<Failure>>> = calls
+        let dkeys: Vec<Option<u128>> = calls
             .iter()
-            .map(|(a, t)| self.prepare(a, call, t))
+            .map(|(a, t)| (a.dedupe() && !a.is_async()).then(|| dedupe_key(a.name(), &t.args)))
+            .collect();
+        let earlier: Vec<Option<Outcome>> = dkeys
+            .iter()
+            .map(|k| k.and_then(|k| self.deduplicated(call, k, started)))
+            .collect();
+        let prepared: Vec<Option<Result<Prepared, Box<Failure>>>> = calls
+            .iter()
+            .zip(&earlier)
+            .map(|((a, t), e)| e.is_none().then(|| self.prepare(a, call, t)))
             .collect();
         let results =
             futures_util::future::join_all(prepared.into_iter().zip(calls).zip(&spans).map(
                 |((p, (action, _)), span)| async move {
-                    let p = p?;
+                    let p = match p? {
+                        Ok(p) => p,
+                        Err(f) => return Some((Err(f), CacheStatus::Bypass)),
+                    };
                     span.record("url", p.log_url.as_str());
                     if action.is_async() {
-                        return self.spawn_background(p, span);
+                        return Some((self.spawn_background(p, span), CacheStatus::Bypass));
                     }
                     let deadline = budget.deadline_for(started, action.timeout());
-                    self.fetch(&p, action.extractor(), deadline)
-                        .instrument(span.clone())
-                        .await
+                    Some(
+                        self.obtain(action, p, deadline)
+                            .instrument(span.clone())
+                            .await,
+                    )
                 },
             ))
             .await;
         results
             .into_iter()
+            .zip(earlier)
             .zip(calls)
-            .zip(&spans)
-            .map(|((r, (action, _)), span)| self.finish(action, call, r, false, started, span))
+            .zip(spans.iter().zip(dkeys))
+            .map(|(((r, e), (action, _)), (span, dkey))| match (r, e) {
+                (Some((r, cache)), _) => {
+                    self.finish(action, call, r, cache, false, dkey, started, span)
+                }
+                (None, Some(o)) => o,
+                // Every call was either answered from its earlier outcome or prepared.
+                (None, None) => self.finish(
+                    action,
+                    call,
+                    Err(Box::new(Failure {
+                        status: Status::Rejected,
+                        error: Error::new(
+                            Kind::Render,
+                            Fault::Local,
+                            Retry::Yes,
+                            "internal: the tool call was not prepared",
+                        ),
+                        http_status: None,
+                        attempts: 0,
+                        timings: Timings::default(),
+                    })),
+                    CacheStatus::Bypass,
+                    false,
+                    None,
+                    started,
+                    span,
+                ),
+            })
             .collect()
+    }
+
+    /// Drops the cache entries `action` wrote for `call`'s scope (call, agent or tenant).
+    pub fn invalidate(&self, action: &ActionSpec, call: &CallInfo) {
+        if let Some(policy) = action.cache() {
+            self.inner
+                .cache
+                .invalidate(action.fingerprint, &ScopeId::of(policy.scope, call));
+        }
+    }
+
+    /// Entries and bytes held by the response cache.
+    pub async fn cache_usage(&self) -> (u64, u64) {
+        self.inner.cache.usage().await
+    }
+
+    /// When the call connects: warms a connection to every action host and runs every action
+    /// with `prefetch = "call_start"` concurrently, all within `within`. Prefetched values land
+    /// in state before the first turn and prime the cache, so the later identical tool call is
+    /// a hit.
+    pub async fn start_call(
+        &self,
+        set: &ActionSet,
+        call: &mut Call,
+        within: Duration,
+    ) -> StartReport {
+        let budget = Budget::new(within);
+        let prefetch: Vec<(&ActionSpec, ToolCall)> = set
+            .actions()
+            .iter()
+            .filter(|a| a.prefetch().is_some())
+            .map(|a| (&**a, ToolCall::from(Value::Object(Default::default()))))
+            .collect();
+        let prefetch_origins: Vec<&str> = prefetch.iter().map(|(a, _)| a.url().origin()).collect();
+        let mut origins: Vec<&str> = set
+            .actions()
+            .iter()
+            .map(|a| a.url().origin())
+            .filter(|o| !prefetch_origins.contains(o))
+            .collect();
+        origins.sort_unstable();
+        origins.dedup();
+        let warm = self.warm_origins(&origins, within);
+        let run = self.execute_all(&prefetch, call, &budget);
+        let (mut warm, prefetched) = tokio::join!(warm, run);
+        for ((a, _), o) in prefetch.iter().zip(&prefetched) {
+            if o.http_status.is_some() || o.status.is_success() {
+                warm.warmed.push(a.url().origin().to_string());
+            }
+        }
+        warm.warmed.sort();
+        warm.warmed.dedup();
+        StartReport { warm, prefetched }
+    }
+
+    /// The earlier outcome of an identical tool call, marked as such.
+    fn deduplicated(&self, call: &Call, key: u128, started: Instant) -> Option<Outcome> {
+        let earlier = call.recent.find(key, self.inner.dedupe_window)?;
+        let mut o = earlier.clone();
+        o.deduplicated = true;
+        o.attempts = 0;
+        o.filler_fired = false;
+        o.timings = Timings {
+            total: started.elapsed(),
+            ..Timings::default()
+        };
+        metrics::counter!("midcall_deduplicated_total", "action" => o.action.clone()).increment(1);
+        Some(o)
+    }
+
+    /// The cache step: a fresh entry, a stale one (with one refresh), a fetch shared with
+    /// identical requests in flight, or a plain fetch for actions that are not cacheable.
+    async fn obtain(
+        &self,
+        action: &ActionSpec,
+        p: Prepared,
+        deadline: Deadline,
+    ) -> (FetchResult, CacheStatus) {
+        let (Some((key, scope)), Some(policy)) = (p.cache.clone(), action.cache()) else {
+            return (
+                self.fetch(&p, action.extractor(), deadline).await,
+                CacheStatus::Bypass,
+            );
+        };
+        let cache = &self.inner.cache;
+        match cache.lookup(&key).await {
+            Lookup::Fresh(e) => {
+                metrics::counter!("midcall_cache_hits_total").increment(1);
+                (from_entry(&e, &p.action), CacheStatus::Hit)
+            }
+            Lookup::Stale(e) => {
+                metrics::counter!("midcall_cache_stale_total").increment(1);
+                let r = from_entry(&e, &p.action);
+                // One refresh at a time: a refresh already in flight is left alone.
+                if let Join::Lead(flight, _) = cache.join(key) {
+                    self.spawn_shared(flight, p, action, policy.clone(), scope);
+                }
+                (r, CacheStatus::Stale)
+            }
+            Lookup::Missing => match cache.join(key) {
+                Join::Lead(flight, rx) => {
+                    metrics::counter!("midcall_cache_misses_total").increment(1);
+                    let name = p.action.clone();
+                    self.spawn_shared(flight, p, action, policy.clone(), scope);
+                    (wait_shared(rx, deadline, &name).await, CacheStatus::Miss)
+                }
+                Join::Wait(rx) => {
+                    metrics::counter!("midcall_cache_coalesced_total").increment(1);
+                    let r = wait_shared(rx, deadline, &p.action).await.map(|mut f| {
+                        f.attempts = 0;
+                        f
+                    });
+                    (r, CacheStatus::Coalesced)
+                }
+            },
+        }
+    }
+
+    /// Runs a cacheable fetch on its own task, bounded by the action's timeout, fills the cache
+    /// and hands the result to every waiter. A waiter that gives up does not cancel it.
+    fn spawn_shared(
+        &self,
+        flight: crate::cache::Flight<FetchResult>,
+        p: Prepared,
+        action: &ActionSpec,
+        policy: crate::spec::CachePolicy,
+        scope: ScopeId,
+    ) {
+        let this = self.clone();
+        let extractor = action.extractor_arc();
+        let fingerprint = action.fingerprint;
+        let key = p.cache.as_ref().map(|(k, _)| *k);
+        tokio::spawn(
+            async move {
+                let deadline = Deadline::at(Instant::now() + p.timeout);
+                let r = this.fetch(&p, &extractor, deadline).await;
+                let entry = match &r {
+                    Ok(f) => Some(Entry::new(
+                        f.values.clone(),
+                        f.http_status,
+                        false,
+                        &policy,
+                        fingerprint,
+                        scope,
+                    )),
+                    Err(f) if f.http_status == Some(404) && policy.negative_ttl.is_some() => Some(
+                        Entry::new(Vec::new(), 404, true, &policy, fingerprint, scope),
+                    ),
+                    // A failed refresh keeps the stale entry: stale-if-error.
+                    Err(_) => None,
+                };
+                if let (Some(e), Some(k)) = (entry, key) {
+                    flight.cache().insert(k, e).await;
+                }
+                flight.finish(Arc::new(r));
+            }
+            .instrument(tracing::Span::current()),
+        );
     }
 
     /// Validates the arguments, renders the request and checks it against the egress policy.
@@ -543,17 +883,44 @@ impl Runtime {
             }
         }
         let path_only = rendered.url.split('?').next().unwrap_or_default();
+        let body = rendered.body.map(Bytes::from).unwrap_or_default();
+        let cache = action.cache().filter(|_| !action.is_async()).map(|policy| {
+            let scope = ScopeId::of(policy.scope, &call.info);
+            let key_headers: Vec<(&str, &[u8])> = policy
+                .key_headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.as_str(),
+                        headers
+                            .get(h.as_str())
+                            .map(|v| v.as_bytes())
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let key = CacheKey::new(
+                &scope,
+                action.fingerprint,
+                action.method().as_str(),
+                &rendered.url,
+                &key_headers,
+                &body,
+            );
+            (key, scope)
+        });
         Ok(Prepared {
             action: action.name().into(),
             method: action.method(),
             uri,
             host,
             headers,
-            body: rendered.body.map(Bytes::from).unwrap_or_default(),
+            body,
             idempotent: action.is_idempotent(),
             timeout: action.timeout(),
             max_bytes: action.max_response_bytes(),
             log_url: rendered.redactor.redact(path_only),
+            cache,
         })
     }
 
@@ -879,79 +1246,80 @@ impl Runtime {
     }
 
     /// Applies the result to state (values, or the fallback) and builds the outcome.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         action: &ActionSpec,
         call: &mut Call,
-        result: Result<Fetched, Box<Failure>>,
+        result: FetchResult,
+        cache: CacheStatus,
         filler_fired: bool,
+        dedupe: Option<u128>,
         started: Instant,
         span: &tracing::Span,
     ) -> Outcome {
         let limit = self.inner.llm_result_max_bytes;
-        let mut outcome = match result {
+        let mut outcome = Outcome {
+            action: action.name().to_string(),
+            status: Status::Ok,
+            http_status: None,
+            attempts: 0,
+            values: Vec::new(),
+            llm_result: Value::Null,
+            say: None,
+            filler_fired,
+            cache,
+            deduplicated: false,
+            timings: Timings::default(),
+            error: None,
+        };
+        match result {
             Ok(f) => {
-                let status = if action.is_async() {
+                outcome.status = if action.is_async() {
                     Status::Accepted
+                } else if matches!(cache, CacheStatus::Hit | CacheStatus::Stale) {
+                    Status::CacheHit
                 } else {
                     Status::Ok
                 };
-                let mut applied = Ok(());
+                outcome.http_status = (f.http_status != 0).then_some(f.http_status);
+                outcome.attempts = f.attempts;
+                outcome.timings = f.timings;
+                let mut refused = None;
                 for (path, value) in &f.values {
                     if let Err(e) = call.state.set(path, value.clone()) {
-                        applied = Err(e);
+                        refused = Some(e);
                         break;
                     }
                 }
-                match applied {
-                    Ok(()) => Outcome {
-                        action: action.name().to_string(),
-                        status,
-                        http_status: (f.http_status != 0).then_some(f.http_status),
-                        attempts: f.attempts,
-                        llm_result: if status == Status::Accepted {
+                match refused {
+                    None => {
+                        outcome.llm_result = if outcome.status == Status::Accepted {
                             serde_json::json!({"accepted": true})
                         } else {
-                            llm_result(status, &f.values, None, limit)
-                        },
-                        values: f.values,
-                        say: None,
-                        filler_fired,
-                        timings: f.timings,
-                        error: None,
-                    },
-                    Err(e) => Outcome {
-                        action: action.name().to_string(),
-                        status: Status::InvalidResponse,
-                        http_status: Some(f.http_status),
-                        attempts: f.attempts,
-                        values: Vec::new(),
-                        llm_result: Value::Null,
-                        say: None,
-                        filler_fired,
-                        timings: f.timings,
-                        error: Some(Error::new(
+                            llm_result(outcome.status, &f.values, None, limit)
+                        };
+                        outcome.values = f.values;
+                    }
+                    Some(e) => {
+                        outcome.status = Status::InvalidResponse;
+                        outcome.error = Some(Error::new(
                             Kind::State,
                             Fault::Local,
                             Retry::No,
                             format!("action \"{}\": {e}", action.name()),
-                        )),
-                    },
+                        ));
+                    }
                 }
             }
-            Err(f) => Outcome {
-                action: action.name().to_string(),
-                status: f.status,
-                http_status: f.http_status,
-                attempts: f.attempts,
-                values: Vec::new(),
-                llm_result: Value::Null,
-                say: None,
-                filler_fired,
-                timings: f.timings,
-                error: Some(f.error),
-            },
-        };
+            Err(f) => {
+                outcome.status = f.status;
+                outcome.http_status = f.http_status;
+                outcome.attempts = f.attempts;
+                outcome.timings = f.timings;
+                outcome.error = Some(f.error);
+            }
+        }
         if !outcome.status.is_success() {
             let fallback = action.on_failure();
             for (path, value) in &fallback.set {
@@ -962,9 +1330,24 @@ impl Runtime {
             outcome.say = fallback.say.clone();
             outcome.llm_result = llm_result(outcome.status, &[], outcome.error.as_ref(), limit);
         }
+        if outcome.status == Status::Ok {
+            for (fingerprint, scope) in &action.invalidates_resolved {
+                self.inner
+                    .cache
+                    .invalidate(*fingerprint, &ScopeId::of(*scope, &call.info));
+            }
+        }
         outcome.timings.total = started.elapsed();
+        if let (Some(key), true) = (
+            dedupe,
+            matches!(outcome.status, Status::Ok | Status::CacheHit),
+        ) {
+            call.recent
+                .remember(key, &outcome, self.inner.dedupe_window);
+        }
         span.record("status", outcome.status.as_str());
         span.record("attempts", outcome.attempts);
+        span.record("cache", outcome.cache.as_str());
         report_metrics(action.name(), outcome.status, outcome.timings.total);
         outcome
     }

@@ -264,9 +264,30 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
             context: Some(format!("action \"{}\"", def.name)),
         };
         if let Some(a) = compile_action(&mut s, def, &names) {
-            actions.push(Arc::new(a));
+            actions.push(a);
         }
     }
+    // Resolve `invalidates` now that every action is compiled.
+    let targets: HashMap<String, (u64, Option<CacheScope>)> = actions
+        .iter()
+        .map(|a| {
+            (
+                a.name.clone(),
+                (a.fingerprint, a.cache.as_ref().map(|c| c.scope)),
+            )
+        })
+        .collect();
+    for a in &mut actions {
+        a.invalidates_resolved = a
+            .invalidates
+            .iter()
+            .filter_map(|n| match targets.get(n) {
+                Some((fp, Some(scope))) => Some((*fp, *scope)),
+                _ => None,
+            })
+            .collect();
+    }
+    let actions: Vec<Arc<ActionSpec>> = actions.into_iter().map(Arc::new).collect();
 
     let mut webhooks = Vec::new();
     for (i, def) in file.webhooks.into_iter().enumerate() {
@@ -344,6 +365,15 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         automations,
         egress,
     })
+}
+
+/// 64 bits of SHA-256 over the action's name and extraction rules.
+fn fingerprint(name: &str, rules: &[ExtractRule]) -> u64 {
+    let text = format!("{name}\0{rules:?}");
+    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_le_bytes(b)
 }
 
 /// Parses a CIDR, or a bare address as a single-host network.
@@ -636,6 +666,7 @@ fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> O
         return None;
     }
     Some(ActionSpec {
+        fingerprint: fingerprint(&def.name, &rules),
         name: def.name,
         description: def.description,
         method: method?,
@@ -647,7 +678,8 @@ fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> O
         filler,
         cache,
         prefetch,
-        extract: Extractor::new(rules),
+        extract: Arc::new(Extractor::new(rules)),
+        invalidates_resolved: Vec::new(),
         on_failure,
         idempotent,
         is_async: def.is_async,

@@ -178,7 +178,13 @@ pub struct ActionSpec {
     pub(crate) filler: Option<Filler>,
     pub(crate) cache: Option<CachePolicy>,
     pub(crate) prefetch: Option<Prefetch>,
-    pub(crate) extract: Extractor,
+    pub(crate) extract: Arc<Extractor>,
+    /// Identifies what the action extracts, so cache entries are shared only by actions that
+    /// would extract the same values (name and rules).
+    pub(crate) fingerprint: u64,
+    /// The cache entries a success drops: (fingerprint, scope) of each `invalidates` target
+    /// that is cacheable.
+    pub(crate) invalidates_resolved: Vec<(u64, CacheScope)>,
     pub(crate) on_failure: Fallback,
     pub(crate) idempotent: bool,
     pub(crate) is_async: bool,
@@ -235,6 +241,9 @@ impl ActionSpec {
     /// The extraction rules.
     pub fn extractor(&self) -> &Extractor {
         &self.extract
+    }
+    pub(crate) fn extractor_arc(&self) -> Arc<Extractor> {
+        self.extract.clone()
     }
     /// The fallback.
     pub fn on_failure(&self) -> &Fallback {

@@ -61,8 +61,9 @@ impl CallInfo {
     }
 }
 
-/// One live call as midcall sees it: its facts, its variables and what has been said.
-#[derive(Debug, Clone, PartialEq)]
+/// One live call as midcall sees it: its facts, its variables, what has been said, and the
+/// executor's memory of its recent tool calls (for duplicate protection).
+#[derive(Debug, Clone)]
 pub struct Call {
     /// The call's facts (`call.*` in templates).
     pub info: CallInfo,
@@ -70,6 +71,7 @@ pub struct Call {
     pub state: ConversationState,
     /// The turns so far (`transcript` in templates).
     pub transcript: Transcript,
+    pub(crate) recent: crate::exec::RecentToolCalls,
 }
 
 impl Call {
@@ -79,6 +81,7 @@ impl Call {
             info,
             state: ConversationState::new(),
             transcript: Transcript::default(),
+            recent: Default::default(),
         }
     }
 }

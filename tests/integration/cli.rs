@@ -349,3 +349,58 @@ async fn exec_runs_an_action_against_a_local_server() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--allow-network: \"not-a-cidr\" is not a CIDR"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_repeat_on_a_cacheable_action_shows_a_miss_then_hits() {
+    use crate::support::servers::{Reply, TestServer};
+    let server = TestServer::http(|_, _| Reply::ok(json!({"slots": ["9:00"]}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("agent.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"check_slots\"\ndescription = \"d\"\nurl = \"{}/slots?date={{{{args.date}}}}\"\ncache = {{ ttl_s = 30, scope = \"tenant\" }}\nextract = {{ slots = \"$.slots\" }}\n",
+            server.origin()
+        ),
+    )
+    .unwrap();
+    let path = f.to_str().unwrap().to_string();
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_midcall"))
+            .args([
+                "exec",
+                &path,
+                "--action",
+                "check_slots",
+                "--args",
+                r#"{"date": "2025-11-04"}"#,
+            ])
+            .args([
+                "--allow-http",
+                "--allow-network",
+                "127.0.0.0/8",
+                "--repeat",
+                "3",
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l["status"].as_str().unwrap(), l["cache"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        [("ok", "miss"), ("cache_hit", "hit"), ("cache_hit", "hit")]
+    );
+    assert!(lines.iter().all(|l| l["deduplicated"] == false));
+    assert_eq!(server.request_count(), 1);
+}

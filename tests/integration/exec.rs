@@ -142,7 +142,11 @@ extract = {{ "appointment.id" = "$.id" }}
 #[tokio::test]
 async fn ten_sequential_actions_use_one_connection() {
     let server = TestServer::http(|_, _| Reply::ok(json!({"v": 1}))).await;
-    let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");
+    let set = one_action(
+        &server.origin(),
+        "/x",
+        "extract = { v = \"$.v\" }\ndedupe = false",
+    );
     let rt = runtime();
     let mut c = call();
     for i in 0..10 {
@@ -665,7 +669,11 @@ async fn stale_keepalive_server() -> RawServer {
 #[tokio::test]
 async fn a_stale_keep_alive_is_retried_once_for_get_and_not_for_post() {
     let server = stale_keepalive_server().await;
-    let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");
+    let set = one_action(
+        &server.origin(),
+        "/x",
+        "extract = { v = \"$.v\" }\ndedupe = false",
+    );
     let rt = runtime();
     let mut c = call();
     assert_eq!(
@@ -686,7 +694,7 @@ async fn a_stale_keep_alive_is_retried_once_for_get_and_not_for_post() {
     let set = one_action(
         &server.origin(),
         "/x",
-        "method = \"POST\"\nbody = { a = 1 }",
+        "method = \"POST\"\nbody = { a = 1 }\ndedupe = false",
     );
     let rt = runtime();
     assert_eq!(
@@ -715,7 +723,11 @@ async fn breaker_opens_fails_fast_then_probes_and_closes() {
         }
     })
     .await;
-    let set = one_action(&server.origin(), "/x", "on_failure = { say = \"Sorry.\" }");
+    let set = one_action(
+        &server.origin(),
+        "/x",
+        "on_failure = { say = \"Sorry.\" }\ndedupe = false",
+    );
     let rt = builder()
         .breaker_threshold(3)
         .breaker_cooldown(Duration::from_millis(200))
@@ -792,7 +804,7 @@ async fn idempotency_keys_follow_the_tool_call() {
     let set = one_action(
         &server.origin(),
         "/x",
-        "method = \"POST\"\nbody = { s = \"{{args.s}}\" }",
+        "method = \"POST\"\nbody = { s = \"{{args.s}}\" }\ndedupe = false",
     );
     let rt = runtime();
     let mut c = call();

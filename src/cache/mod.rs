@@ -1,0 +1,340 @@
+//! The response cache: extraction results (never raw bodies) keyed by scope and rendered
+//! request, weighed in bytes, with freshness read from tokio's clock; request coalescing for
+//! identical requests in flight.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::spec::{CachePolicy, CacheScope};
+use crate::state::{CallInfo, StatePath};
+
+/// Default cache capacity: 64 MiB of extracted values.
+pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How an outcome related to the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheStatus {
+    /// Cacheable, not in the cache: fetched upstream.
+    Miss,
+    /// Served from a fresh entry.
+    Hit,
+    /// Served from an expired entry inside its `stale_s` window while one refresh runs.
+    Stale,
+    /// Shared the upstream request of an identical request already in flight.
+    Coalesced,
+    /// Not cacheable (no `cache` policy, or a background action).
+    Bypass,
+}
+
+impl CacheStatus {
+    /// The name used in JSON and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Miss => "miss",
+            CacheStatus::Hit => "hit",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Coalesced => "coalesced",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
+/// Who may see an entry: the scope's id, always within one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScopeId(pub(crate) String);
+
+impl ScopeId {
+    /// The scope id of a call for a policy. `global` is tenant-wide like `tenant`: an entry is
+    /// never visible across tenants.
+    pub fn of(scope: CacheScope, call: &CallInfo) -> ScopeId {
+        let mut s = String::with_capacity(64);
+        // Lengths first, so ("ab","c") and ("a","bc") cannot meet.
+        let mut push = |part: &str| {
+            s.push_str(&part.len().to_string());
+            s.push(':');
+            s.push_str(part);
+        };
+        push(&call.tenant);
+        match scope {
+            CacheScope::Call => {
+                push("call");
+                push(&call.id);
+            }
+            CacheScope::Agent => {
+                push("agent");
+                push(&call.agent_id);
+            }
+            CacheScope::Tenant | CacheScope::Global => push("tenant"),
+        }
+        ScopeId(s)
+    }
+}
+
+/// A cache key: 128 bits of SHA-256 over scope, action fingerprint, method, URL, key headers
+/// and body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct CacheKey(u128);
+
+impl CacheKey {
+    pub(crate) fn new(
+        scope: &ScopeId,
+        fingerprint: u64,
+        method: &str,
+        url: &str,
+        key_headers: &[(&str, &[u8])],
+        body: &[u8],
+    ) -> CacheKey {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut part = |b: &[u8]| {
+            ctx.update(&(b.len() as u64).to_le_bytes());
+            ctx.update(b);
+        };
+        part(scope.0.as_bytes());
+        part(&fingerprint.to_le_bytes());
+        part(method.as_bytes());
+        part(url.as_bytes());
+        for (k, v) in key_headers {
+            part(k.as_bytes());
+            part(v);
+        }
+        part(body);
+        let d = ctx.finish();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d.as_ref()[..16]);
+        CacheKey(u128::from_le_bytes(b))
+    }
+}
+
+/// What is cached: the extracted values of a success, or a remembered 404.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) values: Vec<(StatePath, Value)>,
+    pub(crate) http_status: u16,
+    /// A remembered 404 (`negative_ttl_s`).
+    pub(crate) negative: bool,
+    pub(crate) fresh_until: Instant,
+    pub(crate) stale_until: Instant,
+    /// For invalidation: which action and scope wrote it.
+    pub(crate) fingerprint: u64,
+    pub(crate) scope: ScopeId,
+    bytes: u32,
+}
+
+impl Entry {
+    pub(crate) fn new(
+        values: Vec<(StatePath, Value)>,
+        http_status: u16,
+        negative: bool,
+        policy: &CachePolicy,
+        fingerprint: u64,
+        scope: ScopeId,
+    ) -> Entry {
+        let now = Instant::now();
+        let ttl = if negative {
+            policy.negative_ttl.unwrap_or_default()
+        } else {
+            policy.ttl
+        };
+        let bytes = 96
+            + scope.0.len()
+            + values
+                .iter()
+                .map(|(k, v)| 48 + k.as_str().len() + crate::state::json_len(v))
+                .sum::<usize>();
+        Entry {
+            values,
+            http_status,
+            negative,
+            fresh_until: now + ttl,
+            stale_until: now
+                + ttl
+                + if negative {
+                    Duration::ZERO
+                } else {
+                    policy.stale
+                },
+            fingerprint,
+            scope,
+            bytes: bytes.min(u32::MAX as usize) as u32,
+        }
+    }
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup {
+    Fresh(Arc<Entry>),
+    Stale(Arc<Entry>),
+    Missing,
+}
+
+/// The result a shared fetch hands its waiters.
+pub(crate) type Shared<T> = Arc<T>;
+
+/// The cache and the table of fetches in flight.
+pub(crate) struct ResponseCache<T: Send + Sync + 'static> {
+    entries: moka::future::Cache<CacheKey, Arc<Entry>>,
+    inflight: Mutex<HashMap<CacheKey, watch::Receiver<Option<Shared<T>>>>>,
+}
+
+impl<T: Send + Sync + 'static> fmt::Debug for ResponseCache<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseCache")
+            .field("entries", &self.entries.entry_count())
+            .field("bytes", &self.entries.weighted_size())
+            .finish()
+    }
+}
+
+/// Lets moka drop an entry some time after its stale window ends (wall-clock, approximate);
+/// freshness itself is always judged on tokio's clock from the entry's own deadlines.
+struct AfterStale;
+
+#[allow(clippy::disallowed_types)] // moka's trait names std's Instant; it is not used here
+impl moka::Expiry<CacheKey, Arc<Entry>> for AfterStale {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(
+            value
+                .stale_until
+                .saturating_duration_since(Instant::now())
+                .saturating_add(Duration::from_secs(1)),
+        )
+    }
+}
+
+/// The leader's side of a fetch in flight: publish the result with [`Flight::finish`]. It owns
+/// what it needs, so the fetch can run on its own task.
+pub(crate) struct Flight<T: Send + Sync + 'static> {
+    cache: Arc<ResponseCache<T>>,
+    key: CacheKey,
+    /// `None` once finished.
+    tx: Option<watch::Sender<Option<Shared<T>>>>,
+}
+
+/// Whether this caller leads the fetch or waits for another's.
+pub(crate) enum Join<T: Send + Sync + 'static> {
+    Lead(Flight<T>, watch::Receiver<Option<Shared<T>>>),
+    Wait(watch::Receiver<Option<Shared<T>>>),
+}
+
+impl<T: Send + Sync + 'static> ResponseCache<T> {
+    pub(crate) fn new(capacity_bytes: u64) -> Self {
+        let entries = moka::future::Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|_k: &CacheKey, v: &Arc<Entry>| v.bytes)
+            .expire_after(AfterStale)
+            .support_invalidation_closures()
+            .eviction_listener(|_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    metrics::counter!("midcall_cache_evictions_total").increment(1);
+                }
+            })
+            .build();
+        ResponseCache {
+            entries,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) async fn lookup(&self, key: &CacheKey) -> Lookup {
+        match self.entries.get(key).await {
+            Some(e) => {
+                let now = Instant::now();
+                if now < e.fresh_until {
+                    Lookup::Fresh(e)
+                } else if now < e.stale_until {
+                    Lookup::Stale(e)
+                } else {
+                    Lookup::Missing
+                }
+            }
+            None => Lookup::Missing,
+        }
+    }
+
+    pub(crate) async fn insert(&self, key: CacheKey, entry: Entry) {
+        self.entries.insert(key, Arc::new(entry)).await;
+        metrics::gauge!("midcall_cache_bytes").set(self.entries.weighted_size() as f64);
+    }
+
+    /// Joins the fetch in flight for `key`, or becomes its leader.
+    pub(crate) fn join(self: &Arc<Self>, key: CacheKey) -> Join<T> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = inflight.get(&key) {
+            return Join::Wait(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(key, rx.clone());
+        Join::Lead(
+            Flight {
+                cache: self.clone(),
+                key,
+                tx: Some(tx),
+            },
+            rx,
+        )
+    }
+
+    /// Drops every entry an action wrote for a scope.
+    pub(crate) fn invalidate(&self, fingerprint: u64, scope: &ScopeId) {
+        let scope = scope.clone();
+        let _ = self
+            .entries
+            .invalidate_entries_if(move |_k, v| v.fingerprint == fingerprint && v.scope == scope);
+    }
+
+    /// Entries and bytes held (after pending maintenance).
+    pub(crate) async fn usage(&self) -> (u64, u64) {
+        self.entries.run_pending_tasks().await;
+        (self.entries.entry_count(), self.entries.weighted_size())
+    }
+}
+
+impl<T: Send + Sync + 'static> Flight<T> {
+    /// The cache this flight fills.
+    pub(crate) fn cache(&self) -> &ResponseCache<T> {
+        &self.cache
+    }
+
+    /// Publishes the result to every waiter and leaves the in-flight table.
+    pub(crate) fn finish(mut self, result: Shared<T>) {
+        // Leave the table first, so a request after this point starts a new fetch (or hits).
+        {
+            let mut inflight = self
+                .cache
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            inflight.remove(&self.key);
+        }
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Some(result));
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Drop for Flight<T> {
+    fn drop(&mut self) {
+        // Abandoned without a result (the task was cancelled): leave the table so the next
+        // request starts afresh; waiters see the channel close.
+        if self.tx.is_some() {
+            let mut inflight = self
+                .cache
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            inflight.remove(&self.key);
+        }
+    }
+}
