@@ -86,3 +86,74 @@ pub fn template_render(data: &[u8]) {
         }
     }
 }
+
+/// Arbitrary bytes as a response body through the real parse and extraction path, with a
+/// fixed set of queries (names, indexes, wildcards, slices, descendants, filters).
+pub fn response_extract(data: &[u8]) {
+    use crate::jsonpath::{Conversion, ExtractRule, Extractor, Query};
+    use crate::state::StatePath;
+    thread_local! {
+        static EXTRACTOR: Extractor = {
+            let rules = [
+                ("a", "$.data.customer.name", Conversion::Json, false),
+                ("b", "$.items[0].id", Conversion::String, false),
+                ("c", "$.items[*].price", Conversion::Number, true),
+                ("d", "$..id", Conversion::Json, true),
+                ("e", "$.items[1:3]", Conversion::Json, true),
+                ("f", "$.items[?@.price > 10].name", Conversion::Json, true),
+                ("g", "$.flag", Conversion::Bool, false),
+            ];
+            Extractor::new(
+                rules
+                    .iter()
+                    .map(|(t, q, c, all)| ExtractRule {
+                        target: StatePath::parse(t).expect("fixed path"),
+                        query: Query::compile(q).expect("fixed query"),
+                        required: false,
+                        default: None,
+                        conversion: *c,
+                        all: *all,
+                    })
+                    .collect(),
+            )
+        };
+    }
+    if let Ok(doc) = crate::jsonpath::parse_response(data) {
+        EXTRACTOR.with(|e| {
+            let _ = e.extract(&doc);
+        });
+    }
+}
+
+/// Arbitrary `Retry-After` values: never a panic, never more than a day.
+pub fn retry_after(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        if let Some(d) = crate::exec::parse_retry_after(text, now) {
+            assert!(d <= std::time::Duration::from_secs(86_400), "delay over a day");
+        }
+    }
+}
+
+/// Arbitrary host strings and IP literals: whatever reads as a blocked address is refused by
+/// the default policy, and std's own parse never disagrees with ours.
+pub fn egress_host(data: &[u8]) {
+    use crate::transport::{is_blocked, parse_ip_literal, EgressPolicy};
+    let Ok(host) = std::str::from_utf8(data) else {
+        return;
+    };
+    let policy = EgressPolicy::new();
+    if let Ok(std_ip) = host.parse::<std::net::IpAddr>() {
+        assert_eq!(parse_ip_literal(host), Some(std_ip), "disagrees with std");
+    }
+    if let Some(ip) = parse_ip_literal(host) {
+        if is_blocked(ip) {
+            assert!(policy.check_ip(ip).is_err(), "blocked address allowed");
+        }
+        if let std::net::IpAddr::V6(v6) = ip {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                assert_eq!(is_blocked(ip), is_blocked(v4.into()), "mapped form differs");
+            }
+        }
+    }
+}

@@ -1175,7 +1175,7 @@ impl Runtime {
             ));
         }
         let parse_start = Instant::now();
-        let doc: Value = match serde_json::from_slice(&exchange.body) {
+        let doc: Value = match crate::jsonpath::parse_response(&exchange.body) {
             Ok(d) => d,
             Err(e) => {
                 return Err(invalid(

@@ -11,6 +11,12 @@ use std::fmt;
 
 use serde_json::Value;
 
+/// Parses a response body as JSON. Nesting deeper than 128 is refused (serde_json's limit),
+/// so a hostile body cannot exhaust the stack.
+pub fn parse_response(body: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
 /// A compiled JSONPath query.
 #[derive(Clone)]
 pub struct Query {

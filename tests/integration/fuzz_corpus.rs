@@ -95,3 +95,18 @@ fn regression_deeply_nested_filters_are_refused_quickly() {
         .message
         .contains("longer than 4096"));
 }
+
+#[test]
+fn response_extract_corpus() {
+    replay("response_extract", midcall::fuzzing::response_extract);
+}
+
+#[test]
+fn retry_after_corpus() {
+    replay("retry_after", midcall::fuzzing::retry_after);
+}
+
+#[test]
+fn egress_host_corpus() {
+    replay("egress_host", midcall::fuzzing::egress_host);
+}
