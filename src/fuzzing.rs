@@ -130,7 +130,10 @@ pub fn retry_after(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
         if let Some(d) = crate::exec::parse_retry_after(text, now) {
-            assert!(d <= std::time::Duration::from_secs(86_400), "delay over a day");
+            assert!(
+                d <= std::time::Duration::from_secs(86_400),
+                "delay over a day"
+            );
         }
     }
 }

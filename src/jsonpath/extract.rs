@@ -71,6 +71,10 @@ impl Conversion {
     }
 }
 
+/// Most nodes one rule may select: 1000. A response that selects more is refused rather than
+/// copied whole into state.
+pub const MAX_EXTRACTED_NODES: usize = 1000;
+
 /// One extraction rule: where in state, from which query, and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExtractRule {
@@ -98,6 +102,16 @@ pub enum ExtractError {
         target: String,
         /// The query.
         query: String,
+    },
+    /// A query selected more nodes than [`MAX_EXTRACTED_NODES`].
+    #[error("extract \"{target}\": {query} selected {count} nodes, more than the {MAX_EXTRACTED_NODES} allowed")]
+    TooMany {
+        /// The state path.
+        target: String,
+        /// The query.
+        query: String,
+        /// How many it selected.
+        count: usize,
     },
     /// A node could not be converted.
     #[error("extract \"{target}\": {query} selected a {found}, which cannot be read as {wanted}")]
@@ -141,6 +155,13 @@ impl Extractor {
         let mut out = Vec::with_capacity(self.rules.len());
         for rule in &self.rules {
             let nodes = rule.query.select(doc);
+            if nodes.len() > MAX_EXTRACTED_NODES {
+                return Err(ExtractError::TooMany {
+                    target: rule.target.to_string(),
+                    query: rule.query.as_str().to_string(),
+                    count: nodes.len(),
+                });
+            }
             let convert = |v: &Value| {
                 rule.conversion
                     .apply(v)

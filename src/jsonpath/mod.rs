@@ -5,7 +5,7 @@
 
 mod extract;
 
-pub use extract::{Conversion, ExtractError, ExtractRule, Extractor};
+pub use extract::{Conversion, ExtractError, ExtractRule, Extractor, MAX_EXTRACTED_NODES};
 
 use std::fmt;
 

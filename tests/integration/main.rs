@@ -11,6 +11,7 @@ mod egress;
 mod examples;
 mod exec;
 mod fuzz_corpus;
+mod hostile;
 mod observability;
 mod templates;
 mod tools;
