@@ -23,11 +23,16 @@ pub fn jsonpath_compile(data: &[u8]) {
     if let Ok(q) = crate::jsonpath::Query::compile(text) {
         let doc = serde_json::json!({
             "a": [1, 2, {"b": "c", "d": [true, null, 3.5]}],
-            "e": {"f": "g", "h": {"i": [1, "x"]}},
-            "": 0
+            "e": {"f": "g", "h": {"i": [1, "x"], "a": {"a": -1}}},
+            "": 0,
+            "k'\"": [[], {}, "é"]
         });
-        let _ = q.select(&doc);
+        let full: Vec<Value> = q.select(&doc).into_iter().cloned().collect();
         let _ = q.select_paths(&doc);
+        // Where the fast path takes the query, it agrees with the full engine.
+        if let Some(fast) = q.select_fast(doc.to_string().as_bytes()) {
+            assert_eq!(fast, full, "fast path disagrees on {text:?}");
+        }
     }
 }
 
@@ -118,11 +123,18 @@ pub fn response_extract(data: &[u8]) {
             )
         };
     }
-    if let Ok(doc) = crate::jsonpath::parse_response(data) {
-        EXTRACTOR.with(|e| {
-            let _ = e.extract(&doc);
-        });
-    }
+    EXTRACTOR.with(|e| {
+        // The real path (fast when it can be) agrees with serde_json + the full engine.
+        let real = e.extract_bytes(data);
+        match crate::jsonpath::parse_response(data) {
+            Ok(doc) => match (e.extract(&doc), real) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b.values, "fast and full extraction differ"),
+                (Err(a), Err(crate::jsonpath::BodyError::Extract(b))) => assert_eq!(a, b),
+                (a, b) => panic!("paths disagree: {a:?} vs {b:?}"),
+            },
+            Err(_) => assert!(real.is_err(), "accepted a body serde_json refuses"),
+        }
+    });
 }
 
 /// Arbitrary `Retry-After` values: never a panic, never more than a day.

@@ -1174,22 +1174,13 @@ impl Runtime {
                 timings,
             ));
         }
-        let parse_start = Instant::now();
-        let doc: Value = match crate::jsonpath::parse_response(&exchange.body) {
-            Ok(d) => d,
-            Err(e) => {
-                return Err(invalid(
-                    format!("the response is not valid JSON: {e}"),
-                    timings,
-                ))
-            }
+        let extracted = match extractor.extract_bytes(&exchange.body) {
+            Ok(x) => x,
+            Err(e) => return Err(invalid(e.to_string(), timings)),
         };
-        timings.parse = Some(parse_start.elapsed());
-        let extract_start = Instant::now();
-        let values = extractor
-            .extract(&doc)
-            .map_err(|e| invalid(e.to_string(), timings))?;
-        timings.extract = Some(extract_start.elapsed());
+        timings.parse = Some(extracted.parse);
+        timings.extract = Some(extracted.extract);
+        let values = extracted.values;
         Ok(Fetched {
             values,
             http_status: code,

@@ -1,7 +1,12 @@
 //! Extraction: an action's `extract` rules turn a parsed response into typed values bound for
 //! state paths.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::time::Duration;
+
 use serde_json::Value;
+use tokio::time::Instant;
 
 use super::Query;
 use crate::state::StatePath;
@@ -131,12 +136,85 @@ pub enum ExtractError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Extractor {
     rules: Vec<ExtractRule>,
+    /// Every rule can run on the fast path.
+    fast: bool,
+}
+
+/// Values extracted from a response body, and where the time went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extracted {
+    /// `(state path, value)` pairs, in rule order.
+    pub values: Vec<(StatePath, Value)>,
+    /// Time spent parsing the body.
+    pub parse: Duration,
+    /// Time spent selecting and converting.
+    pub extract: Duration,
+}
+
+/// A body that could not be read or extracted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// Not valid JSON, or nested deeper than 128.
+    #[error("the response is not valid JSON: {0}")]
+    Json(String),
+    /// The extraction rules failed.
+    #[error(transparent)]
+    Extract(#[from] ExtractError),
+}
+
+thread_local! {
+    static BUFFERS: RefCell<simd_json::Buffers> =
+        RefCell::new(simd_json::Buffers::with_max_depth(0, super::fast::MAX_DEPTH));
 }
 
 impl Extractor {
     /// Rules, in the order written.
     pub fn new(rules: Vec<ExtractRule>) -> Self {
-        Extractor { rules }
+        let fast = !rules.is_empty() && rules.iter().all(|r| r.query.is_fast());
+        Extractor { rules, fast }
+    }
+
+    /// Parses a response body and extracts every rule. When every query is made of name,
+    /// index, wildcard, slice and descendant selectors, the body is parsed by simd-json into a
+    /// tape and the queries walk the tape; otherwise (filters), or when simd-json refuses the
+    /// body, serde_json and the full RFC 9535 engine do the work, so acceptance and errors are
+    /// always serde_json's.
+    pub fn extract_bytes(&self, body: &[u8]) -> Result<Extracted, BodyError> {
+        let start = Instant::now();
+        if self.fast {
+            let mut bytes = body.to_vec();
+            let fast = BUFFERS.with(|b| {
+                let mut buffers = b.borrow_mut();
+                let tape = super::fast::parse_tape(&mut bytes, &mut buffers)?;
+                let parsed = Instant::now();
+                let values = self.run(|rule| {
+                    rule.query
+                        .fast
+                        .as_ref()
+                        .map(|p| p.select(&tape.0))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(Cow::Owned)
+                        .collect()
+                });
+                Some((values, parsed))
+            });
+            if let Some((values, parsed)) = fast {
+                return Ok(Extracted {
+                    values: values?,
+                    parse: parsed - start,
+                    extract: parsed.elapsed(),
+                });
+            }
+        }
+        let doc = super::parse_response(body).map_err(|e| BodyError::Json(e.to_string()))?;
+        let parsed = Instant::now();
+        let values = self.extract(&doc)?;
+        Ok(Extracted {
+            values,
+            parse: parsed - start,
+            extract: parsed.elapsed(),
+        })
     }
 
     /// The rules.
@@ -152,9 +230,22 @@ impl Extractor {
     /// Runs every rule on a parsed document: `(state path, value)` pairs, in rule order.
     /// Rules that select nothing and are neither required nor defaulted give no pair.
     pub fn extract(&self, doc: &Value) -> Result<Vec<(StatePath, Value)>, ExtractError> {
+        self.run(|rule| {
+            rule.query
+                .select(doc)
+                .into_iter()
+                .map(Cow::Borrowed)
+                .collect()
+        })
+    }
+
+    fn run<'v>(
+        &self,
+        mut nodes_of: impl FnMut(&ExtractRule) -> Vec<Cow<'v, Value>>,
+    ) -> Result<Vec<(StatePath, Value)>, ExtractError> {
         let mut out = Vec::with_capacity(self.rules.len());
         for rule in &self.rules {
-            let nodes = rule.query.select(doc);
+            let nodes = nodes_of(rule);
             if nodes.len() > MAX_EXTRACTED_NODES {
                 return Err(ExtractError::TooMany {
                     target: rule.target.to_string(),
@@ -179,7 +270,7 @@ impl Extractor {
                     None
                 } else {
                     Some(Value::Array(
-                        nodes.into_iter().map(convert).collect::<Result<_, _>>()?,
+                        nodes.iter().map(|n| convert(n)).collect::<Result<_, _>>()?,
                     ))
                 }
             } else {

@@ -4,8 +4,11 @@
 //! callers; today it is `serde_json_path`, which passes the whole compliance test suite.
 
 mod extract;
+mod fast;
 
-pub use extract::{Conversion, ExtractError, ExtractRule, Extractor, MAX_EXTRACTED_NODES};
+pub use extract::{
+    BodyError, Conversion, ExtractError, ExtractRule, Extracted, Extractor, MAX_EXTRACTED_NODES,
+};
 
 use std::fmt;
 
@@ -22,6 +25,7 @@ pub fn parse_response(body: &[u8]) -> Result<Value, serde_json::Error> {
 pub struct Query {
     text: Box<str>,
     inner: serde_json_path::JsonPath,
+    fast: Option<fast::FastPlan>,
 }
 
 impl fmt::Debug for Query {
@@ -64,6 +68,7 @@ impl Query {
             Ok(inner) => Ok(Query {
                 text: text.into(),
                 inner,
+                fast: fast::FastPlan::parse(text),
             }),
             Err(e) => {
                 let byte = e.position().min(text.len());
@@ -82,6 +87,22 @@ impl Query {
     /// The query as written.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// True when the query runs on the fast path (no filter selectors).
+    pub fn is_fast(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// The nodes the fast path selects from a JSON body, or `None` when the query or the body
+    /// is not for the fast path (the full engine then decides). Exposed for differential tests.
+    #[doc(hidden)]
+    pub fn select_fast(&self, body: &[u8]) -> Option<Vec<Value>> {
+        let plan = self.fast.as_ref()?;
+        let mut bytes = body.to_vec();
+        let mut buffers = simd_json::Buffers::with_max_depth(bytes.len(), fast::MAX_DEPTH);
+        let tape = fast::parse_tape(&mut bytes, &mut buffers)?;
+        Some(plan.select(&tape.0))
     }
 
     /// The nodes the query selects, in document order.

@@ -10,6 +10,7 @@ mod cts;
 mod egress;
 mod examples;
 mod exec;
+mod fast_path;
 mod fuzz_corpus;
 mod hostile;
 mod observability;
