@@ -51,6 +51,8 @@
 //! assert!(req.redacted_text().contains("Bearer ***"));
 //! ```
 
+#[doc(hidden)]
+pub mod bench_data;
 pub mod cache;
 pub mod events;
 pub mod exec;
