@@ -22,6 +22,7 @@ enum Command {
     Jsonpath(cli::jsonpath::JsonpathArgs),
     Render(cli::render::RenderArgs),
     Exec(cli::exec::ExecArgs),
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
         Command::Jsonpath(a) => cli::jsonpath::run(a),
         Command::Render(a) => cli::render::run(a),
         Command::Exec(a) => cli::exec::run(a),
+        Command::Bench(a) => cli::bench::run(a),
     };
     match result {
         Ok(code) => code,

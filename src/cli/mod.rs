@@ -1,5 +1,6 @@
 //! One module per command. Each returns `Ok(exit code)` or `Err(message)` (exit 2).
 
+pub(crate) mod bench;
 pub(crate) mod check;
 pub(crate) mod exec;
 pub(crate) mod jsonpath;

@@ -1,0 +1,842 @@
+//! `midcall bench`: latency of the action path against raw hyper, measured in the same run.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt, Empty};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use midcall::bench_data::crm_response;
+use midcall::exec::Budget;
+use midcall::transport::EgressPolicy;
+use midcall::{ActionSet, ActionSpec, Call, CallInfo, Runtime, Syntax, ToolCall, Transcript, Turn};
+
+/// Measure the action path against raw hyper in one run: p50/p90/p99/p999 latency, throughput
+/// and ratios, plus deadline precision and memory per live call. With --actions, bench your own
+/// action against its real endpoint instead.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  midcall bench --quick\n  midcall bench --json benches/results/bench.json\n  midcall bench --actions agent.toml --action lookup --concurrency 16 --requests 2000 --allow-http --allow-network 127.0.0.0/8"
+)]
+pub(crate) struct BenchArgs {
+    /// A small run that finishes in seconds.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<String>,
+    /// Size of the upstream's JSON response in bytes.
+    #[arg(long, default_value_t = 1024)]
+    body_bytes: usize,
+    /// Bench an action from this agent file against its real endpoint.
+    #[arg(long, value_name = "FILE", requires = "action")]
+    actions: Option<String>,
+    /// The action to bench (with --actions).
+    #[arg(long)]
+    action: Option<String>,
+    /// Concurrent tool calls (with --actions).
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Total tool calls (with --actions).
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    /// Arguments for every tool call (with --actions).
+    #[arg(long, default_value = "{}")]
+    args: String,
+    /// Allow plain http:// (with --actions; extends the file's [egress]).
+    #[arg(long)]
+    allow_http: bool,
+    /// Exempt a network from the private-address block (with --actions; repeatable).
+    #[arg(long = "allow-network", value_name = "CIDR")]
+    allow_network: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Series {
+    name: String,
+    concurrency: usize,
+    lat_ns: Vec<u64>,
+    busy: Duration,
+}
+
+impl Series {
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.lat_ns.clone();
+        v.sort_unstable();
+        if v.is_empty() {
+            return 0.0;
+        }
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v[i] as f64 / 1000.0
+    }
+    fn rps(&self) -> f64 {
+        self.lat_ns.len() as f64 / self.busy.as_secs_f64().max(1e-9)
+    }
+}
+
+fn call_info(i: usize) -> CallInfo {
+    CallInfo {
+        id: format!("call_bench_{i}"),
+        agent_id: "bench".into(),
+        tenant: "bench".into(),
+        from_number: "+15551234567".into(),
+        to_number: "+15557654321".into(),
+        is_outgoing: false,
+        started_at: "2025-11-03T19:33:18.330Z".into(),
+    }
+}
+
+/// A minimal HTTP/1.1 keep-alive upstream (TCP_NODELAY) answering every request with `body`;
+/// with `tls`, behind rustls. `hang` answers nothing.
+async fn upstream(body: Arc<Vec<u8>>, tls: Option<tokio_rustls::TlsAcceptor>, hang: bool) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1");
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut resp = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    resp.extend_from_slice(&body);
+    let resp = Arc::new(resp);
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = s.set_nodelay(true);
+            let (resp, tls) = (resp.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tls {
+                    Some(a) => {
+                        if let Ok(t) = a.accept(s).await {
+                            serve(t, &resp, hang).await
+                        }
+                    }
+                    None => serve(s, &resp, hang).await,
+                }
+            });
+        }
+    });
+    port
+}
+
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    resp: &[u8],
+    hang: bool,
+) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Ok(n) = s.read(&mut chunk).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            if hang {
+                continue;
+            }
+            if s.write_all(resp).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn tls_pair() -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "*.bench.test".to_string()])
+            .and_then(|p| p.self_signed(&key))
+            .map_err(|e| e.to_string())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        cert.der().to_vec(),
+    ))
+}
+
+fn agent(http: &str, https: &str, hang: &str) -> Result<ActionSet, String> {
+    let text = format!(
+        r#"[agent]
+id = "bench"
+tenant = "bench"
+[[actions]]
+name = "miss"
+description = "uncached lookup"
+url = "{http}/v1/customers?phone={{{{call.from_number}}}}"
+timeout_ms = 10000
+dedupe = false
+extract = {{ "customer.name" = "$.data.customer.name" }}
+[[actions]]
+name = "hit"
+description = "cached lookup"
+url = "{http}/v1/customers?phone={{{{call.from_number}}}}&c=1"
+timeout_ms = 10000
+dedupe = false
+cache = {{ ttl_s = 3600, scope = "tenant" }}
+extract = {{ "customer.name" = "$.data.customer.name" }}
+[[actions]]
+name = "tls"
+description = "lookup over TLS"
+url = "{https}/v1/customers?phone={{{{call.from_number}}}}"
+timeout_ms = 10000
+dedupe = false
+extract = {{ "customer.name" = "$.data.customer.name" }}
+[[actions]]
+name = "hang"
+description = "never answers"
+url = "{hang}/hang"
+timeout_ms = 10000
+dedupe = false
+"#
+    );
+    ActionSet::from_str("bench.toml", &text, Syntax::Toml).map_err(|e| e.to_string())
+}
+
+fn local_runtime(ca: Option<&[u8]>, max_idle: usize) -> Result<Runtime, String> {
+    let mut b = Runtime::builder()
+        .egress(
+            EgressPolicy::new()
+                .allow_http(true)
+                .allow_network("127.0.0.0/8".parse().map_err(|_| "cidr")?),
+        )
+        .pool_max_idle_per_host(max_idle)
+        .dedupe_window(Duration::ZERO);
+    if let Some(ca) = ca {
+        b = b.add_root_certificate(ca.to_vec());
+    }
+    b.build()
+}
+
+struct Progress {
+    total: usize,
+    done: usize,
+    tty: bool,
+}
+
+impl Progress {
+    fn step(&mut self, what: &str) {
+        self.done += 1;
+        if self.tty {
+            let width = 30;
+            let filled = width * self.done / self.total.max(1);
+            eprint!(
+                "\r[{}{}] {:>3}% {:<40}",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                100 * self.done / self.total.max(1),
+                what
+            );
+            if self.done == self.total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+/// Runs `n` operations at `concurrency`, returning each operation's latency and the wall time.
+async fn batch<F, Fut>(concurrency: usize, n: usize, op: F) -> (Vec<u64>, Duration)
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (next, op) = (next.clone(), op.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return lat;
+                }
+                let t = Instant::now();
+                if op(i).await {
+                    lat.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        if let Ok(l) = t.await {
+            all.extend(l);
+        }
+    }
+    (all, start.elapsed())
+}
+
+pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        if let Some(file) = a.actions.clone() {
+            return user_action(&a, &file).await;
+        }
+        builtin(&a).await
+    })
+}
+
+async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
+    // Memory first, while the heap holds nothing freed that new calls could reuse unseen.
+    let memory = memory_per_call(if a.quick { 2000 } else { 10_000 });
+    let body = Arc::new(crm_response(a.body_bytes));
+    let (acceptor, ca) = tls_pair()?;
+    let http_port = upstream(body.clone(), None, false).await;
+    let https_port = upstream(body.clone(), Some(acceptor), false).await;
+    let hang_port = upstream(body.clone(), None, true).await;
+    let http = format!("http://127.0.0.1:{http_port}");
+    let https = format!("https://localhost:{https_port}");
+    let set = Arc::new(agent(
+        &http,
+        &https,
+        &format!("http://127.0.0.1:{hang_port}"),
+    )?);
+    let concurrencies: &[usize] = &[1, 64, 512];
+    let (rounds, per_batch) = if a.quick { (2, 200) } else { (5, 2000) };
+
+    // One runtime for steady-state scenarios; the pool holds as many idle connections as the
+    // highest concurrency, like the raw client.
+    let runtime = local_runtime(Some(&ca), 1024)?;
+    let raw = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build_http::<Empty<Bytes>>();
+    // Warm everything: pools, cache, TLS.
+    runtime.warm(&set, Duration::from_secs(5)).await;
+    let miss = set.action("miss").cloned().ok_or("no miss action")?;
+    let hit = set.action("hit").cloned().ok_or("no hit action")?;
+    let tls = set.action("tls").cloned().ok_or("no tls action")?;
+    let budget = Budget::new(Duration::from_secs(3600));
+    let mut c = Call::new(call_info(0));
+    runtime.execute(&hit, &mut c, json!({}), &budget).await;
+
+    let scenarios = [
+        "raw_hyper",
+        "exec_miss",
+        "exec_hit",
+        "exec_miss_tls",
+        "first_action_cold",
+        "first_action_warm",
+    ];
+    let mut series: Vec<Series> = Vec::new();
+    for s in scenarios {
+        for &conc in concurrencies {
+            series.push(Series {
+                name: s.into(),
+                concurrency: conc,
+                lat_ns: Vec::new(),
+                busy: Duration::ZERO,
+            });
+        }
+    }
+    let steady = series
+        .iter()
+        .filter(|s| !s.name.starts_with("first_action"))
+        .count();
+    let mut progress = Progress {
+        total: rounds * steady + 2,
+        done: 0,
+        tty: std::io::stderr().is_terminal(),
+    };
+    let raw_uri: http::Uri = format!("{http}/v1/customers?phone=%2B15551234567")
+        .parse()
+        .map_err(|_| "uri")?;
+    for round in 0..rounds {
+        // Interleaved: every scenario and concurrency once per round, so drift hits all alike.
+        for s in series.iter_mut() {
+            let conc = s.concurrency;
+            let (lat, busy) = match s.name.as_str() {
+                "raw_hyper" => {
+                    let (raw, uri) = (raw.clone(), raw_uri.clone());
+                    batch(conc, per_batch.max(conc), move |_| {
+                        let (raw, uri) = (raw.clone(), uri.clone());
+                        async move {
+                            let Ok(resp) = raw.get(uri).await else {
+                                return false;
+                            };
+                            let Ok(body) = resp.into_body().collect().await else {
+                                return false;
+                            };
+                            let Ok(doc) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+                                return false;
+                            };
+                            doc.pointer("/data/customer/name").is_some()
+                        }
+                    })
+                    .await
+                }
+                "exec_miss" | "exec_hit" | "exec_miss_tls" => {
+                    let action = match s.name.as_str() {
+                        "exec_miss" => miss.clone(),
+                        "exec_hit" => hit.clone(),
+                        _ => tls.clone(),
+                    };
+                    let want = if s.name == "exec_hit" {
+                        "cache_hit"
+                    } else {
+                        "ok"
+                    };
+                    let runtime = runtime.clone();
+                    batch(conc, per_batch.max(conc), move |i| {
+                        let (runtime, action) = (runtime.clone(), action.clone());
+                        async move {
+                            let mut call = Call::new(call_info(i));
+                            let o = runtime
+                                .execute(
+                                    &action,
+                                    &mut call,
+                                    ToolCall::new(format!("t{i}"), json!({})),
+                                    &Budget::new(Duration::from_secs(60)),
+                                )
+                                .await;
+                            o.status.as_str() == want
+                        }
+                    })
+                    .await
+                }
+                // First actions need fresh runtimes; they are measured after the rounds.
+                _ => continue,
+            };
+            s.lat_ns.extend(lat);
+            s.busy += busy;
+            progress.step(&format!("round {}/{rounds} {} c={conc}", round + 1, s.name));
+        }
+    }
+    // First-action series: the measured part excludes building the runtime and the warm-up.
+    progress.step("first actions (fresh runtimes)");
+    let first = first_action_series(&ca, &tls, concurrencies, if a.quick { 16 } else { 100 }).await;
+    for (name, conc, lat, busy) in first {
+        if let Some(s) = series
+            .iter_mut()
+            .find(|s| s.name == name && s.concurrency == conc)
+        {
+            s.lat_ns = lat;
+            s.busy = busy;
+        }
+    }
+    progress.step("deadline precision");
+    let hang = set.action("hang").cloned().ok_or("no hang action")?;
+    let overshoot = deadline_precision(&hang, if a.quick { 200 } else { 1000 }).await?;
+    report(&series, &overshoot, memory, a.json.as_deref(), a.body_bytes)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+type SeriesData = (String, usize, Vec<u64>, Duration);
+
+/// Answers every `*.bench.test` name with 127.0.0.1, so each first action can go to a host the
+/// runtime has never connected to (the pool is keyed by host).
+struct BenchResolver;
+
+impl midcall::transport::Resolve for BenchResolver {
+    fn resolve(
+        &self,
+        _host: &str,
+        port: u16,
+    ) -> midcall::transport::BoxFuture<std::io::Result<Vec<std::net::SocketAddr>>> {
+        Box::pin(async move { Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))]) })
+    }
+}
+
+/// The first action of a call to a host the process has not connected to yet, over TLS, on a
+/// runtime that is already running (as in production): with warm-up (not timed) and cold.
+async fn first_action_series(
+    ca: &[u8],
+    tls: &ActionSpec,
+    concs: &[usize],
+    n: usize,
+) -> Vec<SeriesData> {
+    let port = tls.url().port();
+    let Ok(rt) = Runtime::builder()
+        .egress(
+            EgressPolicy::new()
+                .allow_network(ipnet::IpNet::from(std::net::IpAddr::from([127, 0, 0, 1]))),
+        )
+        .resolver(Arc::new(BenchResolver))
+        .add_root_certificate(ca.to_vec())
+        .dedupe_window(Duration::ZERO)
+        .build()
+    else {
+        return Vec::new();
+    };
+    let mut host = 0usize;
+    let mut out = Vec::new();
+    for &conc in concs {
+        for warm in [false, true] {
+            let mut lat = Vec::new();
+            let mut busy = Duration::ZERO;
+            for _ in 0..n.max(conc).div_ceil(conc) {
+                let mut sets = Vec::with_capacity(conc);
+                for _ in 0..conc {
+                    host += 1;
+                    let text = format!(
+                        "[agent]\nid = \"bench\"\ntenant = \"bench\"\n[[actions]]\nname = \"tls\"\ndescription = \"d\"\nurl = \"https://h{host}.bench.test:{port}/v1/customers?phone={{{{call.from_number}}}}\"\ntimeout_ms = 10000\nextract = {{ \"customer.name\" = \"$.data.customer.name\" }}\n"
+                    );
+                    let Ok(set) = ActionSet::from_str("bench.toml", &text, Syntax::Toml) else {
+                        continue;
+                    };
+                    sets.push(set);
+                }
+                if warm {
+                    futures_util::future::join_all(
+                        sets.iter().map(|s| rt.warm(s, Duration::from_secs(10))),
+                    )
+                    .await;
+                }
+                let start = Instant::now();
+                let results =
+                    futures_util::future::join_all(sets.iter().enumerate().map(|(i, set)| {
+                        let rt = &rt;
+                        async move {
+                            let action = set.action("tls")?;
+                            let mut call = Call::new(call_info(i));
+                            let t = Instant::now();
+                            let o = rt
+                                .execute(
+                                    action,
+                                    &mut call,
+                                    json!({}),
+                                    &Budget::new(Duration::from_secs(30)),
+                                )
+                                .await;
+                            (o.status.as_str() == "ok").then(|| t.elapsed().as_nanos() as u64)
+                        }
+                    }))
+                    .await;
+                busy += start.elapsed();
+                lat.extend(results.into_iter().flatten());
+            }
+            let name = if warm {
+                "first_action_warm"
+            } else {
+                "first_action_cold"
+            };
+            out.push((name.to_string(), conc, lat, busy));
+        }
+    }
+    out
+}
+
+struct Overshoot {
+    actions: usize,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    timed_out: usize,
+}
+
+/// `n` concurrent actions against an upstream that never answers, budget 100 ms: how far past
+/// the deadline each outcome arrived.
+async fn deadline_precision(hang: &ActionSpec, n: usize) -> Result<Overshoot, String> {
+    let rt = local_runtime(None, n)?;
+    let budget_ms = 100;
+    let results = futures_util::future::join_all((0..n).map(|i| {
+        let rt = rt.clone();
+        async move {
+            let mut call = Call::new(call_info(i));
+            let budget = Budget::new(Duration::from_millis(budget_ms));
+            let deadline = budget.deadline();
+            let o = rt
+                .execute(
+                    hang,
+                    &mut call,
+                    ToolCall::new(format!("h{i}"), json!({})),
+                    &budget,
+                )
+                .await;
+            (
+                o.status.as_str() == "timed_out",
+                Instant::now().saturating_duration_since(deadline),
+            )
+        }
+    }))
+    .await;
+    let mut over: Vec<u64> = results.iter().map(|(_, d)| d.as_micros() as u64).collect();
+    over.sort_unstable();
+    let pct = |p: f64| over[((over.len() - 1) as f64 * p).round() as usize] as f64;
+    Ok(Overshoot {
+        actions: n,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        max_us: *over.last().unwrap_or(&0) as f64,
+        timed_out: results.iter().filter(|(t, _)| *t).count(),
+    })
+}
+
+fn rss_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<usize>().ok())
+        })
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+/// Resident memory per live call with 20 state variables and a 20-turn transcript.
+fn memory_per_call(n: usize) -> f64 {
+    let before = rss_bytes();
+    let mut calls = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut call = Call::new(call_info(i));
+        for v in 0..20 {
+            let path = midcall::StatePath::parse(&format!("vars.v{v}"))
+                .unwrap_or_else(|_| unreachable_path());
+            let _ = call
+                .state
+                .set(&path, json!(format!("value number {v} for call {i}")));
+        }
+        let mut t = Transcript::default();
+        for turn in 0..20 {
+            if turn % 2 == 0 {
+                t.push(Turn::user(
+                    "I'd like to book a cleaning next Tuesday, please.",
+                    "2025-11-03T19:33:18.330Z",
+                ));
+            } else {
+                t.push(Turn::ai(
+                    "Sure, I have 9 and 10 in the morning.",
+                    "2025-11-03T19:33:19.010Z",
+                    Some(turn),
+                    Some("node_book".into()),
+                ));
+            }
+        }
+        call.transcript = t;
+        calls.push(call);
+    }
+    let after = rss_bytes();
+    let per = after.saturating_sub(before) as f64 / n as f64;
+    drop(calls);
+    per
+}
+
+fn unreachable_path() -> midcall::StatePath {
+    midcall::StatePath::parse("vars.fallback").expect("a valid literal path")
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "midcall": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+fn report(
+    series: &[Series],
+    over: &Overshoot,
+    memory: f64,
+    json_file: Option<&str>,
+    body_bytes: usize,
+) -> Result<(), String> {
+    let raw = |conc: usize| {
+        series
+            .iter()
+            .find(|s| s.name == "raw_hyper" && s.concurrency == conc)
+    };
+    println!(
+        "{:<18} {:>5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "scenario",
+        "conc",
+        "requests",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "p999 µs",
+        "req/s",
+        "x p50",
+        "x p99"
+    );
+    let mut rows = Vec::new();
+    for s in series {
+        let (r50, r99) = match (s.name.as_str(), raw(s.concurrency)) {
+            ("raw_hyper", _) | (_, None) => (None, None),
+            (_, Some(r)) => (
+                Some(s.pct(0.5) / r.pct(0.5).max(1e-9)),
+                Some(s.pct(0.99) / r.pct(0.99).max(1e-9)),
+            ),
+        };
+        let f = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<18} {:>5} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>8} {:>8}",
+            s.name,
+            s.concurrency,
+            s.lat_ns.len(),
+            s.pct(0.5),
+            s.pct(0.9),
+            s.pct(0.99),
+            s.pct(0.999),
+            s.rps(),
+            f(r50),
+            f(r99)
+        );
+        rows.push(json!({
+            "name": s.name, "concurrency": s.concurrency, "requests": s.lat_ns.len(),
+            "p50_us": s.pct(0.5), "p90_us": s.pct(0.9), "p99_us": s.pct(0.99), "p999_us": s.pct(0.999),
+            "rps": s.rps(), "ratio_p50": r50, "ratio_p99": r99,
+        }));
+    }
+    let steady = series
+        .iter()
+        .find(|s| s.name == "exec_miss_tls" && s.concurrency == 1);
+    let warm = series
+        .iter()
+        .find(|s| s.name == "first_action_warm" && s.concurrency == 1);
+    let warm_ratio = match (warm, steady) {
+        (Some(w), Some(s)) => w.pct(0.5) / s.pct(0.5).max(1e-9),
+        _ => 0.0,
+    };
+    println!();
+    println!("first_action_warm vs steady state over TLS (p50, concurrency 1): {warm_ratio:.2}x");
+    println!(
+        "deadline precision: {} hung actions, budget 100 ms: overshoot p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs ({} timed_out)",
+        over.actions, over.p50_us, over.p99_us, over.max_us, over.timed_out
+    );
+    println!("memory: {memory:.0} bytes per live call (20 state variables, 20-turn transcript; RSS delta)");
+    if let Some(file) = json_file {
+        let doc = json!({
+            "scenarios": rows,
+            "first_action_warm_vs_steady_p50": warm_ratio,
+            "deadline": {"actions": over.actions, "budget_ms": 100, "overshoot_p50_us": over.p50_us, "overshoot_p99_us": over.p99_us, "overshoot_max_us": over.max_us, "timed_out": over.timed_out},
+            "memory": {"bytes_per_call": memory},
+            "body_bytes": body_bytes,
+            "machine": machine(),
+        });
+        std::fs::write(
+            file,
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("{file}: {e}"))?;
+        println!("wrote {file}");
+    }
+    Ok(())
+}
+
+async fn user_action(a: &BenchArgs, file: &str) -> Result<ExitCode, String> {
+    let set = super::load(file)?;
+    let name = a.action.as_deref().unwrap_or_default();
+    let action = set
+        .action(name)
+        .cloned()
+        .ok_or_else(|| format!("no action \"{name}\" in {file}"))?;
+    let args = super::parse_json("--args", &a.args)?;
+    let mut policy =
+        EgressPolicy::from_config(set.egress()).allow_http(set.egress().allow_http || a.allow_http);
+    for cidr in &a.allow_network {
+        let net = cidr
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| format!("--allow-network: \"{cidr}\" is not a CIDR such as 10.0.0.0/8"))?;
+        policy = policy.allow_network(net);
+    }
+    let runtime = Runtime::builder()
+        .egress(policy)
+        .pool_max_idle_per_host(a.concurrency.max(32))
+        .dedupe_window(Duration::ZERO)
+        .build()?;
+    runtime.warm(&set, Duration::from_secs(5)).await;
+    let statuses = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        usize,
+    >::new()));
+    let (st, rt2) = (statuses.clone(), runtime.clone());
+    let conc = a.concurrency.max(1);
+    let (lat, busy) = batch(conc, a.requests, move |i| {
+        let (rt, action, args, st) = (rt2.clone(), action.clone(), args.clone(), st.clone());
+        async move {
+            // One call, many distinct tool calls: the cache applies, replays do not.
+            let mut call = Call::new(call_info(i % conc));
+            let o = rt
+                .execute(
+                    &action,
+                    &mut call,
+                    ToolCall::new(format!("b{i}"), args),
+                    &Budget::new(Duration::from_secs(60)),
+                )
+                .await;
+            let key = format!("{}/{}", o.status.as_str(), o.cache.as_str());
+            if let Ok(mut m) = st.lock() {
+                *m.entry(key).or_default() += 1;
+            }
+            true
+        }
+    })
+    .await;
+    let s = Series {
+        name: name.to_string(),
+        concurrency: conc,
+        lat_ns: lat,
+        busy,
+    };
+    println!(
+        "{:<18} {:>5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "action", "conc", "requests", "p50 µs", "p90 µs", "p99 µs", "p999 µs", "req/s"
+    );
+    println!(
+        "{:<18} {:>5} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
+        s.name,
+        s.concurrency,
+        s.lat_ns.len(),
+        s.pct(0.5),
+        s.pct(0.9),
+        s.pct(0.99),
+        s.pct(0.999),
+        s.rps()
+    );
+    let m = statuses.lock().map(|m| m.clone()).unwrap_or_default();
+    println!("outcomes (status/cache): {m:?}");
+    if let Some(f) = &a.json {
+        let doc = json!({"scenarios": [{
+            "name": s.name, "concurrency": s.concurrency, "requests": s.lat_ns.len(),
+            "p50_us": s.pct(0.5), "p90_us": s.pct(0.9), "p99_us": s.pct(0.99), "p999_us": s.pct(0.999),
+            "rps": s.rps(), "ratio_p50": null, "ratio_p99": null }], "outcomes": m, "machine": machine()});
+        std::fs::write(
+            f,
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("{f}: {e}"))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
