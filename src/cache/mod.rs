@@ -91,25 +91,39 @@ impl CacheKey {
         key_headers: &[(&str, &[u8])],
         body: &[u8],
     ) -> CacheKey {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut part = |b: &[u8]| {
-            ctx.update(&(b.len() as u64).to_le_bytes());
-            ctx.update(b);
-        };
-        part(scope.0.as_bytes());
-        part(&fingerprint.to_le_bytes());
-        part(method.as_bytes());
-        part(url.as_bytes());
-        for (k, v) in key_headers {
-            part(k.as_bytes());
-            part(v);
-        }
-        part(body);
-        let d = ctx.finish();
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&d.as_ref()[..16]);
-        CacheKey(u128::from_le_bytes(b))
+        CacheKey(keyed_hash128(|h| {
+            // Lengths first, so adjacent parts cannot run into each other.
+            let mut part = |b: &[u8]| {
+                h.write_usize(b.len());
+                h.write(b);
+            };
+            part(scope.0.as_bytes());
+            part(&fingerprint.to_le_bytes());
+            part(method.as_bytes());
+            part(url.as_bytes());
+            for (k, v) in key_headers {
+                part(k.as_bytes());
+                part(v);
+            }
+            part(body);
+        }))
     }
+}
+
+/// 128 bits of two SipHash passes keyed randomly per process: fast, and no one outside the
+/// process can craft a collision (cache keys and duplicate-call keys never leave the process).
+pub(crate) fn keyed_hash128(write: impl Fn(&mut dyn std::hash::Hasher)) -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    static KEYS: std::sync::OnceLock<(
+        std::collections::hash_map::RandomState,
+        std::collections::hash_map::RandomState,
+    )> = std::sync::OnceLock::new();
+    let (a, b) = KEYS.get_or_init(|| (Default::default(), Default::default()));
+    let mut ha = a.build_hasher();
+    write(&mut ha);
+    let mut hb = b.build_hasher();
+    write(&mut hb);
+    (u128::from(ha.finish()) << 64) | u128::from(hb.finish())
 }
 
 /// What is cached: the extracted values of a success, or a remembered 404.

@@ -26,10 +26,7 @@ pub(crate) fn dedupe_key(action: &str, args: &Value) -> u128 {
     text.push_str(action);
     text.push('\0');
     canonical_json(args, &mut text);
-    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&d.as_ref()[..16]);
-    u128::from_le_bytes(b)
+    crate::cache::keyed_hash128(|h| h.write(text.as_bytes()))
 }
 
 impl RecentToolCalls {

@@ -386,6 +386,14 @@ struct Prepared {
     log_url: String,
     /// The cache key and scope, for cacheable actions.
     cache: Option<(CacheKey, ScopeId)>,
+    /// What the idempotency key is made from.
+    idempotency: Option<Idempotency>,
+}
+
+struct Idempotency {
+    call_id: String,
+    tool_id: Option<String>,
+    args: Value,
 }
 
 /// A failed attempt to get values.
@@ -876,12 +884,13 @@ impl Runtime {
                 HeaderValue::from_static("application/json"),
             );
         }
-        if let Some(name) = &self.inner.idempotency_header {
-            let key = idempotency_key(&call.info.id, tool.id.as_deref(), action.name(), &tool.args);
-            if let Ok(v) = HeaderValue::from_str(&key) {
-                headers.insert(name.clone(), v);
-            }
-        }
+        // The idempotency key is computed when a request is actually sent (a cache hit
+        // never needs it).
+        let idempotency = self.inner.idempotency_header.as_ref().map(|_| Idempotency {
+            call_id: call.info.id.clone(),
+            tool_id: tool.id.clone(),
+            args: tool.args.clone(),
+        });
         let path_only = rendered.url.split('?').next().unwrap_or_default();
         let body = rendered.body.map(Bytes::from).unwrap_or_default();
         let cache = action.cache().filter(|_| !action.is_async()).map(|policy| {
@@ -921,10 +930,15 @@ impl Runtime {
             max_bytes: action.max_response_bytes(),
             log_url: rendered.redactor.redact(path_only),
             cache,
+            idempotency,
         })
     }
 
-    fn request(&self, p: &Prepared) -> http::Request<Full<Bytes>> {
+    fn request(
+        &self,
+        p: &Prepared,
+        idempotency: Option<&HeaderValue>,
+    ) -> http::Request<Full<Bytes>> {
         let method = match p.method {
             Method::Get => http::Method::GET,
             Method::Head => http::Method::HEAD,
@@ -937,6 +951,9 @@ impl Runtime {
         *req.method_mut() = method;
         *req.uri_mut() = p.uri.clone();
         *req.headers_mut() = p.headers.clone();
+        if let (Some(name), Some(v)) = (&self.inner.idempotency_header, idempotency) {
+            req.headers_mut().insert(name.clone(), v.clone());
+        }
         req
     }
 
@@ -984,6 +1001,15 @@ impl Runtime {
                 timings,
             ));
         };
+        let idempotency = p.idempotency.as_ref().and_then(|i| {
+            HeaderValue::from_str(&idempotency_key(
+                &i.call_id,
+                i.tool_id.as_deref(),
+                &p.action,
+                &i.args,
+            ))
+            .ok()
+        });
         let mut attempts = 0;
         let exchange: Exchange = loop {
             attempts += 1;
@@ -991,7 +1017,7 @@ impl Runtime {
             match self
                 .inner
                 .transport
-                .exchange(self.request(p), deadline, p.max_bytes)
+                .exchange(self.request(p, idempotency.as_ref()), deadline, p.max_bytes)
                 .await
             {
                 Ok(ex) if ex.status == http::StatusCode::TOO_MANY_REQUESTS && attempts == 1 => {
