@@ -324,17 +324,19 @@ impl<T: Send + Sync + 'static> Flight<T> {
     /// Publishes the result to every waiter and leaves the in-flight table.
     pub(crate) fn finish(mut self, result: Shared<T>) {
         // Leave the table first, so a request after this point starts a new fetch (or hits).
-        {
-            let mut inflight = self
-                .cache
-                .inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            inflight.remove(&self.key);
-        }
+        self.leave();
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Some(result));
         }
+    }
+
+    fn leave(&self) {
+        let mut inflight = self
+            .cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        inflight.remove(&self.key);
     }
 }
 
@@ -343,12 +345,7 @@ impl<T: Send + Sync + 'static> Drop for Flight<T> {
         // Abandoned without a result (the task was cancelled): leave the table so the next
         // request starts afresh; waiters see the channel close.
         if self.tx.is_some() {
-            let mut inflight = self
-                .cache
-                .inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            inflight.remove(&self.key);
+            self.leave();
         }
     }
 }

@@ -762,15 +762,7 @@ async fn user_action(a: &BenchArgs, file: &str) -> Result<ExitCode, String> {
         .cloned()
         .ok_or_else(|| format!("no action \"{name}\" in {file}"))?;
     let args = super::parse_json("--args", &a.args)?;
-    let mut policy =
-        EgressPolicy::from_config(set.egress()).allow_http(set.egress().allow_http || a.allow_http);
-    for cidr in &a.allow_network {
-        let net = cidr
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map_err(|_| format!("--allow-network: \"{cidr}\" is not a CIDR such as 10.0.0.0/8"))?;
-        policy = policy.allow_network(net);
-    }
+    let policy = super::egress_policy(&set, a.allow_http, &a.allow_network)?;
     let runtime = Runtime::builder()
         .egress(policy)
         .pool_max_idle_per_host(a.concurrency.max(32))

@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use midcall::exec::Budget;
-use midcall::{ActionSet, Call, ConversationState, EgressPolicy, Outcome, Runtime, ToolCall};
+use midcall::{ActionSet, Call, ConversationState, Outcome, Runtime, ToolCall};
 
 /// Execute an action against its real endpoint and print the outcome: status, latency,
 /// values written to state, the result for the model, the fallback line. Exit 0 whenever an
@@ -62,15 +62,7 @@ pub(crate) fn run(a: ExecArgs) -> Result<ExitCode, String> {
     let state = ConversationState::from_value(super::parse_json("--state", &a.state)?)
         .map_err(|e| format!("--state: {e}"))?;
     let info = super::render::call_from_flag(&a.call, &set.agent().id, &set.agent().tenant)?;
-    let mut policy =
-        EgressPolicy::from_config(set.egress()).allow_http(set.egress().allow_http || a.allow_http);
-    for cidr in &a.allow_network {
-        let net = cidr
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map_err(|_| format!("--allow-network: \"{cidr}\" is not a CIDR such as 10.0.0.0/8"))?;
-        policy = policy.allow_network(net);
-    }
+    let policy = super::egress_policy(&set, a.allow_http, &a.allow_network)?;
     // Each --repeat run is a distinct tool call: duplicate protection would turn runs 2..N
     // into replays of the first, so it is off here.
     let mut builder = Runtime::builder()

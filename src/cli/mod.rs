@@ -36,3 +36,21 @@ pub(crate) fn read_input(path: Option<&str>) -> Result<String, String> {
         }
     }
 }
+
+/// The agent file's egress policy, extended by `--allow-http` and `--allow-network` flags.
+pub(crate) fn egress_policy(
+    set: &ActionSet,
+    allow_http: bool,
+    allow_networks: &[String],
+) -> Result<midcall::EgressPolicy, String> {
+    let mut policy = midcall::EgressPolicy::from_config(set.egress())
+        .allow_http(set.egress().allow_http || allow_http);
+    for cidr in allow_networks {
+        let net = cidr
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| format!("--allow-network: \"{cidr}\" is not a CIDR such as 10.0.0.0/8"))?;
+        policy = policy.allow_network(net);
+    }
+    Ok(policy)
+}

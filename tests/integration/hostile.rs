@@ -1,8 +1,7 @@
 //! Hostile input end to end: injection through values that came from responses or the model,
 //! limits on what a response can do, and a secret that never leaks.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -13,6 +12,7 @@ use midcall::transport::EgressPolicy;
 use midcall::{Call, MapSecrets, Runtime};
 
 use crate::support::servers::{Reply, TestServer};
+use crate::support::Capture;
 use crate::support::{call_info, load_toml, AGENT};
 
 const SECRET: &str = "sk_live_HOSTILE_2f1e0d9c";
@@ -114,26 +114,6 @@ async fn a_response_cannot_flood_state_or_the_model() {
     assert!(c.state.used_bytes() <= ConversationState::new().cap_bytes());
 }
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
-
 /// Runs actions with the secret in the path, query, a header and the body through every kind
 /// of outcome, and looks for the secret in everything that is shown.
 #[test]
@@ -216,7 +196,7 @@ fn the_secret_appears_in_no_log_error_or_outcome() {
             shown.push(format!("{runtime:?} {c:?}"));
         });
     });
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(logs.contains("action"), "spans were captured");
     shown.push(logs);
     for s in &shown {

@@ -1,7 +1,6 @@
 //! Tracing spans and metrics for actions: names, fields, bounded labels, no secrets.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -11,27 +10,8 @@ use midcall::transport::EgressPolicy;
 use midcall::{Call, MapSecrets, Runtime};
 
 use crate::support::servers::{Reply, TestServer};
+use crate::support::Capture;
 use crate::support::{call_info, load_toml, AGENT};
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
 
 const SECRET: &str = "sk_live_OBSERVE_9f8e7d";
 
@@ -106,7 +86,7 @@ fn each_action_has_a_span_with_its_fields_and_no_secret() {
         .with_ansi(false)
         .finish();
     tracing::subscriber::with_default(subscriber, || run_actions(&server.origin()));
-    let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let out = capture.text();
     let closes: Vec<&str> = out
         .lines()
         .filter(|l| l.contains("action{") && l.contains("close"))
