@@ -349,7 +349,7 @@ async fn wait_shared(
             timings: Timings::default(),
         }))
     };
-    match tokio::time::timeout_at(deadline.instant(), rx.wait_for(|v| v.is_some())).await {
+    match tokio::time::timeout_at(deadline.timer_instant(), rx.wait_for(|v| v.is_some())).await {
         Ok(Ok(v)) => match v.as_ref() {
             Some(r) => (**r).clone(),
             None => failure(

@@ -191,7 +191,7 @@ impl Transport {
                 body_time: body_start.elapsed(),
             })
         };
-        match tokio::time::timeout_at(deadline.instant(), work).await {
+        match tokio::time::timeout_at(deadline.timer_instant(), work).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::Timeout { got_headers }),
         }
@@ -207,7 +207,8 @@ impl Transport {
         let uri: http::Uri = origin
             .parse()
             .map_err(|_| TransportError::Connect(ConnectError::BadUri))?;
-        match tokio::time::timeout_at(deadline.instant(), self.connector.prewarm(&uri)).await {
+        match tokio::time::timeout_at(deadline.timer_instant(), self.connector.prewarm(&uri)).await
+        {
             Ok(r) => r.map_err(TransportError::Connect),
             Err(_) => Err(TransportError::Timeout { got_headers: false }),
         }
@@ -240,6 +241,9 @@ fn classify(e: hyper_util::client::legacy::Error) -> TransportError {
     TransportError::Io { stale, message }
 }
 
+/// How much earlier than the deadline the outer timer is armed: 1 ms, tokio's timer tick.
+pub const TIMER_SLACK: Duration = Duration::from_millis(1);
+
 /// The instant an exchange must be finished by, handed down from the executor. Nothing below
 /// the executor invents a longer timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -254,6 +258,13 @@ impl Deadline {
     /// The instant.
     pub fn instant(self) -> Instant {
         self.0
+    }
+
+    /// The instant to arm a tokio timer for. tokio's timer fires on 1 ms ticks, rounding the
+    /// instant asked for up to the next tick, so a timer armed for the deadline itself fires up
+    /// to 1 ms late; armed [`TIMER_SLACK`] early it fires at or before the deadline.
+    pub fn timer_instant(self) -> Instant {
+        self.0.checked_sub(TIMER_SLACK).unwrap_or(self.0)
     }
 
     /// Time left, zero once passed.
