@@ -1,0 +1,195 @@
+//! A minimal agent loop that embeds midcall, as a voice agent runtime would: start the call
+//! (warm-up and prefetch), run the model's tool calls under a per-turn budget, speak fillers and
+//! fallback lines, and read values from the conversation state.
+//!
+//! It runs offline: a tiny local server stands in for the CRM. Run it with
+//! `cargo run --example embed`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use midcall::exec::Budget;
+use midcall::transport::EgressPolicy;
+use midcall::{ActionSet, Call, CallInfo, MapSecrets, Runtime, Syntax, ToolCall, Turn};
+
+/// A stand-in CRM on 127.0.0.1: customer lookup, open slots (slow, so the filler plays) and
+/// booking.
+async fn mock_crm() -> std::io::Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let (delay, body) = if req.starts_with("GET /customers") {
+                        (
+                            0,
+                            json!({"data": {"customer": {"id": "cus_42", "name": "Ada", "tier": "gold"}}}),
+                        )
+                    } else if req.starts_with("GET /slots") {
+                        (
+                            600,
+                            json!({"slots": [{"start": "09:00", "available": true}, {"start": "10:00", "available": false}, {"start": "15:00", "available": true}]}),
+                        )
+                    } else {
+                        (0, json!({"id": "apt_1001", "status": "booked"}))
+                    };
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    let body = body.to_string();
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn agent(origin: &str) -> Result<ActionSet, midcall::LoadError> {
+    let text = format!(
+        r#"
+[agent]
+id = "front-desk"
+tenant = "acme-dental"
+
+[[actions]]
+name = "lookup_customer"
+description = "Look up the caller's account by phone number"
+url = "{origin}/customers?phone={{{{call.from_number}}}}"
+headers = {{ Authorization = "Bearer {{{{secrets.CRM_TOKEN}}}}" }}
+timeout_ms = 800
+cache = {{ ttl_s = 300, scope = "tenant" }}
+prefetch = "call_start"
+extract = {{ "customer.name" = "$.data.customer.name", "customer.id" = "$.data.customer.id" }}
+
+[[actions]]
+name = "check_slots"
+description = "List open appointment slots on a day"
+url = "{origin}/slots?date={{{{args.date}}}}"
+parameters = {{ type = "object", required = ["date"], properties = {{ date = {{ type = "string" }} }} }}
+timeout_ms = 1500
+filler = {{ after_ms = 300, say = "Let me check the calendar." }}
+extract = {{ "slots.open" = {{ path = "$.slots[?@.available == true].start", all = true }} }}
+
+[[actions]]
+name = "book_appointment"
+description = "Book a slot"
+method = "POST"
+url = "{origin}/appointments"
+parameters = {{ type = "object", required = ["slot"], properties = {{ slot = {{ type = "string" }} }} }}
+body = {{ customer_id = "{{{{state.customer.id}}}}", slot = "{{{{args.slot}}}}" }}
+extract = {{ "appointment.id" = "$.id" }}
+on_failure = {{ say = "I couldn't book that; the office will call you back.", set = {{ "appointment.pending" = true }} }}
+"#
+    );
+    ActionSet::from_str("embed.toml", &text, Syntax::Toml)
+}
+
+fn now() -> String {
+    "2025-11-03T19:33:18.330Z".to_string()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let port = mock_crm().await?;
+    let set = agent(&format!("http://127.0.0.1:{port}"))?;
+    // One runtime per process. Real deployments keep the default HTTPS-only policy; this demo
+    // talks to its own loopback server.
+    let runtime = Runtime::builder()
+        .egress(
+            EgressPolicy::new()
+                .allow_http(true)
+                .allow_network("127.0.0.0/8".parse()?),
+        )
+        .secrets(Arc::new(MapSecrets::new().with("CRM_TOKEN", "demo-token")))
+        .build()?;
+
+    // The call connects: warm connections and prefetch the caller's account.
+    let mut call = Call::new(CallInfo {
+        id: "call_embed_1".into(),
+        agent_id: "front-desk".into(),
+        tenant: "acme-dental".into(),
+        from_number: "+15551234567".into(),
+        to_number: "+15557654321".into(),
+        is_outgoing: false,
+        started_at: now(),
+    });
+    let start = runtime
+        .start_call(&set, &mut call, Duration::from_millis(500))
+        .await;
+    println!(
+        "call connected; prefetched {} action(s); state: {}",
+        start.prefetched.len(),
+        call.state.to_value()
+    );
+
+    // Turn 1: the model asks for open slots. The filler plays while the slow lookup runs.
+    call.transcript
+        .push(Turn::user("Can I come in tomorrow?", now()));
+    let budget = Budget::new(Duration::from_millis(1500));
+    let check = set.action("check_slots").ok_or("no check_slots")?;
+    let outcome = runtime
+        .execute_with_filler(
+            check,
+            &mut call,
+            ToolCall::new("tc_1", json!({"date": "2025-11-04"})),
+            &budget,
+            |line| {
+                println!("agent says (filler): {line}");
+            },
+        )
+        .await;
+    println!(
+        "check_slots: {} in {:?}; model gets {}",
+        outcome.status.as_str(),
+        outcome.timings.total,
+        outcome.llm_result
+    );
+
+    // Turn 2: the model books; the caller barges in and the model re-issues the same call.
+    let book = set
+        .action("book_appointment")
+        .ok_or("no book_appointment")?;
+    for id in ["tc_2", "tc_3"] {
+        let budget = Budget::new(Duration::from_millis(1500));
+        let o = runtime
+            .execute(
+                book,
+                &mut call,
+                ToolCall::new(id, json!({"slot": "15:00"})),
+                &budget,
+            )
+            .await;
+        if let Some(line) = &o.say {
+            println!("agent says (fallback): {line}");
+        }
+        println!(
+            "book_appointment ({id}): {} deduplicated={} values={:?}",
+            o.status.as_str(),
+            o.deduplicated,
+            o.values
+        );
+    }
+    call.transcript.push(Turn::ai(
+        "You're booked for 3 pm tomorrow.",
+        now(),
+        Some(2),
+        Some("node_confirm".into()),
+    ));
+    println!("final state: {}", call.state.to_value());
+    Ok(())
+}
