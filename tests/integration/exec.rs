@@ -364,8 +364,9 @@ async fn trickling_body_cannot_outlive_the_deadline() {
         "/x",
         "timeout_ms = 300\nextract = { v = \"$[0]\" }",
     );
+    let rt = runtime();
     let start = Instant::now();
-    let out = runtime()
+    let out = rt
         .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
         .await;
     let took = start.elapsed();
@@ -376,6 +377,19 @@ async fn trickling_body_cannot_outlive_the_deadline() {
         .to_string()
         .contains("reading the response body"));
     assert!(took < Duration::from_millis(300 + 150), "{took:?}");
+    // The half-read connection was dropped, not returned to the pool: the next action opens a
+    // new one.
+    rt.execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
+        .await;
+    assert_eq!(server.accepted(), 2);
+}
+
+#[test]
+fn the_runtime_is_cheap_to_share_across_tasks() {
+    fn send_sync_clone<T: Send + Sync + Clone + 'static>() {}
+    send_sync_clone::<Runtime>();
+    send_sync_clone::<midcall::Outcome>();
+    send_sync_clone::<midcall::ActionSet>();
 }
 
 #[tokio::test]
