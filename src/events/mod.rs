@@ -1,5 +1,5 @@
-//! Event types delivered to webhook subscribers (the delivery machinery arrives with the event
-//! webhooks issue; the config already names these types).
+//! Event webhooks: types and envelope, Standard Webhooks signing, a durable SQLite outbox,
+//! delivery with retries, and the delivery log.
 
 use std::fmt;
 
@@ -69,5 +69,106 @@ impl EventType {
 impl fmt::Display for EventType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "event_{}", self.name())
+    }
+}
+
+mod bus;
+mod outbox;
+pub mod signing;
+pub mod time;
+
+pub use bus::{DeliveryLog, EventBus, EventBusBuilder, PublishError, DEFAULT_RETRY_SCHEDULE};
+pub use outbox::{AttemptRecord, DeliveryRecord, OutboxError};
+
+use serde_json::{json, Value};
+
+use crate::state::{CallInfo, Transcript};
+
+/// An event: its type and its payload. The envelope (`type`, call fields, `timestamp`) is
+/// added when it is published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// What happened.
+    pub kind: EventType,
+    /// The type's payload.
+    pub payload: Value,
+}
+
+impl Event {
+    /// Any event with a payload.
+    pub fn new(kind: EventType, payload: Value) -> Event {
+        Event { kind, payload }
+    }
+
+    /// New transcript turns, in the transcript shape.
+    pub fn transcript(turns: &Transcript) -> Event {
+        Event::new(
+            EventType::Transcript,
+            json!({"transcript": turns.to_value()}),
+        )
+    }
+
+    /// An action's outcome: name, status, timings and extracted values (never secrets: the
+    /// rendered request is not part of it).
+    pub fn action(outcome: &crate::exec::Outcome) -> Event {
+        Event::new(
+            EventType::Action,
+            json!({
+                "action": outcome.action,
+                "status": outcome.status.as_str(),
+                "http_status": outcome.http_status,
+                "timings": outcome.timings,
+                "values": crate::exec::values_json(&outcome.values),
+                "cache": outcome.cache.as_str(),
+            }),
+        )
+    }
+
+    /// The call ended: its duration, why, and the full transcript.
+    pub fn phone_call_ended(
+        duration_seconds: f64,
+        end_reason: &str,
+        transcript: &Transcript,
+    ) -> Event {
+        Event::new(
+            EventType::PhoneCallEnded,
+            json!({"duration_seconds": duration_seconds, "end_reason": end_reason, "transcript": transcript.to_value()}),
+        )
+    }
+
+    /// Post-call processing finished, with its results object.
+    pub fn post_call_processing_completed(results: Value) -> Event {
+        Event::new(EventType::PostCallProcessingCompleted, results)
+    }
+
+    /// Something failed on the call.
+    pub fn error(code: &str, message: &str) -> Event {
+        Event::new(EventType::Error, json!({"code": code, "message": message}))
+    }
+
+    /// A recording is available.
+    pub fn recording(url: &str, duration_seconds: f64) -> Event {
+        Event::new(
+            EventType::Recording,
+            json!({"url": url, "duration_seconds": duration_seconds}),
+        )
+    }
+
+    /// The call connected.
+    pub fn phone_call_connected() -> Event {
+        Event::new(EventType::PhoneCallConnected, json!({}))
+    }
+
+    /// The wire envelope for a call, timestamped `timestamp_ms`.
+    pub fn envelope(&self, call: &CallInfo, timestamp_ms: i64) -> Value {
+        json!({
+            "type": self.kind.to_string(),
+            "call_id": call.id,
+            "from_number": call.from_number,
+            "to_number": call.to_number,
+            "is_outgoing": call.is_outgoing,
+            "timestamp": time::rfc3339_ms(timestamp_ms),
+            "payload": self.payload,
+        })
     }
 }

@@ -15,6 +15,6 @@ pub use budget::Budget;
 pub(crate) use dedupe::RecentToolCalls;
 pub use dedupe::DEFAULT_DEDUPE_WINDOW;
 pub use error::{Error, Fault, Retry};
-pub use outcome::{Outcome, Status, Timings};
+pub use outcome::{values_json, Outcome, Status, Timings};
 pub use retry_after::parse_retry_after;
 pub use runtime::*;

@@ -159,6 +159,11 @@ impl Serialize for Outcome {
     }
 }
 
+/// Extracted values as one JSON object keyed by state path.
+pub fn values_json(values: &[(StatePath, Value)]) -> Value {
+    values_object(values)
+}
+
 pub(crate) fn values_object(values: &[(StatePath, Value)]) -> Value {
     Value::Object(
         values

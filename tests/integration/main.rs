@@ -8,6 +8,7 @@ mod cli;
 mod config_errors;
 mod cts;
 mod egress;
+mod events;
 mod examples;
 mod exec;
 mod fast_path;

@@ -1,0 +1,711 @@
+//! Publishing and delivery. `publish` only enqueues into a bounded channel; a writer thread
+//! group-commits batches to the SQLite outbox; a delivery task claims due deliveries, POSTs
+//! them signed, records every attempt and schedules the next.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use rusqlite::Connection;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::outbox::{self, Attempt, Claimed, NewEvent, Next};
+use super::{signing, time, Event};
+use crate::spec::{ActionSet, WebhookSpec};
+use crate::state::{CallInfo, ConversationState, Transcript};
+use crate::template::{EnvSecrets, Redactor, RenderContext, SecretSource};
+use crate::transport::{Deadline, EgressPolicy, Transport, TransportConfig, TransportError};
+
+/// Default retry schedule after a failed attempt: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+pub const DEFAULT_RETRY_SCHEDULE: [Duration; 7] = [
+    Duration::from_secs(5),
+    Duration::from_secs(300),
+    Duration::from_secs(1800),
+    Duration::from_secs(7200),
+    Duration::from_secs(18_000),
+    Duration::from_secs(36_000),
+    Duration::from_secs(36_000),
+];
+
+/// Why publishing failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The channel to the outbox writer is full: the event was not taken (and is counted).
+    #[error("event bus overloaded: the outbox writer is behind; the event was not accepted")]
+    Overloaded,
+    /// The bus is closed.
+    #[error("event bus closed")]
+    Closed,
+    /// The outbox could not commit the event.
+    #[error("{0}")]
+    Storage(String),
+}
+
+enum Msg {
+    Event(NewEvent, Option<oneshot::Sender<Result<(), String>>>),
+}
+
+/// Builds an [`EventBus`]. Every setting has a default, given on its method.
+#[derive(Clone)]
+pub struct EventBusBuilder {
+    db: PathBuf,
+    webhooks: Vec<WebhookSpec>,
+    secrets: Arc<dyn SecretSource>,
+    policy: EgressPolicy,
+    extra_roots: Vec<Vec<u8>>,
+    schedule: Vec<Duration>,
+    jitter: f64,
+    attempt_timeout: Duration,
+    hold: Duration,
+    disable_after: Duration,
+    retention: Duration,
+    capacity: usize,
+    deliver: bool,
+    retry_after_cap: Duration,
+}
+
+impl std::fmt::Debug for EventBusBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBusBuilder")
+            .field("db", &self.db)
+            .field("webhooks", &self.webhooks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventBusBuilder {
+    /// The agent's `[[webhooks]]`. Default none.
+    pub fn webhooks(mut self, set: &ActionSet) -> Self {
+        self.webhooks = set.webhooks().to_vec();
+        self
+    }
+    /// Where signing secrets and URL secrets come from. Default [`EnvSecrets`].
+    pub fn secrets(mut self, s: Arc<dyn SecretSource>) -> Self {
+        self.secrets = s;
+        self
+    }
+    /// The egress policy webhook URLs must pass (the executor's). Default strict.
+    pub fn egress(mut self, p: EgressPolicy) -> Self {
+        self.policy = p;
+        self
+    }
+    /// Trusts an extra root certificate (DER). Default none.
+    pub fn add_root_certificate(mut self, der: Vec<u8>) -> Self {
+        self.extra_roots.push(der);
+        self
+    }
+    /// Delays before each retry. Default [`DEFAULT_RETRY_SCHEDULE`]; after the last, the
+    /// delivery is failed.
+    pub fn retry_schedule(mut self, s: Vec<Duration>) -> Self {
+        self.schedule = s;
+        self
+    }
+    /// Random spread of each delay, as a fraction. Default 0.2 (±20 %).
+    pub fn jitter(mut self, j: f64) -> Self {
+        self.jitter = j.clamp(0.0, 1.0);
+        self
+    }
+    /// Time limit of one attempt. Default 15 s.
+    pub fn attempt_timeout(mut self, d: Duration) -> Self {
+        self.attempt_timeout = d;
+        self
+    }
+    /// How long a later event for the same endpoint and call waits while an earlier one is
+    /// still being retried. Default 60 s.
+    pub fn ordering_hold(mut self, d: Duration) -> Self {
+        self.hold = d;
+        self
+    }
+    /// An endpoint failing without a success for this long is disabled. Default 5 days.
+    pub fn disable_after(mut self, d: Duration) -> Self {
+        self.disable_after = d;
+        self
+    }
+    /// Delivered events older than this are purged. Default 30 days.
+    pub fn retention(mut self, d: Duration) -> Self {
+        self.retention = d;
+        self
+    }
+    /// Events the publish channel holds before `publish` returns `Overloaded`. Default 65 536.
+    pub fn channel_capacity(mut self, n: usize) -> Self {
+        self.capacity = n.max(1);
+        self
+    }
+    /// The longest delay a `Retry-After` may impose. Default 10 h.
+    pub fn retry_after_cap(mut self, d: Duration) -> Self {
+        self.retry_after_cap = d;
+        self
+    }
+    /// Run the delivery task. Default true; false only stores (tests, benchmarks).
+    pub fn deliver(mut self, yes: bool) -> Self {
+        self.deliver = yes;
+        self
+    }
+
+    /// Opens the outbox, starts the writer thread and (inside a tokio runtime) the delivery task.
+    pub fn build(self) -> Result<EventBus, String> {
+        let mut writer_conn = outbox::open(&self.db).map_err(|e| e.to_string())?;
+        let worker_conn = outbox::open(&self.db).map_err(|e| e.to_string())?;
+        let (tx, mut rx) = mpsc::channel::<Msg>(self.capacity);
+        let notify = Arc::new(Notify::new());
+        let n2 = notify.clone();
+        let writer = std::thread::Builder::new()
+            .name("midcall-outbox".into())
+            .spawn(move || {
+                while let Some(first) = rx.blocking_recv() {
+                    // Group commit: everything queued while the last commit ran goes in one.
+                    let mut batch = vec![first];
+                    while batch.len() < 4096 {
+                        match rx.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    let events: Vec<NewEvent> =
+                        batch.iter().map(|Msg::Event(e, _)| e.clone()).collect();
+                    let result = outbox::insert_batch(&mut writer_conn, &events, time::now_ms())
+                        .map_err(|e| e.to_string());
+                    if result.is_err() {
+                        metrics::counter!("midcall_events_write_errors_total")
+                            .increment(batch.len() as u64);
+                    }
+                    for Msg::Event(_, done) in batch {
+                        if let Some(done) = done {
+                            let _ = done.send(result.clone());
+                        }
+                    }
+                    n2.notify_one();
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        let mut transport = TransportConfig {
+            policy: self.policy.clone(),
+            extra_roots: Vec::new(),
+            resolver: Arc::new(crate::transport::SystemResolver),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 8,
+            http2: true,
+        };
+        for der in &self.extra_roots {
+            transport
+                .extra_roots
+                .push(rustls_pki_types::CertificateDer::from(der.clone()));
+        }
+        let transport = Transport::new(transport)?;
+        let inner = Arc::new(Inner {
+            tx: Mutex::new(Some(tx)),
+            overloaded: AtomicU64::new(0),
+            webhooks: self
+                .webhooks
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (endpoint_name(i, w), w.clone()))
+                .collect(),
+            writer: Mutex::new(Some(writer)),
+        });
+        let worker = Worker {
+            conn: Arc::new(Mutex::new(worker_conn)),
+            transport,
+            secrets: self.secrets.clone(),
+            webhooks: inner.webhooks.clone(),
+            schedule: self.schedule.clone(),
+            jitter: self.jitter,
+            attempt_timeout: self.attempt_timeout,
+            hold: self.hold,
+            disable_after: self.disable_after,
+            retention: self.retention,
+            retry_after_cap: self.retry_after_cap,
+            notify: notify.clone(),
+        };
+        let task = if self.deliver {
+            Some(tokio::spawn(worker.run()))
+        } else {
+            None
+        };
+        Ok(EventBus {
+            inner,
+            notify,
+            task: Arc::new(Mutex::new(task)),
+            db: self.db,
+        })
+    }
+}
+
+fn endpoint_name(i: usize, w: &WebhookSpec) -> String {
+    match &w.label {
+        Some(l) => l.clone(),
+        None => format!(
+            "webhook {}: {}",
+            i + 1,
+            w.url.source().split('?').next().unwrap_or_default()
+        ),
+    }
+}
+
+struct Inner {
+    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    overloaded: AtomicU64,
+    webhooks: Vec<(String, WebhookSpec)>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The event bus of one outbox database. Cheap to clone.
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Inner>,
+    notify: Arc<Notify>,
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    db: PathBuf,
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventBus {
+    /// A builder for an outbox at `db` (created if missing).
+    pub fn builder(db: impl AsRef<Path>) -> EventBusBuilder {
+        EventBusBuilder {
+            db: db.as_ref().to_path_buf(),
+            webhooks: Vec::new(),
+            secrets: Arc::new(EnvSecrets),
+            policy: EgressPolicy::new(),
+            extra_roots: Vec::new(),
+            schedule: DEFAULT_RETRY_SCHEDULE.to_vec(),
+            jitter: 0.2,
+            attempt_timeout: Duration::from_secs(15),
+            hold: Duration::from_secs(60),
+            disable_after: Duration::from_secs(5 * 86_400),
+            retention: Duration::from_secs(30 * 86_400),
+            capacity: 65_536,
+            deliver: true,
+            retry_after_cap: Duration::from_secs(36_000),
+        }
+    }
+
+    fn prepare(&self, event: &Event, call: &CallInfo) -> Option<NewEvent> {
+        let endpoints: Vec<String> = self
+            .inner
+            .webhooks
+            .iter()
+            .filter(|(_, w)| w.enabled && w.subscriptions.contains(&event.kind))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if endpoints.is_empty() {
+            return None;
+        }
+        let now = time::now_ms();
+        let body = serde_json::to_vec(&event.envelope(call, now)).unwrap_or_default();
+        Some(NewEvent {
+            event_id: event_id(now),
+            kind: event.kind.to_string(),
+            call_id: call.id.clone(),
+            body,
+            endpoints,
+        })
+    }
+
+    /// Enqueues an event for every webhook subscribed to its type and returns at once; it is
+    /// committed to the outbox within a few milliseconds. When the channel is full the event is
+    /// refused with [`PublishError::Overloaded`] and counted, never dropped silently.
+    pub fn publish(&self, event: &Event, call: &CallInfo) -> Result<(), PublishError> {
+        let Some(e) = self.prepare(event, call) else {
+            return Ok(());
+        };
+        let tx = self
+            .inner
+            .tx
+            .lock()
+            .map_err(|_| PublishError::Closed)?
+            .clone();
+        let Some(tx) = tx else {
+            return Err(PublishError::Closed);
+        };
+        match tx.try_send(Msg::Event(e, None)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.inner.overloaded.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("midcall_events_overloaded_total").increment(1);
+                Err(PublishError::Overloaded)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PublishError::Closed),
+        }
+    }
+
+    /// Publishes and returns once the event is committed to the outbox.
+    pub async fn publish_durable(
+        &self,
+        event: &Event,
+        call: &CallInfo,
+    ) -> Result<(), PublishError> {
+        let Some(e) = self.prepare(event, call) else {
+            return Ok(());
+        };
+        let tx = self
+            .inner
+            .tx
+            .lock()
+            .map_err(|_| PublishError::Closed)?
+            .clone();
+        let Some(tx) = tx else {
+            return Err(PublishError::Closed);
+        };
+        let (done, wait) = oneshot::channel();
+        tx.send(Msg::Event(e, Some(done)))
+            .await
+            .map_err(|_| PublishError::Closed)?;
+        wait.await
+            .map_err(|_| PublishError::Closed)?
+            .map_err(PublishError::Storage)
+    }
+
+    /// Events refused because the channel was full, since the bus started.
+    pub fn overloaded_count(&self) -> u64 {
+        self.inner.overloaded.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the delivery task (after a replay, say).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Stops accepting events, commits everything queued and stops delivering. Pending
+    /// deliveries stay in the outbox for the next start.
+    pub async fn close(&self) {
+        let tx = self.inner.tx.lock().ok().and_then(|mut t| t.take());
+        drop(tx);
+        let writer = self.inner.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(w) = writer {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// The delivery log of this bus's outbox.
+    pub fn log(&self) -> Result<DeliveryLog, String> {
+        DeliveryLog::open(&self.db)
+    }
+}
+
+fn event_id(now: i64) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{now:x}{:x}{n:x}", std::process::id())
+}
+
+/// Reads and replays the delivery log of an outbox database.
+#[derive(Debug)]
+pub struct DeliveryLog {
+    conn: Connection,
+}
+
+impl DeliveryLog {
+    /// Opens an outbox database.
+    pub fn open(db: impl AsRef<Path>) -> Result<DeliveryLog, String> {
+        let path = db.as_ref();
+        if !path.exists() {
+            return Err(format!("{}: no such outbox database", path.display()));
+        }
+        Ok(DeliveryLog {
+            conn: outbox::open(path).map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// Deliveries, newest first; optionally one call's, optionally of one status
+    /// (`pending`, `delivered`, `failed`, `skipped`).
+    pub fn deliveries(
+        &self,
+        call: Option<&str>,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<super::DeliveryRecord>, String> {
+        outbox::list(&self.conn, call, status, limit as i64).map_err(|e| e.to_string())
+    }
+
+    /// The attempts of one delivery, oldest first.
+    pub fn attempts(&self, delivery: i64) -> Result<Vec<super::AttemptRecord>, String> {
+        outbox::attempts(&self.conn, delivery).map_err(|e| e.to_string())
+    }
+
+    /// Makes one delivery due again. Returns how many (0 or 1).
+    pub fn replay_id(&mut self, id: i64) -> Result<usize, String> {
+        outbox::replay(&mut self.conn, Some(id), None, None, time::now_ms())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Makes every delivery of `status` published since `since_ms` due again.
+    pub fn replay_since(&mut self, since_ms: i64, status: &str) -> Result<usize, String> {
+        outbox::replay(
+            &mut self.conn,
+            None,
+            Some(since_ms),
+            Some(status),
+            time::now_ms(),
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
+struct Worker {
+    conn: Arc<Mutex<Connection>>,
+    transport: Transport,
+    secrets: Arc<dyn SecretSource>,
+    webhooks: Vec<(String, WebhookSpec)>,
+    schedule: Vec<Duration>,
+    jitter: f64,
+    attempt_timeout: Duration,
+    hold: Duration,
+    disable_after: Duration,
+    retention: Duration,
+    retry_after_cap: Duration,
+    notify: Arc<Notify>,
+}
+
+impl Worker {
+    async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, outbox::OutboxError> + Send + 'static,
+    ) -> Option<T> {
+        let conn = self.conn.clone();
+        match tokio::task::spawn_blocking(move || {
+            let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut c)
+        })
+        .await
+        {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "outbox");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    async fn run(self) {
+        let lease = (self.attempt_timeout * 2).as_millis() as i64;
+        let hold = self.hold.as_millis() as i64;
+        let mut rounds: u64 = 0;
+        loop {
+            rounds += 1;
+            if rounds % 1000 == 1 {
+                let before = time::now_ms() - self.retention.as_millis() as i64;
+                self.db(move |c| outbox::purge(c, before, 500)).await;
+            }
+            let now = time::now_ms();
+            let claimed = self
+                .db(move |c| outbox::claim(c, now, lease, hold, 64))
+                .await
+                .unwrap_or_default();
+            if claimed.is_empty() {
+                let next = self.db(|c| outbox::next_due(c)).await.flatten();
+                let wait = next
+                    .map(|due| Duration::from_millis((due - time::now_ms()).clamp(1, 1000) as u64))
+                    .unwrap_or(Duration::from_secs(1));
+                tokio::select! {
+                    _ = self.notify.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            let done: Vec<(Claimed, Attempt, Next)> =
+                futures_util::future::join_all(claimed.into_iter().map(|c| self.deliver(c))).await;
+            metrics::counter!("midcall_webhook_attempts_total").increment(done.len() as u64);
+            self.db(move |conn| outbox::record_batch(conn, &done)).await;
+        }
+    }
+
+    async fn deliver(&self, c: Claimed) -> (Claimed, Attempt, Next) {
+        let Some((_, hook)) = self.webhooks.iter().find(|(n, _)| *n == c.endpoint) else {
+            let a = Attempt {
+                at_ms: time::now_ms(),
+                duration_ms: 0,
+                status_code: None,
+                error: Some("no such webhook in the config".into()),
+                response_prefix: Vec::new(),
+            };
+            return (c, a, Next::Failed);
+        };
+        let at = time::now_ms();
+        let started = tokio::time::Instant::now();
+        let result = self.attempt(hook, &c).await;
+        let duration_ms = started.elapsed().as_millis() as i64;
+        let (attempt, next) = match result {
+            Ok((status, headers, body)) => {
+                let code = status.as_u16();
+                let attempt = Attempt {
+                    at_ms: at,
+                    duration_ms,
+                    status_code: Some(code),
+                    error: None,
+                    response_prefix: body[..body.len().min(8192)].to_vec(),
+                };
+                let next = if status.is_success() {
+                    Next::Delivered
+                } else if code == 410 {
+                    Next::Disable {
+                        reason: "410 Gone".into(),
+                    }
+                } else {
+                    let retry_after = if code == 429 || code == 503 {
+                        headers
+                            .get(http::header::RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| {
+                                crate::exec::parse_retry_after(v, std::time::SystemTime::now())
+                            })
+                    } else {
+                        None
+                    };
+                    self.retry(&c, retry_after).await
+                };
+                (attempt, next)
+            }
+            Err(error) => {
+                let attempt = Attempt {
+                    at_ms: at,
+                    duration_ms,
+                    status_code: None,
+                    error: Some(error),
+                    response_prefix: Vec::new(),
+                };
+                let next = self.retry(&c, None).await;
+                (attempt, next)
+            }
+        };
+        (c, attempt, next)
+    }
+
+    /// The next step after a failed attempt: a retry per the schedule (never sooner than it,
+    /// later when Retry-After asks, up to `retry_after_cap`), or failure.
+    async fn retry(&self, c: &Claimed, retry_after: Option<Duration>) -> Next {
+        let endpoint = c.endpoint.clone();
+        let since = self
+            .db(move |conn| outbox::failing_since(conn, &endpoint))
+            .await
+            .flatten();
+        let now = time::now_ms();
+        if since.is_some_and(|s| now - s >= self.disable_after.as_millis() as i64) {
+            return Next::Disable {
+                reason: "failing without a success past the disable window".into(),
+            };
+        }
+        let made = c.attempts as usize + 1;
+        let Some(base) = self.schedule.get(made - 1) else {
+            return Next::Failed;
+        };
+        let spread = 1.0 + self.jitter * (2.0 * unit_random(c.id as u64 ^ now as u64) - 1.0);
+        let mut delay = base.mul_f64(spread.max(0.0));
+        if let Some(ra) = retry_after {
+            delay = delay.max(ra.min(self.retry_after_cap));
+        }
+        Next::Retry {
+            due_ms: now + delay.as_millis() as i64,
+        }
+    }
+
+    async fn attempt(
+        &self,
+        hook: &WebhookSpec,
+        c: &Claimed,
+    ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), String> {
+        let info = CallInfo {
+            id: String::new(),
+            agent_id: String::new(),
+            tenant: String::new(),
+            from_number: String::new(),
+            to_number: String::new(),
+            is_outgoing: false,
+            started_at: String::new(),
+        };
+        let state = ConversationState::new();
+        let transcript = Transcript::default();
+        let ctx = RenderContext {
+            call: &info,
+            state: &state,
+            args: &Value::Null,
+            transcript: &transcript,
+            secrets: &*self.secrets,
+            payload: None,
+        };
+        let mut redactor = Redactor::default();
+        let url = hook
+            .url
+            .render(&ctx, &mut redactor)
+            .map_err(|e| format!("url: {e}"))?;
+        let mut req = http::Request::new(Full::new(Bytes::from(c.body.clone())));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = url
+            .parse()
+            .map_err(|_| "the rendered URL is not valid".to_string())?;
+        let h = req.headers_mut();
+        for (name, t) in &hook.headers {
+            let v = t
+                .render_header(&ctx, &mut redactor)
+                .map_err(|e| format!("header \"{name}\": {e}"))?;
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_str(&v),
+            ) {
+                h.insert(n, v);
+            }
+        }
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(concat!("midcall/", env!("CARGO_PKG_VERSION"))),
+        );
+        let ts = time::now_ms() / 1000;
+        let set = |h: &mut http::HeaderMap, k: &'static str, v: &str| {
+            if let Ok(v) = http::HeaderValue::from_str(v) {
+                h.insert(k, v);
+            }
+        };
+        set(h, "webhook-id", &c.webhook_id);
+        set(h, "webhook-timestamp", &ts.to_string());
+        if let Some(secret) = &hook.signing_secret {
+            let s = secret
+                .render_text(&ctx, &mut redactor)
+                .map_err(|e| format!("signing_secret: {e}"))?;
+            let sig = signing::signature_header(&s, &c.webhook_id, ts, &c.body)
+                .map_err(|e| e.to_string())?;
+            set(h, "webhook-signature", &sig);
+        }
+        let deadline = Deadline::at(tokio::time::Instant::now() + self.attempt_timeout);
+        match self
+            .transport
+            .exchange(req, deadline, 16 * 1024 * 1024)
+            .await
+        {
+            Ok(ex) => Ok((ex.status, ex.headers, ex.body)),
+            Err(TransportError::Timeout { .. }) => Err("timeout".into()),
+            Err(TransportError::Connect(e)) => Err(redactor.redact(&e.to_string())),
+            Err(TransportError::Io { message, .. }) => Err(redactor.redact(&message)),
+            Err(TransportError::TooLarge { .. }) => Err("response too large".into()),
+        }
+    }
+}
+
+/// A number in [0, 1) from a seed (splitmix64): enough to spread retries.
+fn unit_random(seed: u64) -> f64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}

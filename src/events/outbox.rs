@@ -1,0 +1,435 @@
+//! The durable outbox: events, their deliveries to each subscribed endpoint, every attempt, and
+//! the state of each endpoint, in one SQLite file (WAL, synchronous=FULL).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+/// An error from the outbox database.
+#[derive(Debug, thiserror::Error)]
+#[error("outbox: {0}")]
+pub struct OutboxError(String);
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        OutboxError(e.to_string())
+    }
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    call_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_seq INTEGER NOT NULL REFERENCES events(seq),
+    endpoint TEXT NOT NULL,
+    call_id TEXT NOT NULL,
+    webhook_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    due_ms INTEGER NOT NULL,
+    lease_ms INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    done_ms INTEGER,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, due_ms);
+CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries(endpoint, call_id, status, event_seq);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
+    at_ms INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    status_code INTEGER,
+    error TEXT,
+    response_prefix BLOB
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts(delivery_id);
+CREATE TABLE IF NOT EXISTS endpoints (
+    endpoint TEXT PRIMARY KEY,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    disabled_reason TEXT,
+    last_success_ms INTEGER,
+    failing_since_ms INTEGER
+);
+"#;
+
+/// Opens (and creates) an outbox database with WAL and synchronous=FULL.
+pub(crate) fn open(path: &Path) -> Result<Connection, OutboxError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// One event to store with the endpoints it goes to.
+#[derive(Debug, Clone)]
+pub(crate) struct NewEvent {
+    pub(crate) event_id: String,
+    pub(crate) kind: String,
+    pub(crate) call_id: String,
+    pub(crate) body: Vec<u8>,
+    pub(crate) endpoints: Vec<String>,
+}
+
+/// Stores a batch in one transaction. Deliveries to disabled endpoints are stored as skipped.
+pub(crate) fn insert_batch(
+    conn: &mut Connection,
+    batch: &[NewEvent],
+    now: i64,
+) -> Result<(), OutboxError> {
+    let tx = conn.transaction()?;
+    {
+        let mut ev = tx.prepare_cached(
+            "INSERT INTO events (event_id, type, call_id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut del = tx.prepare_cached(
+            "INSERT INTO deliveries (event_seq, endpoint, call_id, webhook_id, status, due_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, CASE WHEN EXISTS (SELECT 1 FROM endpoints WHERE endpoint = ?2 AND disabled = 1) THEN 'skipped' ELSE 'pending' END, ?5, ?5)",
+        )?;
+        for e in batch {
+            ev.execute(params![e.event_id, e.kind, e.call_id, e.body, now])?;
+            let seq = tx.last_insert_rowid();
+            for (i, ep) in e.endpoints.iter().enumerate() {
+                // Stable for an event and endpoint across attempts.
+                let webhook_id = format!("msg_{}_{i}", e.event_id);
+                del.execute(params![seq, ep, e.call_id, webhook_id, now])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// A delivery taken for an attempt.
+#[derive(Debug, Clone)]
+pub(crate) struct Claimed {
+    pub(crate) id: i64,
+    pub(crate) endpoint: String,
+    pub(crate) webhook_id: String,
+    pub(crate) attempts: i64,
+    pub(crate) body: Vec<u8>,
+}
+
+/// Leases up to `limit` due deliveries. A delivery waits while an earlier one for the same
+/// endpoint and call is still pending, unless it has waited longer than `hold_ms`.
+pub(crate) fn claim(
+    conn: &mut Connection,
+    now: i64,
+    lease_ms: i64,
+    hold_ms: i64,
+    limit: i64,
+) -> Result<Vec<Claimed>, OutboxError> {
+    let tx = conn.transaction()?;
+    let rows: Vec<Claimed> = {
+        let mut st = tx.prepare_cached(
+            "SELECT d.id, d.endpoint, d.webhook_id, d.attempts, e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq
+             WHERE d.status = 'pending' AND d.due_ms <= ?1 AND d.lease_ms <= ?1
+               AND (d.created_ms + ?2 <= ?1 OR NOT EXISTS (
+                    SELECT 1 FROM deliveries p WHERE p.endpoint = d.endpoint AND p.call_id = d.call_id
+                      AND p.status = 'pending' AND p.event_seq < d.event_seq))
+             ORDER BY d.due_ms, d.event_seq LIMIT ?3",
+        )?;
+        let it = st.query_map(params![now, hold_ms, limit], |r| {
+            Ok(Claimed {
+                id: r.get(0)?,
+                endpoint: r.get(1)?,
+                webhook_id: r.get(2)?,
+                attempts: r.get(3)?,
+                body: r.get(4)?,
+            })
+        })?;
+        it.collect::<Result<_, _>>()?
+    };
+    {
+        let mut up = tx.prepare_cached("UPDATE deliveries SET lease_ms = ?2 WHERE id = ?1")?;
+        for c in &rows {
+            up.execute(params![c.id, now + lease_ms])?;
+        }
+    }
+    tx.commit()?;
+    Ok(rows)
+}
+
+/// The earliest time a pending delivery is due, if any.
+pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>, OutboxError> {
+    Ok(conn
+        .query_row(
+            "SELECT MIN(MAX(due_ms, lease_ms)) FROM deliveries WHERE status = 'pending'",
+            [],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .optional()?
+        .flatten())
+}
+
+/// What an attempt decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Next {
+    Delivered,
+    Retry {
+        due_ms: i64,
+    },
+    Failed,
+    /// 410 Gone, or failing past the disable window: the endpoint is disabled.
+    Disable {
+        reason: String,
+    },
+}
+
+/// One attempt's facts.
+#[derive(Debug, Clone)]
+pub(crate) struct Attempt {
+    pub(crate) at_ms: i64,
+    pub(crate) duration_ms: i64,
+    pub(crate) status_code: Option<u16>,
+    pub(crate) error: Option<String>,
+    pub(crate) response_prefix: Vec<u8>,
+}
+
+/// Records a batch of attempts in one transaction (one fsync for the batch).
+pub(crate) fn record_batch(
+    conn: &mut Connection,
+    batch: &[(Claimed, Attempt, Next)],
+) -> Result<(), OutboxError> {
+    let tx = conn.transaction()?;
+    for (c, a, next) in batch {
+        record_in(&tx, c, a, next)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Records an attempt and moves the delivery (and its endpoint) on.
+fn record_in(
+    tx: &rusqlite::Transaction<'_>,
+    c: &Claimed,
+    a: &Attempt,
+    next: &Next,
+) -> Result<(), OutboxError> {
+    tx.execute(
+        "INSERT INTO attempts (delivery_id, at_ms, duration_ms, status_code, error, response_prefix) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![c.id, a.at_ms, a.duration_ms, a.status_code, a.error, a.response_prefix],
+    )?;
+    let now = a.at_ms + a.duration_ms;
+    match next {
+        Next::Delivered => {
+            tx.execute(
+                "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, done_ms = ?2, lease_ms = 0, last_error = NULL WHERE id = ?1",
+                params![c.id, now],
+            )?;
+            tx.execute(
+                "INSERT INTO endpoints (endpoint, last_success_ms) VALUES (?1, ?2)
+                 ON CONFLICT(endpoint) DO UPDATE SET last_success_ms = ?2, failing_since_ms = NULL",
+                params![c.endpoint, now],
+            )?;
+        }
+        Next::Retry { due_ms } => {
+            tx.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, due_ms = ?2, lease_ms = 0, last_error = ?3 WHERE id = ?1",
+                params![c.id, due_ms, a.error.clone().or(a.status_code.map(|s| format!("HTTP {s}")))],
+            )?;
+            failing(tx, &c.endpoint, now)?;
+        }
+        Next::Failed => {
+            tx.execute(
+                "UPDATE deliveries SET status = 'failed', attempts = attempts + 1, done_ms = ?2, lease_ms = 0, last_error = ?3 WHERE id = ?1",
+                params![c.id, now, a.error.clone().or(a.status_code.map(|s| format!("HTTP {s}")))],
+            )?;
+            failing(tx, &c.endpoint, now)?;
+        }
+        Next::Disable { reason } => {
+            tx.execute(
+                "UPDATE deliveries SET status = 'failed', attempts = attempts + 1, done_ms = ?2, lease_ms = 0, last_error = ?3 WHERE id = ?1",
+                params![c.id, now, reason],
+            )?;
+            tx.execute(
+                "INSERT INTO endpoints (endpoint, disabled, disabled_reason) VALUES (?1, 1, ?2)
+                 ON CONFLICT(endpoint) DO UPDATE SET disabled = 1, disabled_reason = ?2",
+                params![c.endpoint, reason],
+            )?;
+            // Later events for this endpoint are kept, as skipped.
+            tx.execute(
+                "UPDATE deliveries SET status = 'skipped', lease_ms = 0 WHERE endpoint = ?1 AND status = 'pending'",
+                params![c.endpoint],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn failing(tx: &rusqlite::Transaction<'_>, endpoint: &str, now: i64) -> Result<(), OutboxError> {
+    tx.execute(
+        "INSERT INTO endpoints (endpoint, failing_since_ms) VALUES (?1, ?2)
+         ON CONFLICT(endpoint) DO UPDATE SET failing_since_ms = COALESCE(failing_since_ms, ?2)",
+        params![endpoint, now],
+    )?;
+    Ok(())
+}
+
+/// Since when an endpoint has failed without a success, if it is failing.
+pub(crate) fn failing_since(conn: &Connection, endpoint: &str) -> Result<Option<i64>, OutboxError> {
+    Ok(conn
+        .query_row(
+            "SELECT failing_since_ms FROM endpoints WHERE endpoint = ?1",
+            params![endpoint],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .optional()?
+        .flatten())
+}
+
+/// A delivery as the log shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeliveryRecord {
+    /// The delivery's id (for replay).
+    pub id: i64,
+    /// The event type (`event_...`).
+    pub event_type: String,
+    /// The call.
+    pub call_id: String,
+    /// The endpoint (its label, or its URL without query).
+    pub endpoint: String,
+    /// `pending`, `delivered`, `failed` or `skipped`.
+    pub status: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When it was published (ms since the epoch).
+    pub created_ms: i64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// The `webhook-id` header it carries.
+    pub webhook_id: String,
+}
+
+/// One attempt as the log shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptRecord {
+    /// When (ms since the epoch).
+    pub at_ms: i64,
+    /// How long it took.
+    pub duration_ms: i64,
+    /// The HTTP status, if the endpoint answered.
+    pub status_code: Option<u16>,
+    /// The error kind, if it did not.
+    pub error: Option<String>,
+    /// The first 8 KiB of the response body.
+    pub response_prefix: String,
+}
+
+/// Deliveries, newest first, optionally for one call and one status.
+pub(crate) fn list(
+    conn: &Connection,
+    call: Option<&str>,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeliveryRecord>, OutboxError> {
+    let mut st = conn.prepare(
+        "SELECT d.id, e.type, d.call_id, d.endpoint, d.status, d.attempts, d.created_ms, d.last_error, d.webhook_id
+         FROM deliveries d JOIN events e ON e.seq = d.event_seq
+         WHERE (?1 IS NULL OR d.call_id = ?1) AND (?2 IS NULL OR d.status = ?2)
+         ORDER BY d.id DESC LIMIT ?3",
+    )?;
+    let rows = st.query_map(params![call, status, limit], |r| {
+        Ok(DeliveryRecord {
+            id: r.get(0)?,
+            event_type: r.get(1)?,
+            call_id: r.get(2)?,
+            endpoint: r.get(3)?,
+            status: r.get(4)?,
+            attempts: r.get(5)?,
+            created_ms: r.get(6)?,
+            last_error: r.get(7)?,
+            webhook_id: r.get(8)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The attempts of one delivery, oldest first.
+pub(crate) fn attempts(
+    conn: &Connection,
+    delivery: i64,
+) -> Result<Vec<AttemptRecord>, OutboxError> {
+    let mut st = conn.prepare(
+        "SELECT at_ms, duration_ms, status_code, error, response_prefix FROM attempts WHERE delivery_id = ?1 ORDER BY id",
+    )?;
+    let rows = st.query_map(params![delivery], |r| {
+        let prefix: Option<Vec<u8>> = r.get(4)?;
+        Ok(AttemptRecord {
+            at_ms: r.get(0)?,
+            duration_ms: r.get(1)?,
+            status_code: r.get(2)?,
+            error: r.get(3)?,
+            response_prefix: String::from_utf8_lossy(&prefix.unwrap_or_default()).into_owned(),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Makes deliveries due again: one by id, or every one with `status` published since `since_ms`.
+/// Their endpoints are enabled again (replaying is an operator's decision). Returns how many.
+pub(crate) fn replay(
+    conn: &mut Connection,
+    id: Option<i64>,
+    since_ms: Option<i64>,
+    status: Option<&str>,
+    now: i64,
+) -> Result<usize, OutboxError> {
+    let tx = conn.transaction()?;
+    let n = tx.execute(
+        "UPDATE deliveries SET status = 'pending', due_ms = ?4, lease_ms = 0
+         WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR created_ms >= ?2) AND (?3 IS NULL OR status = ?3)
+           AND status != 'pending'",
+        params![id, since_ms, status, now],
+    )?;
+    tx.execute(
+        "UPDATE endpoints SET disabled = 0, disabled_reason = NULL, failing_since_ms = NULL
+         WHERE endpoint IN (SELECT endpoint FROM deliveries WHERE status = 'pending' AND due_ms = ?1)",
+        params![now],
+    )?;
+    tx.commit()?;
+    Ok(n)
+}
+
+/// Deletes delivered deliveries older than `before_ms` (and their attempts and events), at
+/// most `batch` at a time. Returns how many deliveries went.
+pub(crate) fn purge(
+    conn: &mut Connection,
+    before_ms: i64,
+    batch: i64,
+) -> Result<usize, OutboxError> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS purge_ids (id INTEGER PRIMARY KEY)",
+        [],
+    )?;
+    tx.execute("DELETE FROM purge_ids", [])?;
+    tx.execute(
+        "INSERT INTO purge_ids SELECT id FROM deliveries WHERE status = 'delivered' AND done_ms < ?1 LIMIT ?2",
+        params![before_ms, batch],
+    )?;
+    tx.execute(
+        "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM purge_ids)",
+        [],
+    )?;
+    let n = tx.execute(
+        "DELETE FROM deliveries WHERE id IN (SELECT id FROM purge_ids)",
+        [],
+    )?;
+    tx.execute(
+        "DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
+        [],
+    )?;
+    tx.commit()?;
+    Ok(n)
+}
