@@ -23,6 +23,7 @@ enum Command {
     Render(cli::render::RenderArgs),
     Exec(cli::exec::ExecArgs),
     Bench(cli::bench::BenchArgs),
+    Deliveries(cli::deliveries::DeliveriesArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Command::Render(a) => cli::render::run(a),
         Command::Exec(a) => cli::exec::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Deliveries(a) => cli::deliveries::run(a),
     };
     match result {
         Ok(code) => code,

@@ -447,7 +447,16 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
     progress.step("deadline precision");
     let hang = set.action("hang").cloned().ok_or("no hang action")?;
     let overshoot = deadline_precision(&hang, if a.quick { 200 } else { 1000 }).await?;
-    report(&series, &overshoot, memory, a.json.as_deref(), a.body_bytes)?;
+    progress.step("event publishing");
+    let events = event_bench(if a.quick { 2000 } else { 20_000 }).await?;
+    report(
+        &series,
+        &overshoot,
+        memory,
+        &events,
+        a.json.as_deref(),
+        a.body_bytes,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -664,10 +673,74 @@ fn machine() -> Value {
     })
 }
 
+struct EventNumbers {
+    publish_p50_us: f64,
+    publish_p99_us: f64,
+    durable_events_per_s: f64,
+    events: usize,
+}
+
+/// `publish` latency on the call path, and sustained durable throughput into the outbox.
+async fn event_bench(n: usize) -> Result<EventNumbers, String> {
+    use midcall::events::{Event, EventBus, EventType};
+    let dir = std::env::temp_dir().join(format!("midcall-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let set = ActionSet::from_str(
+        "bench.toml",
+        "[agent]\nid = \"bench\"\ntenant = \"bench\"\n[[webhooks]]\nlabel = \"sink\"\nurl = \"https://hooks.example.com/x\"\nsubscriptions = [\"message\"]\n",
+        Syntax::Toml,
+    )
+    .map_err(|e| e.to_string())?;
+    let call = call_info(0);
+    let event = Event::new(
+        EventType::Message,
+        json!({"text": "Thanks for calling Acme Dental, how can I help?"}),
+    );
+    // publish: enqueue only.
+    let db = dir.join("publish.db");
+    let bus = EventBus::builder(&db)
+        .webhooks(&set)
+        .deliver(false)
+        .channel_capacity(n + 16)
+        .build()?;
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        bus.publish(&event, &call).map_err(|e| e.to_string())?;
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    bus.close().await;
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    // durable: many publishers at once, each waiting for its commit.
+    let db2 = dir.join("durable.db");
+    let bus = EventBus::builder(&db2)
+        .webhooks(&set)
+        .deliver(false)
+        .build()?;
+    let start = Instant::now();
+    let results = futures_util::future::join_all((0..n).map(|_| {
+        let (bus, event, call) = (bus.clone(), event.clone(), call.clone());
+        async move { bus.publish_durable(&event, &call).await }
+    }))
+    .await;
+    let secs = start.elapsed().as_secs_f64();
+    bus.close().await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(EventNumbers {
+        publish_p50_us: pct(0.5),
+        publish_p99_us: pct(0.99),
+        durable_events_per_s: ok as f64 / secs,
+        events: n,
+    })
+}
+
 fn report(
     series: &[Series],
     over: &Overshoot,
     memory: f64,
+    events: &EventNumbers,
     json_file: Option<&str>,
     body_bytes: usize,
 ) -> Result<(), String> {
@@ -735,12 +808,17 @@ fn report(
         over.actions, over.p50_us, over.p99_us, over.max_us, over.timed_out
     );
     println!("memory: {memory:.0} bytes per live call (20 state variables, 20-turn transcript; RSS delta)");
+    println!(
+        "events: publish p50 {:.1} µs, p99 {:.1} µs; durable throughput {:.0} events/s ({} events)",
+        events.publish_p50_us, events.publish_p99_us, events.durable_events_per_s, events.events
+    );
     if let Some(file) = json_file {
         let doc = json!({
             "scenarios": rows,
             "first_action_warm_vs_steady_p50": warm_ratio,
             "deadline": {"actions": over.actions, "budget_ms": 100, "overshoot_p50_us": over.p50_us, "overshoot_p99_us": over.p99_us, "overshoot_max_us": over.max_us, "timed_out": over.timed_out},
             "memory": {"bytes_per_call": memory},
+            "events": {"publish_p50_us": events.publish_p50_us, "publish_p99_us": events.publish_p99_us, "durable_events_per_s": events.durable_events_per_s, "events": events.events},
             "body_bytes": body_bytes,
             "machine": machine(),
         });

@@ -2,6 +2,7 @@
 
 pub(crate) mod bench;
 pub(crate) mod check;
+pub(crate) mod deliveries;
 pub(crate) mod exec;
 pub(crate) mod jsonpath;
 pub(crate) mod render;

@@ -247,7 +247,15 @@ fn render_refuses_a_line_break_from_the_model_in_a_header() {
 
 #[test]
 fn every_command_has_help_with_an_example() {
-    for cmd in ["check", "tools", "jsonpath", "render", "exec"] {
+    for cmd in [
+        "check",
+        "tools",
+        "jsonpath",
+        "render",
+        "exec",
+        "bench",
+        "deliveries",
+    ] {
         let o = midcall(&[cmd, "--help"]);
         assert_eq!(o.status.code(), Some(0));
         assert!(

@@ -506,3 +506,42 @@ async fn crash_safety_under_sigkill() {
     );
     let _ = Value::Null;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deliveries_command_lists_and_replays() {
+    let set = agent(&hook("warehouse", "http://127.0.0.1:9/h", &["error"]));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let bus = bus(&db, &set).deliver(false).build().unwrap();
+    bus.publish_durable(&Event::error("E1", "m"), &call_info())
+        .await
+        .unwrap();
+    bus.close().await;
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_midcall"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let db_s = db.to_str().unwrap();
+    let o = run(&["deliveries", "--db", db_s, "--json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(v["delivery"]["status"], "pending");
+    assert_eq!(v["delivery"]["event_type"], "event_error");
+    assert_eq!(v["delivery"]["endpoint"], "warehouse");
+    let o = run(&["deliveries", "--db", db_s, "--status", "pending"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("event_error"));
+    let o = run(&["deliveries", "replay", "--db", db_s, "--id", "1"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("0 deliveries"),
+        "a pending one is not replayed"
+    );
+    let o = run(&["deliveries", "--db", "/nonexistent/o.db"]);
+    assert_eq!(o.status.code(), Some(2));
+}
