@@ -101,8 +101,8 @@ pub(crate) fn run(a: DeliveriesArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:>6}  {:<24}  {:<32}  {:<18}  {:<9}  {:>8}  {}",
-        "id", "published", "event", "call", "status", "attempts", "last error"
+        "{:>6}  {:<24}  {:<32}  {:<18}  {:<9}  {:>8}  last error",
+        "id", "published", "event", "call", "status", "attempts"
     );
     for r in &rows {
         println!(
