@@ -22,7 +22,8 @@
 //!   whole exchange, the body cap.
 //! - [`cache`]: the response cache (extraction results, scoped, weighed in bytes, freshness on
 //!   tokio's clock) and request coalescing.
-//! - [`events`]: the event types webhooks subscribe to.
+//! - [`events`]: event webhooks: types and envelope, Standard Webhooks signing, the durable
+//!   SQLite outbox, delivery with retries and ordering, the delivery log and replay.
 //! - `cli` (binary only): one file per command.
 //!
 //! # Example
