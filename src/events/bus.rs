@@ -445,6 +445,12 @@ impl DeliveryLog {
             .map_err(|e| e.to_string())
     }
 
+    /// Deletes delivered deliveries finished before `before_ms` (with their attempts and
+    /// events), at most `batch` of them. The delivery task does this for the retention window.
+    pub fn purge_delivered(&mut self, before_ms: i64, batch: usize) -> Result<usize, String> {
+        outbox::purge(&mut self.conn, before_ms, batch as i64).map_err(|e| e.to_string())
+    }
+
     /// Makes every delivery of `status` published since `since_ms` due again.
     pub fn replay_since(&mut self, since_ms: i64, status: &str) -> Result<usize, String> {
         outbox::replay(

@@ -545,3 +545,43 @@ async fn the_deliveries_command_lists_and_replays() {
     let o = run(&["deliveries", "--db", "/nonexistent/o.db"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_events_are_purged_in_batches_and_nothing_else() {
+    let server = TestServer::http(|r, _| {
+        if r.json()["payload"]["code"] == "keep" {
+            Reply::Json(500, json!({}))
+        } else {
+            Reply::Json(200, json!({}))
+        }
+    })
+    .await;
+    let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(&dir.path().join("o.db"), &set).build().unwrap();
+    let call = call_info();
+    for i in 0..5 {
+        bus.publish(
+            &Event::error(&format!("E{i}"), "m"),
+            &midcall::CallInfo {
+                id: format!("c{i}"),
+                ..call.clone()
+            },
+        )
+        .unwrap();
+    }
+    bus.publish(&Event::error("keep", "m"), &call).unwrap();
+    let mut log = bus.log().unwrap();
+    wait_until("delivered", || {
+        log.deliveries(None, Some("delivered"), 10).unwrap().len() == 5
+    })
+    .await;
+    let later = midcall::events::time::now_ms() + 1;
+    assert_eq!(log.purge_delivered(later, 3).unwrap(), 3, "a batch at most");
+    assert_eq!(log.purge_delivered(later, 3).unwrap(), 2);
+    assert_eq!(log.purge_delivered(later, 3).unwrap(), 0);
+    let left = log.deliveries(None, None, 10).unwrap();
+    assert_eq!(left.len(), 1, "the undelivered one stays");
+    assert_ne!(left[0].status, "delivered");
+    bus.close().await;
+}
