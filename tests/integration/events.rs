@@ -585,3 +585,35 @@ async fn delivered_events_are_purged_in_batches_and_nothing_else() {
     assert_ne!(left[0].status, "delivered");
     bus.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_past_the_window_is_disabled() {
+    let server = TestServer::http(|_, _| Reply::Json(500, json!({}))).await;
+    let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus(&dir.path().join("o.db"), &set)
+        .retry_schedule(vec![Duration::from_millis(20); 5])
+        .disable_after(Duration::ZERO)
+        .build()
+        .unwrap();
+    let call = call_info();
+    bus.publish_durable(&Event::error("E1", "m"), &call)
+        .await
+        .unwrap();
+    let log = bus.log().unwrap();
+    wait_until("disabled", || {
+        log.deliveries(None, Some("failed"), 10).unwrap().len() == 1
+    })
+    .await;
+    let d = &log.deliveries(None, Some("failed"), 10).unwrap()[0];
+    assert_eq!(d.attempts, 2, "the second failure is past a zero window");
+    assert!(
+        d.last_error.as_deref().unwrap().contains("disable window"),
+        "{d:?}"
+    );
+    bus.publish_durable(&Event::error("E2", "m"), &call)
+        .await
+        .unwrap();
+    assert_eq!(log.deliveries(None, Some("skipped"), 10).unwrap().len(), 1);
+    bus.close().await;
+}
