@@ -412,3 +412,69 @@ async fn exec_repeat_on_a_cacheable_action_shows_a_miss_then_hits() {
     assert!(lines.iter().all(|l| l["deduplicated"] == false));
     assert_eq!(server.request_count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_measures_a_users_own_action() {
+    use crate::support::servers::{Reply, TestServer};
+    let server = TestServer::http(|_, _| Reply::ok(json!({"v": 1}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("agent.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"{}/x\"\nextract = {{ v = \"$.v\" }}\n",
+            server.origin()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("bench.json");
+    let (fs, os) = (
+        f.to_str().unwrap().to_string(),
+        out.to_str().unwrap().to_string(),
+    );
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_midcall"))
+            .args([
+                "bench",
+                "--actions",
+                &fs,
+                "--action",
+                "lookup",
+                "--concurrency",
+                "4",
+                "--requests",
+                "50",
+            ])
+            .args([
+                "--allow-http",
+                "--allow-network",
+                "127.0.0.0/8",
+                "--json",
+                &os,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("lookup"), "{}", stdout(&o));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let s = &v["scenarios"][0];
+    assert_eq!(
+        (
+            s["name"].as_str(),
+            s["concurrency"].as_u64(),
+            s["requests"].as_u64()
+        ),
+        (Some("lookup"), Some(4), Some(50))
+    );
+    for k in ["p50_us", "p90_us", "p99_us", "p999_us", "rps"] {
+        assert!(s[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+    assert_eq!(
+        v["outcomes"]["ok/bypass"], 50,
+        "every request was a real, distinct tool call"
+    );
+    assert_eq!(server.request_count(), 50);
+}
