@@ -177,10 +177,6 @@ impl Transport {
                     buf.extend_from_slice(&data);
                 }
             }
-            // Let the connection's own task see the end of the message and hand the connection
-            // back to the pool before the caller's next request looks for an idle one; without
-            // this a quick next request sometimes opens a second connection.
-            tokio::task::yield_now().await;
             Ok(Exchange {
                 status: parts.status,
                 headers: parts.headers,
