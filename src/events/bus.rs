@@ -313,6 +313,11 @@ impl EventBus {
         })
     }
 
+    fn sender(&self) -> Result<mpsc::Sender<Msg>, PublishError> {
+        let tx = self.inner.tx.lock().map_err(|_| PublishError::Closed)?;
+        tx.clone().ok_or(PublishError::Closed)
+    }
+
     /// Enqueues an event for every webhook subscribed to its type and returns at once; it is
     /// committed to the outbox within a few milliseconds. When the channel is full the event is
     /// refused with [`PublishError::Overloaded`] and counted, never dropped silently.
@@ -320,15 +325,7 @@ impl EventBus {
         let Some(e) = self.prepare(event, call) else {
             return Ok(());
         };
-        let tx = self
-            .inner
-            .tx
-            .lock()
-            .map_err(|_| PublishError::Closed)?
-            .clone();
-        let Some(tx) = tx else {
-            return Err(PublishError::Closed);
-        };
+        let tx = self.sender()?;
         match tx.try_send(Msg::Event(e, None)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -349,15 +346,7 @@ impl EventBus {
         let Some(e) = self.prepare(event, call) else {
             return Ok(());
         };
-        let tx = self
-            .inner
-            .tx
-            .lock()
-            .map_err(|_| PublishError::Closed)?
-            .clone();
-        let Some(tx) = tx else {
-            return Err(PublishError::Closed);
-        };
+        let tx = self.sender()?;
         let (done, wait) = oneshot::channel();
         tx.send(Msg::Event(e, Some(done)))
             .await
