@@ -68,17 +68,20 @@ struct Series {
 }
 
 impl Series {
+    /// Latency percentile in µs; `lat_ns` is sorted once before reporting.
     fn pct(&self, p: f64) -> f64 {
-        let mut v = self.lat_ns.clone();
-        v.sort_unstable();
-        if v.is_empty() {
-            return 0.0;
-        }
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v[i] as f64 / 1000.0
+        percentile(&self.lat_ns, p) / 1000.0
     }
     fn rps(&self) -> f64 {
         self.lat_ns.len() as f64 / self.busy.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The `p` percentile of sorted values (nearest rank), 0 for none.
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[((n - 1) as f64 * p).round() as usize] as f64,
     }
 }
 
@@ -449,6 +452,9 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
     let overshoot = deadline_precision(&hang, if a.quick { 200 } else { 1000 }).await?;
     progress.step("event publishing");
     let events = event_bench(if a.quick { 2000 } else { 20_000 }).await?;
+    for s in series.iter_mut() {
+        s.lat_ns.sort_unstable();
+    }
     report(
         &series,
         &overshoot,
@@ -591,7 +597,7 @@ async fn deadline_precision(hang: &ActionSpec, n: usize) -> Result<Overshoot, St
     .await;
     let mut over: Vec<u64> = results.iter().map(|(_, d)| d.as_micros() as u64).collect();
     over.sort_unstable();
-    let pct = |p: f64| over[((over.len() - 1) as f64 * p).round() as usize] as f64;
+    let pct = |p: f64| percentile(&over, p);
     Ok(Overshoot {
         actions: n,
         p50_us: pct(0.5),
@@ -620,11 +626,11 @@ fn memory_per_call(n: usize) -> f64 {
     for i in 0..n {
         let mut call = Call::new(call_info(i));
         for v in 0..20 {
-            let path = midcall::StatePath::parse(&format!("vars.v{v}"))
-                .unwrap_or_else(|_| unreachable_path());
-            let _ = call
-                .state
-                .set(&path, json!(format!("value number {v} for call {i}")));
+            if let Ok(path) = midcall::StatePath::parse(&format!("vars.v{v}")) {
+                let _ = call
+                    .state
+                    .set(&path, json!(format!("value number {v} for call {i}")));
+            }
         }
         let mut t = Transcript::default();
         for turn in 0..20 {
@@ -649,10 +655,6 @@ fn memory_per_call(n: usize) -> f64 {
     let per = after.saturating_sub(before) as f64 / n as f64;
     drop(calls);
     per
-}
-
-fn unreachable_path() -> midcall::StatePath {
-    midcall::StatePath::parse("vars.fallback").expect("a valid literal path")
 }
 
 fn machine() -> Value {
@@ -711,7 +713,7 @@ async fn event_bench(n: usize) -> Result<EventNumbers, String> {
     }
     bus.close().await;
     lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    let pct = |p: f64| percentile(&lat, p) / 1000.0;
     // durable: many publishers at once, each waiting for its commit.
     let db2 = dir.join("durable.db");
     let bus = EventBus::builder(&db2)
@@ -874,6 +876,8 @@ async fn user_action(a: &BenchArgs, file: &str) -> Result<ExitCode, String> {
         }
     })
     .await;
+    let mut lat = lat;
+    lat.sort_unstable();
     let s = Series {
         name: name.to_string(),
         concurrency: conc,

@@ -872,7 +872,8 @@ impl Runtime {
                     ),
                 ));
             };
-            if !rendered.redactor.is_empty() && rendered.redactor.redact(value) != *value {
+            // Marked sensitive so hyper never logs it; checked without building a redacted copy.
+            if rendered.redactor.appears_in(value) {
                 v.set_sensitive(true);
             }
             headers.append(n, v);

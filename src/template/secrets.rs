@@ -137,6 +137,11 @@ impl Redactor {
         self.forms.is_empty()
     }
 
+    /// True when any form of any secret occurs in `text`.
+    pub fn appears_in(&self, text: &str) -> bool {
+        self.forms.iter().any(|f| text.contains(f.as_str()))
+    }
+
     /// `text` with every form of every secret replaced by `***`.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();

@@ -504,7 +504,6 @@ async fn crash_safety_under_sigkill() {
         by_event.values().all(|ids| ids.len() == 1),
         "duplicates carry the same webhook-id"
     );
-    let _ = Value::Null;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
