@@ -290,6 +290,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
     let actions: Vec<Arc<ActionSpec>> = actions.into_iter().map(Arc::new).collect();
 
     let mut webhooks = Vec::new();
+    let mut labels: HashMap<String, usize> = HashMap::new();
     for (i, def) in file.webhooks.into_iter().enumerate() {
         let context = match &def.label {
             Some(l) => format!("webhook \"{l}\""),
@@ -301,6 +302,20 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
             prefix: Vec::new(),
             context: Some(context),
         };
+        // The label names the endpoint in the outbox and the delivery log.
+        if let Some(label) = &def.label {
+            if let Some(first) = labels.get(label) {
+                s.err(
+                    at!["label"],
+                    format!(
+                        "duplicate webhook label \"{label}\" (first used by webhook {})",
+                        first + 1
+                    ),
+                );
+            } else {
+                labels.insert(label.clone(), i);
+            }
+        }
         if let Some(w) = compile_webhook(&mut s, def) {
             webhooks.push(w);
         }

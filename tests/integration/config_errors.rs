@@ -337,3 +337,13 @@ fn json_config_errors_name_action_and_field() {
         "agent.json: action \"x\": url: unknown template root \"nope\" (expected call, state, args, secrets, transcript) (placeholder at character 23)"
     );
 }
+
+#[test]
+fn duplicate_webhook_labels_are_refused() {
+    let hook = "[[webhooks]]\nlabel = \"crm\"\nurl = \"https://hooks.example.com/x\"\nsubscriptions = [\"transcript\"]\n";
+    expect(
+        &format!("{hook}{hook}"),
+        "9:9",
+        "webhook \"crm\": label: duplicate webhook label \"crm\" (first used by webhook 1)",
+    );
+}
