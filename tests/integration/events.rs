@@ -82,6 +82,15 @@ fn hook(label: &str, url: &str, subs: &[&str]) -> String {
     )
 }
 
+/// One webhook "h" on `server`, subscribed to `error`: the outbox directory (keep it alive) and
+/// the bus builder.
+fn error_hook(server: &TestServer) -> (tempfile::TempDir, midcall::events::EventBusBuilder) {
+    let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
+    let dir = tempfile::tempdir().unwrap();
+    let builder = bus(&dir.path().join("o.db"), &set);
+    (dir, builder)
+}
+
 fn bus(db: &std::path::Path, set: &ActionSet) -> midcall::events::EventBusBuilder {
     EventBus::builder(db)
         .webhooks(set)
@@ -182,9 +191,8 @@ async fn retries_follow_the_schedule_and_are_re_signed() {
         }
     })
     .await;
-    let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
-    let dir = tempfile::tempdir().unwrap();
-    let bus = bus(&dir.path().join("o.db"), &set).build().unwrap();
+    let (_dir, bus) = error_hook(&server);
+    let bus = bus.build().unwrap();
     bus.publish_durable(&Event::error("E", "m"), &call_info())
         .await
         .unwrap();
@@ -228,9 +236,8 @@ async fn a_delivery_fails_after_the_last_retry_and_can_be_replayed() {
         }
     })
     .await;
-    let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
-    let dir = tempfile::tempdir().unwrap();
-    let bus = bus(&dir.path().join("o.db"), &set).build().unwrap();
+    let (_dir, bus) = error_hook(&server);
+    let bus = bus.build().unwrap();
     bus.publish_durable(&Event::error("E", "m"), &call_info())
         .await
         .unwrap();
@@ -268,9 +275,8 @@ async fn retry_after_on_429_and_503_is_honoured() {
             }
         })
         .await;
-        let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
-        let dir = tempfile::tempdir().unwrap();
-        let bus = bus(&dir.path().join("o.db"), &set).build().unwrap();
+        let (_dir, bus) = error_hook(&server);
+        let bus = bus.build().unwrap();
         bus.publish_durable(&Event::error("E", "m"), &call_info())
             .await
             .unwrap();
@@ -300,9 +306,8 @@ async fn gone_disables_the_endpoint_later_events_are_skipped_and_replayable() {
         }
     })
     .await;
-    let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
-    let dir = tempfile::tempdir().unwrap();
-    let bus = bus(&dir.path().join("o.db"), &set).build().unwrap();
+    let (_dir, bus) = error_hook(&server);
+    let bus = bus.build().unwrap();
     let call = call_info();
     bus.publish_durable(&Event::error("E1", "m"), &call)
         .await
@@ -352,9 +357,8 @@ async fn per_call_order_holds_while_the_first_event_is_retried() {
         Reply::Json(200, json!({}))
     })
     .await;
-    let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
-    let dir = tempfile::tempdir().unwrap();
-    let bus = bus(&dir.path().join("o.db"), &set).build().unwrap();
+    let (_dir, bus) = error_hook(&server);
+    let bus = bus.build().unwrap();
     let call = call_info();
     for code in ["first", "second", "third"] {
         bus.publish(&Event::error(code, "m"), &call).unwrap();
@@ -555,9 +559,8 @@ async fn delivered_events_are_purged_in_batches_and_nothing_else() {
         }
     })
     .await;
-    let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
-    let dir = tempfile::tempdir().unwrap();
-    let bus = bus(&dir.path().join("o.db"), &set).build().unwrap();
+    let (_dir, bus) = error_hook(&server);
+    let bus = bus.build().unwrap();
     let call = call_info();
     for i in 0..5 {
         bus.publish(
@@ -588,9 +591,8 @@ async fn delivered_events_are_purged_in_batches_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_past_the_window_is_disabled() {
     let server = TestServer::http(|_, _| Reply::Json(500, json!({}))).await;
-    let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
-    let dir = tempfile::tempdir().unwrap();
-    let bus = bus(&dir.path().join("o.db"), &set)
+    let (_dir, bus) = error_hook(&server);
+    let bus = bus
         .retry_schedule(vec![Duration::from_millis(20); 5])
         .disable_after(Duration::ZERO)
         .build()
