@@ -44,6 +44,12 @@ fn one_action(origin: &str, path: &str, rest: &str) -> ActionSet {
     load_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
+/// Runs action "a" once in a fresh call with no arguments and a long budget.
+async fn run_a(rt: &Runtime, set: &ActionSet) -> midcall::Outcome {
+    rt.execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
+        .await
+}
+
 fn call() -> Call {
     Call::new(call_info())
 }
@@ -206,9 +212,7 @@ async fn https_with_http1_only_server() {
         .add_root_certificate(server.ca_der.clone().unwrap())
         .build()
         .unwrap();
-    let out = rt
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&rt, &set).await;
     assert_eq!(out.status, Status::Ok, "{:?}", out.error);
     assert_eq!(server.last().version, http::Version::HTTP_11);
 }
@@ -222,9 +226,7 @@ async fn untrusted_certificate_is_a_tls_transport_error() {
         .add_root_certificate(server.ca_der.clone().unwrap())
         .build()
         .unwrap();
-    let out = rt
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&rt, &set).await;
     assert_eq!(out.status, Status::TransportError);
     let e = out.error.unwrap();
     assert!(e.is_tls(), "{e:?}");
@@ -366,9 +368,7 @@ async fn trickling_body_cannot_outlive_the_deadline() {
     );
     let rt = runtime();
     let start = Instant::now();
-    let out = rt
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&rt, &set).await;
     let took = start.elapsed();
     assert_eq!(out.status, Status::TimedOut);
     assert!(out
@@ -379,8 +379,7 @@ async fn trickling_body_cannot_outlive_the_deadline() {
     assert!(took < Duration::from_millis(300 + 150), "{took:?}");
     // The half-read connection was dropped, not returned to the pool: the next action opens a
     // new one.
-    rt.execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    run_a(&rt, &set).await;
     assert_eq!(server.accepted(), 2);
 }
 
@@ -405,9 +404,7 @@ async fn reset_and_refused_are_transport_errors() {
     .await;
     let set = one_action(&reset.origin(), "/x", "");
     let rt = runtime();
-    let out = rt
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&rt, &set).await;
     assert_eq!(out.status, Status::TransportError, "{:?}", out.error);
     assert_eq!(out.attempts, 1, "a fresh connection is not retried");
 
@@ -416,9 +413,7 @@ async fn reset_and_refused_are_transport_errors() {
         l.local_addr().unwrap().port()
     };
     let set = one_action(&format!("http://127.0.0.1:{port}"), "/x", "");
-    let out = rt
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&rt, &set).await;
     assert_eq!(out.status, Status::TransportError);
     let e = out.error.unwrap();
     assert!(e.is_connect(), "{e:?}");
@@ -510,9 +505,7 @@ async fn a_429_beyond_the_budget_is_rate_limited_at_once() {
     .await;
     let set = one_action(&server.origin(), "/x", "timeout_ms = 3000");
     let start = Instant::now();
-    let out = runtime()
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&runtime(), &set).await;
     assert_eq!(out.status, Status::RateLimited);
     assert_eq!(out.attempts, 1);
     assert!(
@@ -533,9 +526,7 @@ async fn redirects_are_not_followed() {
     })
     .await;
     let set = one_action(&server.origin(), "/x", "");
-    let out = runtime()
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&runtime(), &set).await;
     assert_eq!(out.status, Status::HttpError);
     assert_eq!(out.http_status, Some(302));
     assert!(out
@@ -592,10 +583,7 @@ async fn responses_that_cannot_be_used_are_invalid() {
             &format!("extract = {{ v = \"$.v\" }}\n{extra}"),
         );
         let rt = rt.clone();
-        async move {
-            rt.execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-                .await
-        }
+        async move { run_a(&rt, &set).await }
     };
     for (path, fragment) in [
         (
@@ -655,9 +643,7 @@ async fn a_streamed_body_is_capped_while_it_streams() {
         "/x",
         "max_response_bytes = 4096\nextract = { v = \"$[0]\" }",
     );
-    let out = runtime()
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&runtime(), &set).await;
     assert_eq!(out.status, Status::InvalidResponse);
     assert!(out
         .error
@@ -969,9 +955,7 @@ async fn llm_result_is_bounded() {
         "/x",
         "extract = { a = \"$.a\", b = \"$.b\" }",
     );
-    let out = runtime()
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&runtime(), &set).await;
     assert_eq!(out.status, Status::Ok);
     assert!(out.llm_result.to_string().len() <= 2048);
     assert_eq!(out.llm_result, json!({"b": "short", "truncated": true}));
@@ -982,9 +966,7 @@ async fn llm_result_is_bounded() {
 async fn outcome_json_has_the_documented_keys() {
     let server = TestServer::http(|_, _| Reply::ok(json!({"v": 1}))).await;
     let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");
-    let out = runtime()
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&runtime(), &set).await;
     let v = out.to_json();
     for k in [
         "status",
@@ -1023,9 +1005,7 @@ async fn a_warmed_connection_that_went_stale_is_retried_for_get() {
     let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");
     let rt = runtime();
     assert_eq!(rt.warm(&set, Duration::from_secs(1)).await.warmed.len(), 1);
-    let out = rt
-        .execute(set.action("a").unwrap(), &mut call(), json!({}), &long())
-        .await;
+    let out = run_a(&rt, &set).await;
     assert_eq!(out.status, Status::Ok, "{:?}", out.error);
     assert_eq!(out.attempts, 2);
     assert_eq!(server.accepted(), 2);
