@@ -183,41 +183,29 @@ fn tls_pair() -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
     ))
 }
 
+/// One benchmark action: no duplicate protection (every request is a distinct tool call).
+fn bench_action(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[actions]]\nname = \"{name}\"\ndescription = \"{name}\"\nurl = \"{url}\"\ntimeout_ms = 10000\ndedupe = false\n{extra}\n"
+    )
+}
+
+const EXTRACT_NAME: &str = "extract = { \"customer.name\" = \"$.data.customer.name\" }";
+const LOOKUP: &str = "/v1/customers?phone={{call.from_number}}";
+
 fn agent(http: &str, https: &str, hang: &str) -> Result<ActionSet, String> {
-    let text = format!(
-        r#"[agent]
-id = "bench"
-tenant = "bench"
-[[actions]]
-name = "miss"
-description = "uncached lookup"
-url = "{http}/v1/customers?phone={{{{call.from_number}}}}"
-timeout_ms = 10000
-dedupe = false
-extract = {{ "customer.name" = "$.data.customer.name" }}
-[[actions]]
-name = "hit"
-description = "cached lookup"
-url = "{http}/v1/customers?phone={{{{call.from_number}}}}&c=1"
-timeout_ms = 10000
-dedupe = false
-cache = {{ ttl_s = 3600, scope = "tenant" }}
-extract = {{ "customer.name" = "$.data.customer.name" }}
-[[actions]]
-name = "tls"
-description = "lookup over TLS"
-url = "{https}/v1/customers?phone={{{{call.from_number}}}}"
-timeout_ms = 10000
-dedupe = false
-extract = {{ "customer.name" = "$.data.customer.name" }}
-[[actions]]
-name = "hang"
-description = "never answers"
-url = "{hang}/hang"
-timeout_ms = 10000
-dedupe = false
-"#
-    );
+    let text = [
+        "[agent]\nid = \"bench\"\ntenant = \"bench\"\n".to_string(),
+        bench_action("miss", &format!("{http}{LOOKUP}"), EXTRACT_NAME),
+        bench_action(
+            "hit",
+            &format!("{http}{LOOKUP}&c=1"),
+            &format!("cache = {{ ttl_s = 3600, scope = \"tenant\" }}\n{EXTRACT_NAME}"),
+        ),
+        bench_action("tls", &format!("{https}{LOOKUP}"), EXTRACT_NAME),
+        bench_action("hang", &format!("{hang}/hang"), ""),
+    ]
+    .concat();
     ActionSet::from_str("bench.toml", &text, Syntax::Toml).map_err(|e| e.to_string())
 }
 
@@ -514,7 +502,12 @@ async fn first_action_series(
                 for _ in 0..conc {
                     host += 1;
                     let text = format!(
-                        "[agent]\nid = \"bench\"\ntenant = \"bench\"\n[[actions]]\nname = \"tls\"\ndescription = \"d\"\nurl = \"https://h{host}.bench.test:{port}/v1/customers?phone={{{{call.from_number}}}}\"\ntimeout_ms = 10000\nextract = {{ \"customer.name\" = \"$.data.customer.name\" }}\n"
+                        "[agent]\nid = \"bench\"\ntenant = \"bench\"\n{}",
+                        bench_action(
+                            "tls",
+                            &format!("https://h{host}.bench.test:{port}{LOOKUP}"),
+                            EXTRACT_NAME
+                        )
                     );
                     let Ok(set) = ActionSet::from_str("bench.toml", &text, Syntax::Toml) else {
                         continue;
