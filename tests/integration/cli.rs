@@ -17,6 +17,15 @@ fn midcall(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Writes `text` to a file called `name` in a new temporary directory (kept alive by the
+/// returned handle).
+fn temp_file(name: &str, text: impl AsRef<[u8]>) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -57,13 +66,7 @@ fn check_accepts_the_examples_with_one_line_per_action() {
 
 #[test]
 fn check_exits_2_with_located_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("front-desk.toml");
-    std::fs::write(
-        &bad,
-        "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"x\"\ndescription = \"d\"\nurl = \"https://e.example.com/{{arg.v}}\"\n",
-    )
-    .unwrap();
+    let (_dir, bad) = temp_file("front-desk.toml", "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"x\"\ndescription = \"d\"\nurl = \"https://e.example.com/{{arg.v}}\"\n");
     let o = midcall(&["check", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
@@ -222,13 +225,7 @@ fn render_exits_2_with_a_clear_message() {
 
 #[test]
 fn render_refuses_a_line_break_from_the_model_in_a_header() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("a.toml");
-    std::fs::write(
-        &f,
-        "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"x\"\ndescription = \"d\"\nurl = \"https://e.example.com/\"\nheaders = { X-Note = \"{{args.note}}\" }\n",
-    )
-    .unwrap();
+    let (_dir, f) = temp_file("a.toml", "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"x\"\ndescription = \"d\"\nurl = \"https://e.example.com/\"\nheaders = { X-Note = \"{{args.note}}\" }\n");
     let o = midcall(&[
         "render",
         f.to_str().unwrap(),
@@ -270,16 +267,10 @@ async fn exec_runs_an_action_against_a_local_server() {
     use crate::support::servers::{Reply, TestServer};
     let server =
         TestServer::http(|_, _| Reply::ok(json!({"data": {"customer": {"name": "Ada"}}}))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("agent.toml");
-    std::fs::write(
-        &f,
-        format!(
+    let (_dir, f) = temp_file("agent.toml", format!(
             "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"{}/c?p={{{{call.from_number}}}}\"\nheaders = {{ Authorization = \"Bearer {{{{secrets.EXEC_TOKEN}}}}\" }}\nextract = {{ \"customer.name\" = \"$.data.customer.name\" }}\n",
             server.origin()
-        ),
-    )
-    .unwrap();
+        ));
     let path = f.to_str().unwrap().to_string();
     let run = move |extra: Vec<&'static str>| {
         let path = path.clone();
@@ -362,16 +353,10 @@ async fn exec_runs_an_action_against_a_local_server() {
 async fn exec_repeat_on_a_cacheable_action_shows_a_miss_then_hits() {
     use crate::support::servers::{Reply, TestServer};
     let server = TestServer::http(|_, _| Reply::ok(json!({"slots": ["9:00"]}))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("agent.toml");
-    std::fs::write(
-        &f,
-        format!(
+    let (_dir, f) = temp_file("agent.toml", format!(
             "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"check_slots\"\ndescription = \"d\"\nurl = \"{}/slots?date={{{{args.date}}}}\"\ncache = {{ ttl_s = 30, scope = \"tenant\" }}\nextract = {{ slots = \"$.slots\" }}\n",
             server.origin()
-        ),
-    )
-    .unwrap();
+        ));
     let path = f.to_str().unwrap().to_string();
     let o = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_midcall"))
@@ -417,16 +402,10 @@ async fn exec_repeat_on_a_cacheable_action_shows_a_miss_then_hits() {
 async fn bench_measures_a_users_own_action() {
     use crate::support::servers::{Reply, TestServer};
     let server = TestServer::http(|_, _| Reply::ok(json!({"v": 1}))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("agent.toml");
-    std::fs::write(
-        &f,
-        format!(
+    let (dir, f) = temp_file("agent.toml", format!(
             "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"{}/x\"\nextract = {{ v = \"$.v\" }}\n",
             server.origin()
-        ),
-    )
-    .unwrap();
+        ));
     let out = dir.path().join("bench.json");
     let (fs, os) = (
         f.to_str().unwrap().to_string(),
