@@ -347,3 +347,15 @@ fn duplicate_webhook_labels_are_refused() {
         "webhook \"crm\": label: duplicate webhook label \"crm\" (first used by webhook 1)",
     );
 }
+
+#[test]
+fn a_config_over_four_mib_is_refused_before_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.toml");
+    std::fs::write(&path, format!("{AGENT}# {}\n", "x".repeat(4 * 1024 * 1024))).unwrap();
+    let e = ActionSet::load(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("over the 4194304-byte limit for a config file"),
+        "{e}"
+    );
+}
