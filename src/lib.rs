@@ -52,6 +52,7 @@
 //! assert!(req.redacted_text().contains("Bearer ***"));
 //! ```
 
+pub mod automation;
 #[doc(hidden)]
 pub mod bench_data;
 pub mod cache;
@@ -65,6 +66,8 @@ pub mod state;
 pub mod template;
 pub mod transport;
 
+pub use automation::{Automations, CallEnd, InboundServer, RunLog, StartError};
+pub use events::{Event, EventBus, EventType};
 pub use exec::{Budget, Error, Outcome, Runtime, RuntimeBuilder, Status, ToolCall};
 pub use jsonpath::{ExtractError, Extractor, Query, QueryError};
 pub use spec::{

@@ -24,6 +24,8 @@ enum Command {
     Exec(cli::exec::ExecArgs),
     Bench(cli::bench::BenchArgs),
     Deliveries(cli::deliveries::DeliveriesArgs),
+    Serve(cli::serve::ServeArgs),
+    Runs(cli::runs::RunsArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,17 @@ fn main() -> ExitCode {
         Command::Exec(a) => cli::exec::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Deliveries(a) => cli::deliveries::run(a),
+        Command::Serve(a) => {
+            // The exporter is the binary's: the library only records metrics.
+            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok()
+                .map(|h| {
+                    std::sync::Arc::new(move || h.render()) as midcall::automation::MetricsRender
+                });
+            cli::serve::run(a, metrics)
+        }
+        Command::Runs(a) => cli::runs::run(a),
     };
     match result {
         Ok(code) => code,

@@ -6,6 +6,8 @@ pub(crate) mod deliveries;
 pub(crate) mod exec;
 pub(crate) mod jsonpath;
 pub(crate) mod render;
+pub(crate) mod runs;
+pub(crate) mod serve;
 pub(crate) mod tools;
 
 use std::io::Read;

@@ -15,9 +15,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::outbox::{self, Attempt, Claimed, NewEvent, Next};
 use super::{signing, time, Event};
-use crate::spec::{ActionSet, WebhookSpec};
-use crate::state::{CallInfo, ConversationState, Transcript};
-use crate::template::{EnvSecrets, Redactor, RenderContext, SecretSource};
+use crate::automation::{RunContext, TargetRef};
+use crate::spec::{ActionSet, AutomationSpec, Step, WebhookSpec};
+use crate::state::{CallInfo, Transcript};
+use crate::template::{EnvSecrets, Redactor, RenderContext, SecretSource, Template, UrlTemplate};
 use crate::transport::{Deadline, EgressPolicy, Transport, TransportConfig, TransportError};
 
 /// Default retry schedule after a failed attempt: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
@@ -54,6 +55,7 @@ enum Msg {
 pub struct EventBusBuilder {
     db: PathBuf,
     webhooks: Vec<WebhookSpec>,
+    automations: Vec<AutomationSpec>,
     secrets: Arc<dyn SecretSource>,
     policy: EgressPolicy,
     extra_roots: Vec<Vec<u8>>,
@@ -78,9 +80,11 @@ impl std::fmt::Debug for EventBusBuilder {
 }
 
 impl EventBusBuilder {
-    /// The agent's `[[webhooks]]`. Default none.
+    /// The agent's `[[webhooks]]`, and its automations' `send_webhook` steps (whose deliveries
+    /// go through this outbox). Default none.
     pub fn webhooks(mut self, set: &ActionSet) -> Self {
         self.webhooks = set.webhooks().to_vec();
+        self.automations = set.automations().to_vec();
         self
     }
     /// Where signing secrets and URL secrets come from. Default [`EnvSecrets`].
@@ -97,6 +101,20 @@ impl EventBusBuilder {
     pub fn add_root_certificate(mut self, der: Vec<u8>) -> Self {
         self.extra_roots.push(der);
         self
+    }
+    /// Trusts every certificate in a PEM bundle as an extra root. Default none.
+    pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Result<Self, String> {
+        use rustls_pki_types::pem::PemObject;
+        let mut n = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
+            self.extra_roots.push(cert.to_vec());
+            n += 1;
+        }
+        if n == 0 {
+            return Err("no PEM certificate found".into());
+        }
+        Ok(self)
     }
     /// Delays before each retry. Default [`DEFAULT_RETRY_SCHEDULE`]; after the last, the
     /// delivery is failed.
@@ -212,6 +230,7 @@ impl EventBusBuilder {
             transport,
             secrets: self.secrets.clone(),
             webhooks: inner.webhooks.clone(),
+            automations: self.automations.clone(),
             schedule: self.schedule.clone(),
             jitter: self.jitter,
             attempt_timeout: self.attempt_timeout,
@@ -276,6 +295,7 @@ impl EventBus {
         EventBusBuilder {
             db: db.as_ref().to_path_buf(),
             webhooks: Vec::new(),
+            automations: Vec::new(),
             secrets: Arc::new(EnvSecrets),
             policy: EgressPolicy::new(),
             extra_roots: Vec::new(),
@@ -382,13 +402,18 @@ impl EventBus {
         }
     }
 
+    /// The outbox database's path.
+    pub fn db_path(&self) -> &Path {
+        &self.db
+    }
+
     /// The delivery log of this bus's outbox.
     pub fn log(&self) -> Result<DeliveryLog, String> {
         DeliveryLog::open(&self.db)
     }
 }
 
-fn event_id(now: i64) -> String {
+pub(crate) fn event_id(now: i64) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     format!("{now:x}{:x}{n:x}", std::process::id())
@@ -458,6 +483,7 @@ struct Worker {
     transport: Transport,
     secrets: Arc<dyn SecretSource>,
     webhooks: Vec<(String, WebhookSpec)>,
+    automations: Vec<AutomationSpec>,
     schedule: Vec<Duration>,
     jitter: f64,
     attempt_timeout: Duration,
@@ -522,20 +548,74 @@ impl Worker {
         }
     }
 
+    /// The run context of an automation delivery, read from the run log.
+    async fn run_context(&self, run: String) -> Option<RunContext> {
+        let bytes = self
+            .db(move |c| crate::automation::runlog::context(c, &run))
+            .await
+            .flatten()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     async fn deliver(&self, c: Claimed) -> (Claimed, Attempt, Next) {
-        let Some((_, hook)) = self.webhooks.iter().find(|(n, _)| *n == c.endpoint) else {
+        let failed = |c: Claimed, why: &str| {
             let a = Attempt {
                 at_ms: time::now_ms(),
                 duration_ms: 0,
                 status_code: None,
-                error: Some("no such webhook in the config".into()),
+                error: Some(why.to_string()),
                 response_prefix: Vec::new(),
             };
-            return (c, a, Next::Failed);
+            (c, a, Next::Failed)
         };
+        let empty = RunContext::default();
+        let (target, context) = match &c.target {
+            None => match self.webhooks.iter().find(|(n, _)| *n == c.endpoint) {
+                Some((_, hook)) => (
+                    Target {
+                        url: &hook.url,
+                        headers: &hook.headers,
+                        signing_secret: hook.signing_secret.as_ref(),
+                    },
+                    None,
+                ),
+                None => return failed(c, "no such webhook in the config"),
+            },
+            Some(t) => {
+                let Ok(t) = serde_json::from_str::<TargetRef>(t) else {
+                    return failed(c, "unreadable automation target");
+                };
+                let step = self
+                    .automations
+                    .iter()
+                    .find(|a| a.id == t.automation)
+                    .and_then(|a| a.steps.get(t.step));
+                let Some(Step::SendWebhook {
+                    url,
+                    headers,
+                    signing_secret,
+                    ..
+                }) = step
+                else {
+                    return failed(c, "the automation step is no longer in the config");
+                };
+                let Some(context) = self.run_context(t.run).await else {
+                    return failed(c, "the run is no longer in the run log");
+                };
+                (
+                    Target {
+                        url,
+                        headers,
+                        signing_secret: signing_secret.as_ref(),
+                    },
+                    Some(context),
+                )
+            }
+        };
+        let context = context.as_ref().unwrap_or(&empty);
         let at = time::now_ms();
         let started = tokio::time::Instant::now();
-        let result = self.attempt(hook, &c).await;
+        let result = self.attempt(&target, context, &c).await;
         let duration_ms = started.elapsed().as_millis() as i64;
         let (attempt, next) = match result {
             Ok((status, headers, body)) => {
@@ -613,27 +693,18 @@ impl Worker {
 
     async fn attempt(
         &self,
-        hook: &WebhookSpec,
+        hook: &Target<'_>,
+        context: &RunContext,
         c: &Claimed,
     ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), String> {
-        let info = CallInfo {
-            id: String::new(),
-            agent_id: String::new(),
-            tenant: String::new(),
-            from_number: String::new(),
-            to_number: String::new(),
-            is_outgoing: false,
-            started_at: String::new(),
-        };
-        let state = ConversationState::new();
         let transcript = Transcript::default();
         let ctx = RenderContext {
-            call: &info,
-            state: &state,
+            call: &context.call,
+            state: &context.state,
             args: &Value::Null,
             transcript: &transcript,
             secrets: &*self.secrets,
-            payload: None,
+            payload: Some(&context.payload),
         };
         let mut redactor = Redactor::default();
         let url = hook
@@ -646,7 +717,7 @@ impl Worker {
             .parse()
             .map_err(|_| "the rendered URL is not valid".to_string())?;
         let h = req.headers_mut();
-        for (name, t) in &hook.headers {
+        for (name, t) in hook.headers {
             let v = t
                 .render_header(&ctx, &mut redactor)
                 .map_err(|e| format!("header \"{name}\": {e}"))?;
@@ -673,7 +744,7 @@ impl Worker {
         };
         set(h, "webhook-id", &c.webhook_id);
         set(h, "webhook-timestamp", &ts.to_string());
-        if let Some(secret) = &hook.signing_secret {
+        if let Some(secret) = hook.signing_secret {
             let s = secret
                 .render_text(&ctx, &mut redactor)
                 .map_err(|e| format!("signing_secret: {e}"))?;
@@ -694,6 +765,13 @@ impl Worker {
             Err(TransportError::TooLarge { .. }) => Err("response too large".into()),
         }
     }
+}
+
+/// Where a delivery goes: a webhook's or an automation step's templates.
+struct Target<'a> {
+    url: &'a UrlTemplate,
+    headers: &'a [(String, Template)],
+    signing_secret: Option<&'a Template>,
 }
 
 /// A number in [0, 1) from a seed (splitmix64): enough to spread retries.

@@ -73,10 +73,11 @@ impl fmt::Display for EventType {
 }
 
 mod bus;
-mod outbox;
+pub(crate) mod outbox;
 pub mod signing;
 pub mod time;
 
+pub(crate) use bus::event_id;
 pub use bus::{DeliveryLog, EventBus, EventBusBuilder, PublishError, DEFAULT_RETRY_SCHEDULE};
 pub use outbox::{AttemptRecord, DeliveryRecord, OutboxError};
 

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     lease_ms INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
     done_ms INTEGER,
-    last_error TEXT
+    last_error TEXT,
+    target TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, due_ms);
 CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries(endpoint, call_id, status, event_seq);
@@ -52,6 +53,29 @@ CREATE TABLE IF NOT EXISTS attempts (
     response_prefix BLOB
 );
 CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts(delivery_id);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    automation TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    call_id TEXT,
+    status TEXT NOT NULL,
+    context BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created_ms);
+CREATE TABLE IF NOT EXISTS run_steps (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    idx INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    PRIMARY KEY (run_id, idx)
+);
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint TEXT PRIMARY KEY,
     disabled INTEGER NOT NULL DEFAULT 0,
@@ -68,6 +92,13 @@ pub(crate) fn open(path: &Path) -> Result<Connection, OutboxError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch(SCHEMA)?;
+    // Databases made before automations had no `target` column.
+    let has_target: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'target'")?
+        .exists([])?;
+    if !has_target {
+        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN target TEXT")?;
+    }
     Ok(conn)
 }
 
@@ -79,6 +110,28 @@ pub(crate) struct NewEvent {
     pub(crate) call_id: String,
     pub(crate) body: Vec<u8>,
     pub(crate) endpoints: Vec<String>,
+}
+
+/// Stores one event with one delivery to `endpoint` carrying `target`, inside `tx`. Returns
+/// the delivery's id. A disabled endpoint gets it as skipped.
+pub(crate) fn insert_targeted(
+    tx: &rusqlite::Transaction<'_>,
+    e: &NewEvent,
+    target: &str,
+    now: i64,
+) -> Result<i64, OutboxError> {
+    tx.execute(
+        "INSERT INTO events (event_id, type, call_id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![e.event_id, e.kind, e.call_id, e.body, now],
+    )?;
+    let seq = tx.last_insert_rowid();
+    let endpoint = e.endpoints.first().map(String::as_str).unwrap_or_default();
+    tx.execute(
+        "INSERT INTO deliveries (event_seq, endpoint, call_id, webhook_id, status, due_ms, created_ms, target)
+         VALUES (?1, ?2, ?3, ?4, CASE WHEN EXISTS (SELECT 1 FROM endpoints WHERE endpoint = ?2 AND disabled = 1) THEN 'skipped' ELSE 'pending' END, ?5, ?5, ?6)",
+        params![seq, endpoint, e.call_id, format!("msg_{}_0", e.event_id), now, target],
+    )?;
+    Ok(tx.last_insert_rowid())
 }
 
 /// Stores a batch in one transaction. Deliveries to disabled endpoints are stored as skipped.
@@ -118,6 +171,9 @@ pub(crate) struct Claimed {
     pub(crate) webhook_id: String,
     pub(crate) attempts: i64,
     pub(crate) body: Vec<u8>,
+    /// For an automation's `send_webhook` step: which run and step (JSON), so the URL,
+    /// headers and signing secret are rendered at delivery time and never stored.
+    pub(crate) target: Option<String>,
 }
 
 /// Leases up to `limit` due deliveries. A delivery waits while an earlier one for the same
@@ -132,7 +188,7 @@ pub(crate) fn claim(
     let tx = conn.transaction()?;
     let rows: Vec<Claimed> = {
         let mut st = tx.prepare_cached(
-            "SELECT d.id, d.endpoint, d.webhook_id, d.attempts, e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq
+            "SELECT d.id, d.endpoint, d.webhook_id, d.attempts, e.body, d.target FROM deliveries d JOIN events e ON e.seq = d.event_seq
              WHERE d.status = 'pending' AND d.due_ms <= ?1 AND d.lease_ms <= ?1
                AND (d.created_ms + ?2 <= ?1 OR NOT EXISTS (
                     SELECT 1 FROM deliveries p WHERE p.endpoint = d.endpoint AND p.call_id = d.call_id
@@ -146,6 +202,7 @@ pub(crate) fn claim(
                 webhook_id: r.get(2)?,
                 attempts: r.get(3)?,
                 body: r.get(4)?,
+                target: r.get(5)?,
             })
         })?;
         it.collect::<Result<_, _>>()?

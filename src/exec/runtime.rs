@@ -441,6 +441,11 @@ impl Runtime {
         self.inner.transport.connections_opened()
     }
 
+    /// Where this runtime's `{{secrets.NAME}}` come from.
+    pub(crate) fn secret_source(&self) -> Arc<dyn SecretSource> {
+        self.inner.secrets.clone()
+    }
+
     /// The egress policy in force.
     pub fn egress(&self) -> &EgressPolicy {
         self.inner.transport.policy()
@@ -707,6 +712,18 @@ impl Runtime {
         warm.warmed.sort();
         warm.warmed.dedup();
         StartReport { warm, prefetched }
+    }
+
+    /// The call ended: publishes `phone_call_ended` and `post_call_processing_completed` and
+    /// queues the call_completed automations whose agents include the call's agent; see
+    /// [`crate::Automations::complete_call`]. Returns the queued runs' ids.
+    pub async fn complete_call(
+        &self,
+        automations: &crate::Automations,
+        call: &Call,
+        end: &crate::CallEnd,
+    ) -> Result<Vec<String>, crate::StartError> {
+        automations.complete_call(call, end).await
     }
 
     /// The earlier outcome of an identical tool call, marked as such.

@@ -100,6 +100,27 @@ impl Scope<'_> {
         }
     }
 
+    /// A body that is stored (outbox, run log): secrets are refused with a message saying why.
+    fn stored_body(
+        &mut self,
+        path: Vec<Seg>,
+        value: &Value,
+        roots: &[Root],
+    ) -> Option<BodyTemplate> {
+        if BodyTemplate::compile(value, roots).is_err() {
+            let mut with_secrets = roots.to_vec();
+            with_secrets.push(Root::Secrets);
+            if BodyTemplate::compile(value, &with_secrets).is_ok() {
+                self.err(
+                    path,
+                    "secrets cannot go in an automation's body or args: they are stored in the outbox and shown in logs; put the secret in a header or signing_secret",
+                );
+                return None;
+            }
+        }
+        self.body(path, value, roots)
+    }
+
     fn headers(&mut self, defs: &raw::Pairs<String>, roots: &[Root]) -> Vec<(String, Template)> {
         let mut out: Vec<(String, Template)> = Vec::new();
         for (name, value) in &defs.0 {
@@ -321,6 +342,53 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         }
     }
 
+    let mut inbound = InboundConfig::default();
+    {
+        let mut s = Scope {
+            problems: &mut problems,
+            base: at!["inbound"],
+            prefix: Vec::new(),
+            context: Some("inbound".into()),
+        };
+        let def = &file.inbound;
+        inbound.auth = def
+            .auth
+            .as_ref()
+            .and_then(|a| compile_auth(&mut s, a, at!["auth"]));
+        if let Some(n) = def.max_body_bytes {
+            if n < 2 || n as u64 > MAX_INBOUND_BODY_BYTES as u64 {
+                s.err(
+                    at!["max_body_bytes"],
+                    format!("{n} is out of range (2 to {MAX_INBOUND_BODY_BYTES})"),
+                );
+            } else {
+                inbound.max_body_bytes = n as usize;
+            }
+        }
+        if let Some(r) = &def.rate_limit {
+            if !(r.per_second.is_finite() && r.per_second > 0.0 && r.per_second <= 1e6) {
+                s.err(
+                    at!["rate_limit", "per_second"],
+                    format!(
+                        "{} is out of range (above 0, at most 1000000)",
+                        r.per_second
+                    ),
+                );
+            } else {
+                inbound.rate_per_second = r.per_second;
+            }
+            if !(1..=1_000_000).contains(&r.burst) {
+                s.err(
+                    at!["rate_limit", "burst"],
+                    format!("{} is out of range (1 to 1000000)", r.burst),
+                );
+            } else {
+                inbound.burst = r.burst as u32;
+            }
+        }
+    }
+    let global_auth = inbound.auth.is_some();
+
     let mut automations = Vec::new();
     let mut automation_ids: HashMap<String, usize> = HashMap::new();
     for (i, def) in file.automations.into_iter().enumerate() {
@@ -342,7 +410,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         } else {
             automation_ids.insert(def.id.clone(), i);
         }
-        if let Some(a) = compile_automation(&mut s, def, &names) {
+        if let Some(a) = compile_automation(&mut s, def, &names, global_auth) {
             automations.push(a);
         }
     }
@@ -379,6 +447,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         webhooks,
         automations,
         egress,
+        inbound,
     })
 }
 
@@ -747,10 +816,47 @@ fn compile_webhook(s: &mut Scope<'_>, def: raw::WebhookDef) -> Option<WebhookSpe
     })
 }
 
+/// Inbound credentials: a bearer key from secrets and/or a signing secret.
+fn compile_auth(s: &mut Scope<'_>, a: &raw::AuthDef, path: Vec<Seg>) -> Option<InboundAuth> {
+    if a.bearer.is_none() && a.signing_secret.is_none() {
+        s.err(path, "give bearer, signing_secret or both");
+        return None;
+    }
+    let before = s.problems.len();
+    let sub = |last: &str| {
+        let mut p = path.clone();
+        p.push(Seg::from(last));
+        p
+    };
+    let bearer = a.bearer.as_deref().and_then(|b| {
+        let t = s.template(sub("bearer"), b, &[Root::Secrets])?;
+        if t.is_literal() {
+            s.err(
+                sub("bearer"),
+                "expected {{secrets.NAME}}: a literal key in a config file is a leaked key",
+            );
+            return None;
+        }
+        Some(t)
+    });
+    let signing_secret = a
+        .signing_secret
+        .as_deref()
+        .and_then(|t| s.secret_template(sub("signing_secret"), t));
+    if s.problems.len() != before {
+        return None;
+    }
+    Some(InboundAuth {
+        bearer,
+        signing_secret,
+    })
+}
+
 fn compile_automation(
     s: &mut Scope<'_>,
     def: raw::AutomationDef,
     names: &[String],
+    global_auth: bool,
 ) -> Option<AutomationSpec> {
     let before = s.problems.len();
     if !valid_name(&def.id) {
@@ -792,9 +898,14 @@ fn compile_automation(
             None
         }
     };
-    let roots: &[Root] = match trigger {
-        Some(Trigger::Webhook) => &[Root::Payload, Root::Secrets],
-        _ => &[Root::Call, Root::State, Root::Secrets, Root::Transcript],
+    // URL and headers are rendered again at each delivery attempt, so they may use secrets
+    // (never stored); bodies and arguments are stored in the outbox, so they may not.
+    let (roots, stored): (&[Root], &[Root]) = match trigger {
+        Some(Trigger::Webhook) => (&[Root::Payload, Root::Secrets], &[Root::Payload]),
+        _ => (
+            &[Root::Call, Root::State, Root::Payload, Root::Secrets],
+            &[Root::Call, Root::State, Root::Payload, Root::Transcript],
+        ),
     };
     let auth = def.auth.as_ref().and_then(|a| {
         if !matches!(trigger, Some(Trigger::Webhook)) {
@@ -804,30 +915,14 @@ fn compile_automation(
             );
             return None;
         }
-        if a.bearer.is_none() && a.signing_secret.is_none() {
-            s.err(at!["auth"], "give bearer, signing_secret or both");
-            return None;
-        }
-        let bearer = a.bearer.as_deref().and_then(|b| {
-            let t = s.template(at!["auth", "bearer"], b, &[Root::Secrets])?;
-            if t.is_literal() {
-                s.err(
-                    at!["auth", "bearer"],
-                    "expected {{secrets.NAME}}: a literal key in a config file is a leaked key",
-                );
-                return None;
-            }
-            Some(t)
-        });
-        let signing_secret = a
-            .signing_secret
-            .as_deref()
-            .and_then(|t| s.secret_template(at!["auth", "signing_secret"], t));
-        Some(InboundAuth {
-            bearer,
-            signing_secret,
-        })
+        compile_auth(s, a, at!["auth"])
     });
+    if matches!(trigger, Some(Trigger::Webhook)) && def.auth.is_none() && !global_auth {
+        s.err(
+            at!["auth"],
+            "a webhook automation needs credentials: give auth = { bearer = \"{{secrets.NAME}}\" } (and/or signing_secret) here or in [inbound]",
+        );
+    }
     if def.steps.is_empty() {
         s.err(at!["steps"], "an automation needs at least one step");
     }
@@ -850,7 +945,7 @@ fn compile_automation(
                 let body = w
                     .body
                     .as_ref()
-                    .and_then(|b| sub.body(at!["body"], b, roots));
+                    .and_then(|b| sub.stored_body(at!["body"], b, stored));
                 let signing_secret = w
                     .signing_secret
                     .as_deref()
@@ -875,7 +970,7 @@ fn compile_automation(
                 let args = match &r.args {
                     None => None,
                     Some(v @ Value::Object(_)) => {
-                        s.body(at!["steps", i, "run_action", "args"], v, roots)
+                        s.stored_body(at!["steps", i, "run_action", "args"], v, stored)
                     }
                     Some(_) => {
                         s.err(

@@ -310,6 +310,16 @@ pub enum Trigger {
     Webhook,
 }
 
+impl AgentScope {
+    /// Whether an agent is in scope.
+    pub fn includes(&self, agent_id: &str) -> bool {
+        match self {
+            AgentScope::All => true,
+            AgentScope::Only(ids) => ids.iter().any(|i| i == agent_id),
+        }
+    }
+}
+
 impl Trigger {
     /// The name as written in config.
     pub fn name(&self) -> &'static str {
@@ -376,6 +386,39 @@ pub struct EgressConfig {
     pub allow_networks: Vec<ipnet::IpNet>,
 }
 
+/// Default limit on an inbound webhook body: 256 KiB.
+pub const DEFAULT_INBOUND_MAX_BODY_BYTES: usize = 256 * 1024;
+/// Largest allowed `inbound.max_body_bytes`: 16 MiB.
+pub const MAX_INBOUND_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Default inbound rate: 10 requests per second per key, sustained.
+pub const DEFAULT_INBOUND_RATE_PER_SECOND: f64 = 10.0;
+/// Default inbound burst: 20 requests per key.
+pub const DEFAULT_INBOUND_BURST: u32 = 20;
+
+/// The inbound webhook endpoint's settings (`[inbound]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundConfig {
+    /// Credentials for every webhook automation without its own `auth`.
+    pub auth: Option<InboundAuth>,
+    /// The largest body accepted (default [`DEFAULT_INBOUND_MAX_BODY_BYTES`]).
+    pub max_body_bytes: usize,
+    /// Tokens a key regains per second (default [`DEFAULT_INBOUND_RATE_PER_SECOND`]).
+    pub rate_per_second: f64,
+    /// The most tokens a key holds (default [`DEFAULT_INBOUND_BURST`]).
+    pub burst: u32,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        InboundConfig {
+            auth: None,
+            max_body_bytes: DEFAULT_INBOUND_MAX_BODY_BYTES,
+            rate_per_second: DEFAULT_INBOUND_RATE_PER_SECOND,
+            burst: DEFAULT_INBOUND_BURST,
+        }
+    }
+}
+
 /// A loaded, compiled agent config: its actions, webhooks, automations and egress policy.
 #[derive(Debug, Clone)]
 pub struct ActionSet {
@@ -386,6 +429,7 @@ pub struct ActionSet {
     pub(crate) webhooks: Vec<WebhookSpec>,
     pub(crate) automations: Vec<AutomationSpec>,
     pub(crate) egress: EgressConfig,
+    pub(crate) inbound: InboundConfig,
 }
 
 impl ActionSet {
@@ -416,5 +460,13 @@ impl ActionSet {
     /// The egress policy settings.
     pub fn egress(&self) -> &EgressConfig {
         &self.egress
+    }
+    /// The inbound webhook endpoint's settings.
+    pub fn inbound(&self) -> &InboundConfig {
+        &self.inbound
+    }
+    /// An automation by id.
+    pub fn automation(&self, id: &str) -> Option<&AutomationSpec> {
+        self.automations.iter().find(|a| a.id == id)
     }
 }

@@ -19,6 +19,8 @@ pub(crate) struct AgentFile {
     pub(crate) automations: Vec<AutomationDef>,
     #[serde(default)]
     pub(crate) egress: EgressDef,
+    #[serde(default)]
+    pub(crate) inbound: InboundDef,
 }
 
 #[derive(Debug, Deserialize)]
@@ -295,4 +297,22 @@ pub(crate) struct EgressDef {
     pub(crate) allow_http: bool,
     #[serde(default)]
     pub(crate) allow_networks: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InboundDef {
+    #[serde(default)]
+    pub(crate) auth: Option<AuthDef>,
+    #[serde(default)]
+    pub(crate) max_body_bytes: Option<i64>,
+    #[serde(default)]
+    pub(crate) rate_limit: Option<RateLimitDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RateLimitDef {
+    pub(crate) per_second: f64,
+    pub(crate) burst: i64,
 }

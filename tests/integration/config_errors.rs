@@ -207,7 +207,48 @@ fn webhook_automation_cannot_read_call_state() {
     expect(
         "[[automations]]\nid = \"cb\"\ntrigger = { on = \"webhook\" }\nsteps = [ { send_webhook = { url = \"https://x.example.com/\", body = { id = \"{{call.id}}\" } } } ]\n",
         "7:76",
-        "automation \"cb\": steps[0].send_webhook.body.id: unknown template root \"call\" (expected payload, secrets)",
+        "automation \"cb\": steps[0].send_webhook.body.id: unknown template root \"call\" (expected payload)",
+    );
+}
+
+#[test]
+fn webhook_automation_needs_credentials_here_or_in_inbound() {
+    let body = "[[automations]]\nid = \"cb\"\ntrigger = { on = \"webhook\" }\nsteps = [ { send_webhook = { url = \"https://x.example.com/\" } } ]\n";
+    expect(
+        body,
+        "4:1",
+        "automation \"cb\": auth: a webhook automation needs credentials",
+    );
+    // Global credentials in [inbound] are enough.
+    let text = format!("{AGENT}{body}[inbound]\nauth = {{ bearer = \"{{{{secrets.KEY}}}}\" }}\n");
+    assert!(load_toml(&text).is_ok());
+}
+
+#[test]
+fn automation_body_may_not_hold_secrets() {
+    expect(
+        "[[automations]]\nid = \"sync\"\ntrigger = { on = \"call_completed\", agents = \"all\" }\nsteps = [ { send_webhook = { url = \"https://x.example.com/\", body = { key = \"{{secrets.K}}\" } } } ]\n",
+        "7:69",
+        "automation \"sync\": steps[0].send_webhook.body: secrets cannot go in an automation's body or args",
+    );
+}
+
+#[test]
+fn inbound_limits_are_checked() {
+    expect(
+        "[inbound]\nmax_body_bytes = 1\n",
+        "5:18",
+        "inbound: max_body_bytes: 1 is out of range",
+    );
+    expect(
+        "[inbound]\nrate_limit = { per_second = 0.0, burst = 5 }\n",
+        "5:29",
+        "inbound: rate_limit.per_second: 0 is out of range",
+    );
+    expect(
+        "[inbound]\nauth = { bearer = \"literal-key\" }\n",
+        "5:19",
+        "inbound: auth.bearer: expected {{secrets.NAME}}",
     );
 }
 

@@ -1,0 +1,546 @@
+//! The inbound webhook endpoint: `POST /v1/automations/{id}/webhook` starts a webhook
+//! automation; `GET /healthz`; `GET /metrics`.
+//!
+//! Checks, in order: the automation exists (404) and is started by webhooks (409); the key's
+//! rate (429); the bearer key when one is configured (401); `Content-Type` is JSON (415);
+//! `Content-Length` within the limit (413), then the body while it is read (413); the Standard
+//! Webhooks signature when a signing secret is configured (401: bad, stale or replayed); the
+//! body parses (400, with line and column) and fits the steps (400, naming step and field).
+//! Then the run is stored and the answer is 202 `{"run_id": ...}`. Bad input never gets a 500.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use super::{Automations, StartError};
+use crate::events::{signing, time};
+use crate::template::{Redactor, RenderContext, Template};
+
+/// How far a `webhook-timestamp` may be from the server's clock: 300 s either way.
+pub const SIGNATURE_TOLERANCE_S: i64 = 300;
+/// How long a `webhook-id` is remembered to refuse replays: 10 minutes (longer than the
+/// whole window a timestamp is accepted in).
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(600);
+/// The most `webhook-id`s remembered; the oldest go first beyond it (the rate limit bounds
+/// how fast they arrive).
+const REPLAY_CAPACITY: usize = 200_000;
+/// The longest a request may take to send its body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Renders the process's metrics in the Prometheus text format (the binary installs the
+/// exporter and passes its handle's `render`).
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The inbound HTTP server of one [`Automations`].
+#[derive(Clone)]
+pub struct InboundServer {
+    inner: Arc<Server>,
+}
+
+struct Server {
+    automations: Automations,
+    metrics: Option<MetricsRender>,
+    limiter: Mutex<RateLimiter>,
+    replays: Mutex<ReplayCache>,
+    /// Keys the constant-time comparison of bearer keys (both sides are MACed and the tags
+    /// compared by ring).
+    mac: ring::hmac::Key,
+    drain: Duration,
+}
+
+impl std::fmt::Debug for InboundServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundServer")
+            .field("automations", &self.inner.automations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InboundServer {
+    /// A server for `automations`, with the `[inbound]` settings of their config.
+    pub fn new(automations: Automations) -> InboundServer {
+        InboundServer::build(automations, None, Duration::from_secs(10))
+    }
+
+    /// Serves `GET /metrics` with `render` (otherwise it answers 404).
+    pub fn metrics(self, render: MetricsRender) -> InboundServer {
+        let s = &self.inner;
+        InboundServer::build(s.automations.clone(), Some(render), s.drain)
+    }
+
+    /// How long shutdown waits for requests in flight. Default 10 s.
+    pub fn drain_timeout(self, d: Duration) -> InboundServer {
+        let s = &self.inner;
+        InboundServer::build(s.automations.clone(), s.metrics.clone(), d)
+    }
+
+    fn build(automations: Automations, metrics: Option<MetricsRender>, drain: Duration) -> Self {
+        let inbound = automations.set().inbound().clone();
+        let mut seed = [0u8; 32];
+        let rng = ring::rand::SystemRandom::new();
+        let _ = ring::rand::SecureRandom::fill(&rng, &mut seed);
+        InboundServer {
+            inner: Arc::new(Server {
+                automations,
+                metrics,
+                limiter: Mutex::new(RateLimiter::new(inbound.rate_per_second, inbound.burst)),
+                replays: Mutex::new(ReplayCache::default()),
+                mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed),
+                drain,
+            }),
+        }
+    }
+
+    /// Accepts connections on `listener` until `shutdown` completes; then stops accepting,
+    /// lets requests in flight finish (up to the drain timeout) and returns. Runs already
+    /// queued stay queued: shut the [`Automations`] down after this.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbound accept");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let inner = self.inner.clone();
+            let ip = peer.ip();
+            let svc = hyper::service::service_fn(move |req| {
+                let inner = inner.clone();
+                async move { Ok::<_, Infallible>(handle(&inner, ip, req).await) }
+            });
+            let conn = http.serve_connection(TokioIo::new(stream), svc);
+            let watched = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = watched.await;
+            });
+        }
+        drop(listener);
+        tokio::select! {
+            _ = graceful.shutdown() => {}
+            _ = tokio::time::sleep(self.inner.drain) => {
+                tracing::warn!("inbound: requests still in flight after the drain timeout");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    reply(status, json!({ "error": message.into() }))
+}
+
+async fn handle(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let r = route(s, peer, req).await;
+    metrics::counter!("midcall_inbound_requests_total", "status" => r.status().as_str().to_string())
+        .increment(1);
+    r
+}
+
+async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&http::Method::GET, "/healthz") => return reply(StatusCode::OK, json!({"status": "ok"})),
+        (&http::Method::GET, "/metrics") => {
+            return match &s.metrics {
+                Some(render) => {
+                    let mut r = Response::new(Full::new(Bytes::from(render())));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    r
+                }
+                None => error(StatusCode::NOT_FOUND, "metrics are not enabled"),
+            }
+        }
+        _ => {}
+    }
+    let Some(id) = path
+        .strip_prefix("/v1/automations/")
+        .and_then(|p| p.strip_suffix("/webhook"))
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+    else {
+        return error(StatusCode::NOT_FOUND, format!("no route {path}"));
+    };
+    if req.method() != http::Method::POST {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use POST to start an automation",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+        return r;
+    }
+    let automation = match s.automations.webhook_automation(id) {
+        Ok(a) => a,
+        Err(e @ StartError::NotFound(_)) => return error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => return error(StatusCode::CONFLICT, e.to_string()),
+    };
+    let Some(auth) = automation
+        .auth
+        .as_ref()
+        .or(s.automations.set().inbound().auth.as_ref())
+    else {
+        // The config loader refuses webhook automations without credentials.
+        return error(StatusCode::UNAUTHORIZED, "no credentials are configured");
+    };
+    let headers = req.headers();
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+
+    // Rate: per key presented (a bearer key, or the signed automation), and per address for
+    // requests that fail authentication.
+    let ip_key = format!("ip:{peer}");
+    let key = match text("authorization").and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(token) => {
+            let d = ring::digest::digest(&ring::digest::SHA256, token.trim().as_bytes());
+            format!("bearer:{}", hex(&d.as_ref()[..8]))
+        }
+        None if headers.contains_key("webhook-signature") => format!("signed:{id}"),
+        None => ip_key.clone(),
+    };
+    {
+        let mut limiter = s.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let wait = limiter
+            .exhausted(&ip_key, now)
+            .or_else(|| limiter.take(&key, now).err());
+        if let Some(wait) = wait {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return r;
+        }
+    }
+    let unauthorized = |message: &str| {
+        let mut limiter = s.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = limiter.take(&ip_key, Instant::now());
+        let mut r = error(StatusCode::UNAUTHORIZED, message);
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        r
+    };
+
+    if let Some(bearer) = &auth.bearer {
+        let Some(expected) = secret(s, bearer) else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the inbound credentials are not available on this server",
+            );
+        };
+        let presented = text("authorization").and_then(|v| v.strip_prefix("Bearer "));
+        let Some(presented) = presented.map(str::trim) else {
+            return unauthorized("missing Authorization: Bearer <key>");
+        };
+        let tag = ring::hmac::sign(&s.mac, presented.as_bytes());
+        // Every configured key (several during a rotation) is compared, in constant time.
+        let ok = expected.split_whitespace().fold(false, |ok, k| {
+            ring::hmac::verify(&s.mac, k.as_bytes(), tag.as_ref()).is_ok() | ok
+        });
+        if !ok {
+            return unauthorized("invalid bearer key");
+        }
+    }
+
+    let content_type = text("content-type").unwrap_or_default();
+    if !is_json(content_type) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be JSON (Content-Type: application/json)",
+        );
+    }
+    let limit = s.automations.set().inbound().max_body_bytes;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = text("content-length") {
+        match len.parse::<u64>() {
+            Ok(n) if n > limit as u64 => return too_large(),
+            Ok(_) => {}
+            Err(_) => return error(StatusCode::BAD_REQUEST, "Content-Length is not a number"),
+        }
+    }
+    let (id_h, ts_h, sig_h) = (
+        text("webhook-id").map(str::to_string),
+        text("webhook-timestamp").map(str::to_string),
+        text("webhook-signature").map(str::to_string),
+    );
+    let body = match tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        Limited::new(req.into_body(), limit).collect(),
+    )
+    .await
+    {
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body took too long to arrive",
+            )
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "the body could not be read"),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+
+    if let Some(signing_secret) = &auth.signing_secret {
+        let Some(secrets) = secret(s, signing_secret) else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the inbound credentials are not available on this server",
+            );
+        };
+        let (Some(wid), Some(ts), Some(sig)) = (id_h, ts_h, sig_h) else {
+            return unauthorized(
+                "missing webhook-id, webhook-timestamp or webhook-signature (Standard Webhooks)",
+            );
+        };
+        let Ok(ts) = ts.trim().parse::<i64>() else {
+            return unauthorized("webhook-timestamp is not a number of seconds");
+        };
+        let now = time::now_ms() / 1000;
+        if (now - ts).abs() > SIGNATURE_TOLERANCE_S {
+            return unauthorized(&format!(
+                "webhook-timestamp is more than {SIGNATURE_TOLERANCE_S} s from the server's clock"
+            ));
+        }
+        let valid = secrets.split_whitespace().fold(false, |ok, secret| {
+            signing::verify(secret, &wid, ts, &body, &sig, now, SIGNATURE_TOLERANCE_S) | ok
+        });
+        if !valid {
+            return unauthorized("invalid webhook-signature");
+        }
+        let mut replays = s.replays.lock().unwrap_or_else(|e| e.into_inner());
+        if !replays.insert(&wid, Instant::now()) {
+            return unauthorized("this webhook-id was already used (replay refused)");
+        }
+    }
+
+    let payload: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "invalid JSON at line {} column {}: {}",
+                    e.line(),
+                    e.column(),
+                    strip_position(&e.to_string())
+                ),
+            )
+        }
+    };
+    match s.automations.start_webhook(id, payload).await {
+        Ok(run) => reply(StatusCode::ACCEPTED, json!({ "run_id": run })),
+        Err(e @ StartError::InvalidPayload(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ StartError::Storage(_)) => {
+            tracing::warn!(error = %e, "inbound: could not queue a run");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "could not queue the run; try again",
+            )
+        }
+        Err(e @ StartError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+/// serde_json's message without its " at line L column C" suffix.
+fn strip_position(m: &str) -> &str {
+    m.rfind(" at line ").map(|i| &m[..i]).unwrap_or(m)
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// A secret-only template's value, or `None` when the secret is missing.
+fn secret(s: &Server, t: &Template) -> Option<String> {
+    let secrets = s.automations.secret_source();
+    let empty = super::RunContext::default();
+    let ctx = RenderContext {
+        call: &empty.call,
+        state: &empty.state,
+        args: &Value::Null,
+        transcript: &empty.transcript,
+        secrets: &*secrets,
+        payload: None,
+    };
+    match t.render_text(&ctx, &mut Redactor::default()) {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ => {
+            tracing::warn!("inbound: a configured credential's secret is missing");
+            None
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Token buckets per key: `burst` tokens, refilled at `rate` per second.
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<String, (f64, Instant)>,
+}
+
+impl RateLimiter {
+    fn new(rate: f64, burst: u32) -> Self {
+        RateLimiter {
+            rate,
+            burst: burst as f64,
+            buckets: HashMap::new(),
+        }
+    }
+
+    fn level(&mut self, key: &str, now: Instant) -> f64 {
+        if self.buckets.len() > 100_000 {
+            // Forget buckets that are full again: they hold nothing to remember.
+            let (rate, burst) = (self.rate, self.burst);
+            self.buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = self
+            .buckets
+            .entry(key.to_string())
+            .or_insert((self.burst, now));
+        let level = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *tokens = level;
+        *at = now;
+        level
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
+        let level = self.level(key, now);
+        if level >= 1.0 {
+            if let Some((tokens, _)) = self.buckets.get_mut(key) {
+                *tokens = level - 1.0;
+            }
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - level) / self.rate))
+        }
+    }
+
+    /// How long until `key` has a token again, if it has none now.
+    fn exhausted(&mut self, key: &str, now: Instant) -> Option<Duration> {
+        let level = self.level(key, now);
+        (level < 1.0).then(|| Duration::from_secs_f64((1.0 - level) / self.rate))
+    }
+}
+
+/// The `webhook-id`s seen in the last [`REPLAY_WINDOW`].
+#[derive(Default)]
+struct ReplayCache {
+    seen: HashMap<String, Instant>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl ReplayCache {
+    /// Remembers `id`; false if it was already seen within the window.
+    fn insert(&mut self, id: &str, now: Instant) -> bool {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < REPLAY_WINDOW && self.order.len() < REPLAY_CAPACITY {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        if self.seen.contains_key(id) {
+            return false;
+        }
+        self.seen.insert(id.to_string(), now);
+        self.order.push_back((now, id.to_string()));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_refill_at_the_rate() {
+        let mut l = RateLimiter::new(2.0, 3);
+        let t0 = Instant::now();
+        assert!(l.take("k", t0).is_ok());
+        assert!(l.take("k", t0).is_ok());
+        assert!(l.take("k", t0).is_ok());
+        let wait = l.take("k", t0).unwrap_err();
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9, "{wait:?}");
+        assert!(l.take("other", t0).is_ok(), "keys are independent");
+        assert!(l.take("k", t0 + Duration::from_millis(500)).is_ok());
+    }
+
+    #[test]
+    fn replay_window_forgets_after_ten_minutes() {
+        let mut c = ReplayCache::default();
+        let t0 = Instant::now();
+        assert!(c.insert("msg_1", t0));
+        assert!(!c.insert("msg_1", t0 + Duration::from_secs(599)));
+        assert!(c.insert("msg_1", t0 + Duration::from_secs(601)));
+    }
+
+    #[test]
+    fn json_media_types() {
+        assert!(is_json("application/json"));
+        assert!(is_json("Application/JSON; charset=utf-8"));
+        assert!(is_json("application/cloudevents+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json(""));
+    }
+}

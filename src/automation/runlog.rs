@@ -1,0 +1,274 @@
+//! The run log: one row per automation run and one per finished step, in the outbox database.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::events::outbox::{self, OutboxError};
+
+/// A run as the log shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunRecord {
+    /// The run's id (`run_...`).
+    pub id: String,
+    /// The automation's id.
+    pub automation: String,
+    /// `call_completed` or `webhook`.
+    pub trigger: String,
+    /// The call, for call_completed runs.
+    pub call_id: Option<String>,
+    /// `queued`, `running`, `succeeded` or `failed`.
+    pub status: String,
+    /// When it was queued (ms since the epoch).
+    pub created_ms: i64,
+    /// When it finished, if it has.
+    pub finished_ms: Option<i64>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Its finished steps, in order.
+    pub steps: Vec<StepRecord>,
+}
+
+/// One finished step of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepRecord {
+    /// Its position in the automation (0-based).
+    pub index: i64,
+    /// `send_webhook` or `run_action`.
+    pub kind: String,
+    /// `ok` or `failed`.
+    pub status: String,
+    /// What it did (`queued as delivery 12`, `ok: HTTP 201, ...`) or why it failed.
+    pub detail: String,
+    /// How long it took.
+    pub duration_ms: i64,
+}
+
+/// A queued run.
+pub(crate) struct NewRun<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) automation: &'a str,
+    pub(crate) trigger: &'a str,
+    pub(crate) call_id: Option<&'a str>,
+    pub(crate) context: &'a [u8],
+}
+
+/// Stores queued runs in one transaction.
+pub(crate) fn insert(
+    conn: &mut Connection,
+    runs: &[NewRun<'_>],
+    now: i64,
+) -> Result<(), OutboxError> {
+    let tx = conn.transaction()?;
+    for r in runs {
+        tx.execute(
+            "INSERT INTO runs (id, automation, trigger, call_id, status, context, created_ms) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
+            params![r.id, r.automation, r.trigger, r.call_id, r.context, now],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// A run taken for execution.
+pub(crate) struct ClaimedRun {
+    pub(crate) id: String,
+    pub(crate) automation: String,
+    pub(crate) context: Vec<u8>,
+    /// Steps already finished (a resumed run starts after them).
+    pub(crate) done_steps: usize,
+}
+
+/// Marks up to `limit` queued runs running, oldest first, and returns them.
+pub(crate) fn claim(
+    conn: &mut Connection,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<ClaimedRun>, OutboxError> {
+    let tx = conn.transaction()?;
+    let rows: Vec<ClaimedRun> = {
+        let mut st = tx.prepare_cached(
+            "SELECT r.id, r.automation, r.context, (SELECT COUNT(*) FROM run_steps s WHERE s.run_id = r.id AND s.status = 'ok')
+             FROM runs r WHERE r.status = 'queued' ORDER BY r.created_ms, r.rowid LIMIT ?1",
+        )?;
+        let it = st.query_map(params![limit], |r| {
+            Ok(ClaimedRun {
+                id: r.get(0)?,
+                automation: r.get(1)?,
+                context: r.get(2)?,
+                done_steps: r.get::<_, i64>(3)? as usize,
+            })
+        })?;
+        it.collect::<Result<_, _>>()?
+    };
+    for r in &rows {
+        tx.execute(
+            "UPDATE runs SET status = 'running', started_ms = COALESCE(started_ms, ?2) WHERE id = ?1",
+            params![r.id, now],
+        )?;
+    }
+    tx.commit()?;
+    Ok(rows)
+}
+
+/// Runs left running by a stopped process are queued again (they resume after their last
+/// finished step). Returns how many.
+pub(crate) fn requeue_running(conn: &Connection) -> Result<usize, OutboxError> {
+    Ok(conn.execute(
+        "UPDATE runs SET status = 'queued' WHERE status = 'running'",
+        [],
+    )?)
+}
+
+/// Records a finished step; `delivery` (an outbox event and its delivery) is stored in the same
+/// transaction, so a step is never recorded without its delivery or the other way round.
+pub(crate) fn record_step(
+    conn: &mut Connection,
+    run: &str,
+    step: &StepRecord,
+    delivery: Option<(&outbox::NewEvent, &str)>,
+    now: i64,
+) -> Result<Option<i64>, OutboxError> {
+    let tx = conn.transaction()?;
+    let id = match delivery {
+        Some((event, target)) => Some(outbox::insert_targeted(&tx, event, target, now)?),
+        None => None,
+    };
+    let detail = match id {
+        Some(id) => format!("{} {id}", step.detail),
+        None => step.detail.clone(),
+    };
+    tx.execute(
+        "INSERT OR REPLACE INTO run_steps (run_id, idx, kind, status, detail, at_ms, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![run, step.index, step.kind, step.status, detail, now, step.duration_ms],
+    )?;
+    tx.commit()?;
+    Ok(id)
+}
+
+/// Marks a run finished: `succeeded`, or `failed` with why.
+pub(crate) fn finish(
+    conn: &Connection,
+    run: &str,
+    error: Option<&str>,
+    now: i64,
+) -> Result<(), OutboxError> {
+    conn.execute(
+        "UPDATE runs SET status = CASE WHEN ?2 IS NULL THEN 'succeeded' ELSE 'failed' END, error = ?2, finished_ms = ?3 WHERE id = ?1",
+        params![run, error, now],
+    )?;
+    Ok(())
+}
+
+/// A run's stored context (what its templates read).
+pub(crate) fn context(conn: &mut Connection, run: &str) -> Result<Option<Vec<u8>>, OutboxError> {
+    Ok(conn
+        .query_row(
+            "SELECT context FROM runs WHERE id = ?1",
+            params![run],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// How many runs are queued or running.
+pub(crate) fn unfinished(conn: &Connection) -> Result<i64, OutboxError> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM runs WHERE status IN ('queued', 'running')",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// Reads the run log of an outbox database.
+#[derive(Debug)]
+pub struct RunLog {
+    conn: Connection,
+}
+
+impl RunLog {
+    /// Opens an outbox database (it must exist).
+    pub fn open(db: impl AsRef<Path>) -> Result<RunLog, String> {
+        let path = db.as_ref();
+        if !path.exists() {
+            return Err(format!("{}: no such outbox database", path.display()));
+        }
+        Ok(RunLog {
+            conn: outbox::open(path).map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// Runs with their steps, newest first; optionally one automation's, optionally of one
+    /// status.
+    pub fn runs(
+        &self,
+        automation: Option<&str>,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, String> {
+        self.list(automation, status, limit)
+            .map_err(|e| e.to_string())
+    }
+
+    /// One run by id.
+    pub fn run(&self, id: &str) -> Result<Option<RunRecord>, String> {
+        let mut runs = self
+            .query(Some(id), None, None, 1)
+            .map_err(|e| e.to_string())?;
+        Ok(runs.pop())
+    }
+
+    fn list(
+        &self,
+        automation: Option<&str>,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, OutboxError> {
+        self.query(None, automation, status, limit)
+    }
+
+    fn query(
+        &self,
+        id: Option<&str>,
+        automation: Option<&str>,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, OutboxError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, automation, trigger, call_id, status, created_ms, finished_ms, error FROM runs
+             WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR automation = ?2) AND (?3 IS NULL OR status = ?3)
+             ORDER BY created_ms DESC, rowid DESC LIMIT ?4",
+        )?;
+        let rows = st.query_map(params![id, automation, status, limit as i64], |r| {
+            Ok(RunRecord {
+                id: r.get(0)?,
+                automation: r.get(1)?,
+                trigger: r.get(2)?,
+                call_id: r.get(3)?,
+                status: r.get(4)?,
+                created_ms: r.get(5)?,
+                finished_ms: r.get(6)?,
+                error: r.get(7)?,
+                steps: Vec::new(),
+            })
+        })?;
+        let mut runs: Vec<RunRecord> = rows.collect::<Result<_, _>>()?;
+        let mut steps = self.conn.prepare(
+            "SELECT idx, kind, status, detail, duration_ms FROM run_steps WHERE run_id = ?1 ORDER BY idx",
+        )?;
+        for run in &mut runs {
+            let it = steps.query_map(params![run.id], |r| {
+                Ok(StepRecord {
+                    index: r.get(0)?,
+                    kind: r.get(1)?,
+                    status: r.get(2)?,
+                    detail: r.get(3)?,
+                    duration_ms: r.get(4)?,
+                })
+            })?;
+            run.steps = it.collect::<Result<_, _>>()?;
+        }
+        Ok(runs)
+    }
+}

@@ -1,0 +1,698 @@
+//! Queues automation runs durably and executes them on a worker task.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify, Semaphore};
+
+use super::runlog::{self, ClaimedRun, NewRun, RunLog, StepRecord};
+use super::{post_call_payload, RunContext, TargetRef};
+use crate::events::outbox::{self, NewEvent, OutboxError};
+use crate::events::{time, Event, EventBus};
+use crate::exec::{Budget, Runtime, ToolCall};
+use crate::spec::{ActionSet, AutomationSpec, Step, Trigger};
+use crate::state::{Call, CallInfo};
+use crate::template::{BodyTemplate, Redactor, RenderContext, SecretSource};
+
+/// How a call ended, for [`Automations::complete_call`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallEnd {
+    /// How long the call lasted.
+    pub duration: Duration,
+    /// Why it ended (`user_hangup`, `agent_hangup`, `transfer`, ...).
+    pub end_reason: String,
+    /// The call's outcome as the agent judged it (`appointment_booked`), if any.
+    pub outcome: Option<String>,
+}
+
+impl CallEnd {
+    /// A call that lasted `duration` and ended for `end_reason`, with no outcome.
+    pub fn new(duration: Duration, end_reason: impl Into<String>) -> CallEnd {
+        CallEnd {
+            duration,
+            end_reason: end_reason.into(),
+            outcome: None,
+        }
+    }
+
+    /// With an outcome.
+    pub fn outcome(mut self, outcome: impl Into<String>) -> CallEnd {
+        self.outcome = Some(outcome.into());
+        self
+    }
+}
+
+/// Why runs could not be started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// No automation has this id.
+    #[error("no automation \"{0}\"")]
+    NotFound(String),
+    /// The automation exists but is not started by webhooks.
+    #[error("automation \"{id}\" is triggered by {trigger} and cannot be started by a webhook")]
+    NotWebhook {
+        /// The automation.
+        id: String,
+        /// Its trigger's name.
+        trigger: &'static str,
+    },
+    /// The automation is disabled in the config.
+    #[error("automation \"{0}\" is disabled")]
+    Disabled(String),
+    /// The payload does not fit the automation's steps.
+    #[error("{0}")]
+    InvalidPayload(String),
+    /// The run could not be stored (or an event not published).
+    #[error("could not queue the run: {0}")]
+    Storage(String),
+}
+
+/// Builds [`Automations`]. Every setting has a default, given on its method.
+pub struct AutomationsBuilder {
+    set: Arc<ActionSet>,
+    runtime: Runtime,
+    bus: EventBus,
+    concurrency: usize,
+}
+
+impl std::fmt::Debug for AutomationsBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AutomationsBuilder")
+            .field("agent", &self.set.agent().id)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AutomationsBuilder {
+    /// Runs executed at the same time. Default 16.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.clamp(1, 1024);
+        self
+    }
+
+    /// Opens the run log in the bus's outbox database, queues again the runs a stopped
+    /// process left running, and starts the worker task (call inside a tokio runtime).
+    pub fn start(self) -> Result<Automations, String> {
+        let conn = outbox::open(self.bus.db_path()).map_err(|e| e.to_string())?;
+        let resumed = runlog::requeue_running(&conn).map_err(|e| e.to_string())?;
+        if resumed > 0 {
+            tracing::info!(resumed, "automation runs resumed");
+        }
+        let (stop, _) = watch::channel(Stop::Run);
+        let inner = Arc::new(Inner {
+            secrets: self.runtime.secret_source(),
+            set: self.set,
+            runtime: self.runtime,
+            bus: self.bus,
+            conn: Arc::new(Mutex::new(conn)),
+            notify: Notify::new(),
+            stop,
+            permits: Arc::new(Semaphore::new(self.concurrency)),
+            concurrency: self.concurrency as u32,
+            task: Mutex::new(None),
+        });
+        let task = tokio::spawn(work(inner.clone()));
+        if let Ok(mut t) = inner.task.lock() {
+            *t = Some(task);
+        }
+        Ok(Automations { inner })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Run,
+    /// Claim nothing new.
+    Drain,
+    /// Cancel runs still going (they resume on the next start).
+    Abort,
+}
+
+struct Inner {
+    set: Arc<ActionSet>,
+    runtime: Runtime,
+    bus: EventBus,
+    secrets: Arc<dyn SecretSource>,
+    conn: Arc<Mutex<Connection>>,
+    notify: Notify,
+    stop: watch::Sender<Stop>,
+    permits: Arc<Semaphore>,
+    concurrency: u32,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The automations of one agent config: queues runs durably and executes them. Cheap to clone.
+#[derive(Clone)]
+pub struct Automations {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Automations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Automations")
+            .field("agent", &self.inner.set.agent().id)
+            .field("automations", &self.inner.set.automations().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Automations {
+    /// A builder for the automations of `set`, executing `run_action` steps on `runtime` and
+    /// delivering `send_webhook` steps through `bus` (whose outbox also holds the run log).
+    /// Build `bus` with [`crate::EventBusBuilder::webhooks`] of the same `set`.
+    pub fn builder(set: Arc<ActionSet>, runtime: Runtime, bus: EventBus) -> AutomationsBuilder {
+        AutomationsBuilder {
+            set,
+            runtime,
+            bus,
+            concurrency: 16,
+        }
+    }
+
+    /// The config.
+    pub fn set(&self) -> &ActionSet {
+        &self.inner.set
+    }
+
+    pub(crate) fn secret_source(&self) -> Arc<dyn SecretSource> {
+        self.inner.secrets.clone()
+    }
+
+    /// The event bus.
+    pub fn bus(&self) -> &EventBus {
+        &self.inner.bus
+    }
+
+    /// The run log.
+    pub fn log(&self) -> Result<RunLog, String> {
+        RunLog::open(self.inner.bus.db_path())
+    }
+
+    async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, String> {
+        db(&self.inner.conn, f).await
+    }
+
+    /// The call ended: publishes `phone_call_ended` and `post_call_processing_completed` (the
+    /// post-call payload, see [`super::post_call_payload`]) durably, then queues every enabled
+    /// call_completed automation whose agents include the call's agent. Returns the queued
+    /// runs' ids. The runs read `call.*`, `state.*`, `transcript` and `payload.*` (the post-call
+    /// payload) as they were at this moment.
+    pub async fn complete_call(
+        &self,
+        call: &Call,
+        end: &CallEnd,
+    ) -> Result<Vec<String>, StartError> {
+        let payload = post_call_payload(&self.inner.set, call, end);
+        let bus = &self.inner.bus;
+        let ended = Event::phone_call_ended(
+            end.duration.as_millis() as f64 / 1000.0,
+            &end.end_reason,
+            &call.transcript,
+        );
+        bus.publish_durable(&ended, &call.info)
+            .await
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        bus.publish_durable(
+            &Event::post_call_processing_completed(payload.clone()),
+            &call.info,
+        )
+        .await
+        .map_err(|e| StartError::Storage(e.to_string()))?;
+        let matching: Vec<&AutomationSpec> = self
+            .inner
+            .set
+            .automations()
+            .iter()
+            .filter(|a| {
+                a.enabled
+                    && matches!(&a.trigger, Trigger::CallCompleted { agents } if agents.includes(&call.info.agent_id))
+            })
+            .collect();
+        if matching.is_empty() {
+            return Ok(Vec::new());
+        }
+        let context = RunContext {
+            call: call.info.clone(),
+            state: call.state.clone(),
+            transcript: call.transcript.clone(),
+            payload,
+        };
+        let bytes = serde_json::to_vec(&context).map_err(|e| StartError::Storage(e.to_string()))?;
+        let now = time::now_ms();
+        let ids: Vec<String> = matching.iter().map(|_| run_id(now)).collect();
+        let rows: Vec<(String, String)> = matching
+            .iter()
+            .zip(&ids)
+            .map(|(a, id)| (id.clone(), a.id.clone()))
+            .collect();
+        let call_id = call.info.id.clone();
+        self.db(move |c| {
+            let runs: Vec<NewRun<'_>> = rows
+                .iter()
+                .map(|(id, automation)| NewRun {
+                    id,
+                    automation,
+                    trigger: "call_completed",
+                    call_id: Some(&call_id),
+                    context: &bytes,
+                })
+                .collect();
+            runlog::insert(c, &runs, now)
+        })
+        .await
+        .map_err(StartError::Storage)?;
+        self.inner.notify.notify_one();
+        Ok(ids)
+    }
+
+    /// The automation `id` if a webhook may start it: [`StartError::NotFound`],
+    /// [`StartError::NotWebhook`] or [`StartError::Disabled`] otherwise.
+    pub fn webhook_automation(&self, id: &str) -> Result<&AutomationSpec, StartError> {
+        let a = self
+            .inner
+            .set
+            .automation(id)
+            .ok_or_else(|| StartError::NotFound(id.to_string()))?;
+        if !matches!(a.trigger, Trigger::Webhook) {
+            return Err(StartError::NotWebhook {
+                id: id.to_string(),
+                trigger: a.trigger.name(),
+            });
+        }
+        if !a.enabled {
+            return Err(StartError::Disabled(id.to_string()));
+        }
+        Ok(a)
+    }
+
+    /// Queues a run of the webhook automation `id` with `payload` (`payload.*` in its
+    /// templates) and returns its id once it is stored. The payload is checked against the
+    /// steps first: every body and args template must render, and `run_action` args must
+    /// satisfy the action's parameters, or [`StartError::InvalidPayload`] says which step and
+    /// field. Authentication is the caller's job (the inbound server does it).
+    pub async fn start_webhook(&self, id: &str, payload: Value) -> Result<String, StartError> {
+        let a = self.webhook_automation(id)?;
+        let now = time::now_ms();
+        let run = run_id(now);
+        let context = RunContext {
+            call: CallInfo {
+                id: run.clone(),
+                agent_id: self.inner.set.agent().id.clone(),
+                tenant: self.inner.set.agent().tenant.clone(),
+                from_number: String::new(),
+                to_number: String::new(),
+                is_outgoing: false,
+                started_at: time::rfc3339_ms(now),
+            },
+            payload,
+            ..RunContext::default()
+        };
+        self.check_payload(a, &context)?;
+        let bytes = serde_json::to_vec(&context).map_err(|e| StartError::Storage(e.to_string()))?;
+        let (run2, id2) = (run.clone(), a.id.clone());
+        self.db(move |c| {
+            runlog::insert(
+                c,
+                &[NewRun {
+                    id: &run2,
+                    automation: &id2,
+                    trigger: "webhook",
+                    call_id: None,
+                    context: &bytes,
+                }],
+                now,
+            )
+        })
+        .await
+        .map_err(StartError::Storage)?;
+        self.inner.notify.notify_one();
+        Ok(run)
+    }
+
+    fn check_payload(&self, a: &AutomationSpec, context: &RunContext) -> Result<(), StartError> {
+        for (i, step) in a.steps.iter().enumerate() {
+            match step {
+                Step::SendWebhook { body, .. } => {
+                    if let Some(body) = body {
+                        render_body(body, context, &*self.inner.secrets).map_err(|e| {
+                            StartError::InvalidPayload(format!("steps[{i}].send_webhook.body: {e}"))
+                        })?;
+                    }
+                }
+                Step::RunAction { action, args } => {
+                    let args = match args {
+                        Some(t) => render_body(t, context, &*self.inner.secrets).map_err(|e| {
+                            StartError::InvalidPayload(format!("steps[{i}].run_action.args: {e}"))
+                        })?,
+                        None => json!({}),
+                    };
+                    if let Some(schema) = self.inner.set.action(action).and_then(|s| s.parameters())
+                    {
+                        schema.validate(action, &args).map_err(|e| {
+                            StartError::InvalidPayload(format!("steps[{i}].run_action.args: {e}"))
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until no run is queued or running, at most `within`. True if idle.
+    pub async fn wait_idle(&self, within: Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            if self.db(|c| runlog::unfinished(c)).await.ok() == Some(0) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops claiming runs, lets runs in progress finish for up to `grace`, then cancels the
+    /// rest. Queued and cancelled runs stay in the outbox and resume on the next start;
+    /// deliveries already queued stay pending. Does not close the event bus.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.inner.stop.send(Stop::Drain);
+        let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+        let all = self.inner.permits.clone();
+        let drained = tokio::time::timeout(grace, all.acquire_many(self.inner.concurrency)).await;
+        if !matches!(drained, Ok(Ok(_))) {
+            let _ = self.inner.stop.send(Stop::Abort);
+            let _ = self
+                .inner
+                .permits
+                .acquire_many(self.inner.concurrency)
+                .await;
+        }
+    }
+}
+
+async fn db<T: Send + 'static>(
+    conn: &Arc<Mutex<Connection>>,
+    f: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+) -> Result<T, String> {
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut c)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+fn run_id(now: i64) -> String {
+    format!("run_{}", crate::events::event_id(now))
+}
+
+fn render_body(
+    body: &BodyTemplate,
+    context: &RunContext,
+    secrets: &dyn SecretSource,
+) -> Result<Value, String> {
+    let ctx = RenderContext {
+        call: &context.call,
+        state: &context.state,
+        args: &Value::Null,
+        transcript: &context.transcript,
+        secrets,
+        payload: Some(&context.payload),
+    };
+    let mut out = Vec::new();
+    body.render(&ctx, &mut Redactor::default(), &mut out)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&out).map_err(|e| e.to_string())
+}
+
+/// The worker: claims a queued run whenever a permit is free and runs it on its own task.
+async fn work(inner: Arc<Inner>) {
+    let mut stop = inner.stop.subscribe();
+    loop {
+        if *stop.borrow() != Stop::Run {
+            return;
+        }
+        let permit = tokio::select! {
+            p = inner.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => continue,
+        };
+        let claimed = db(&inner.conn, |c| runlog::claim(c, time::now_ms(), 1)).await;
+        let run = match claimed {
+            Ok(mut runs) if !runs.is_empty() => runs.remove(0),
+            Ok(_) => {
+                drop(permit);
+                tokio::select! {
+                    _ = inner.notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            Err(e) => {
+                drop(permit);
+                tracing::warn!(error = %e, "run log");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let inner2 = inner.clone();
+        let mut abort = inner.stop.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = execute(&inner2, run) => {}
+                _ = abort.wait_for(|s| *s == Stop::Abort) => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Runs one claimed run from its first unfinished step.
+async fn execute(inner: &Inner, run: ClaimedRun) {
+    let finish = |error: Option<String>| {
+        let id = run.id.clone();
+        async move {
+            let now = time::now_ms();
+            if let Some(e) = &error {
+                tracing::warn!(run = %id, error = %e, "automation run failed");
+                metrics::counter!("midcall_automation_runs_total", "status" => "failed")
+                    .increment(1);
+            } else {
+                metrics::counter!("midcall_automation_runs_total", "status" => "succeeded")
+                    .increment(1);
+            }
+            if let Err(e) = db(&inner.conn, move |c| {
+                runlog::finish(c, &id, error.as_deref(), now)
+            })
+            .await
+            {
+                tracing::warn!(error = %e, "run log");
+            }
+        }
+    };
+    let Some(a) = inner.set.automation(&run.automation) else {
+        return finish(Some(format!(
+            "automation \"{}\" is no longer in the config",
+            run.automation
+        )))
+        .await;
+    };
+    let Ok(mut context) = serde_json::from_slice::<RunContext>(&run.context) else {
+        return finish(Some("the run's stored context is unreadable".into())).await;
+    };
+    for (i, step) in a.steps.iter().enumerate().skip(run.done_steps) {
+        let started = tokio::time::Instant::now();
+        let (kind, result) = match step {
+            Step::SendWebhook {
+                url, headers, body, ..
+            } => (
+                "send_webhook",
+                send_step(inner, a, &run.id, i, url, headers, body.as_ref(), &context),
+            ),
+            Step::RunAction { action, args } => (
+                "run_action",
+                action_step(inner, &run.id, i, action, args.as_ref(), &mut context).await,
+            ),
+        };
+        let duration_ms = started.elapsed().as_millis() as i64;
+        let (status, detail, delivery, new_context) = match result {
+            Ok(StepDone::Queued(event, target)) => (
+                "ok",
+                "queued as delivery".to_string(),
+                Some((event, target)),
+                None,
+            ),
+            Ok(StepDone::Ran(detail)) => ("ok", detail, None, serde_json::to_vec(&context).ok()),
+            Err(e) => ("failed", e, None, None),
+        };
+        let record = StepRecord {
+            index: i as i64,
+            kind: kind.to_string(),
+            status: status.to_string(),
+            detail: detail.clone(),
+            duration_ms,
+        };
+        let id = run.id.clone();
+        let stored = db(&inner.conn, move |c| {
+            let d = delivery.as_ref().map(|(e, t)| (e, t.as_str()));
+            let r = runlog::record_step(c, &id, &record, d, time::now_ms())?;
+            if let Some(ctx) = new_context {
+                c.execute(
+                    "UPDATE runs SET context = ?2 WHERE id = ?1",
+                    rusqlite::params![id, ctx],
+                )?;
+            }
+            Ok(r)
+        })
+        .await;
+        match stored {
+            Ok(Some(_)) => inner.bus.wake(),
+            Ok(None) => {}
+            Err(e) => {
+                return finish(Some(format!(
+                    "step {} ({kind}): the run log failed: {e}",
+                    i + 1
+                )))
+                .await
+            }
+        }
+        if status == "failed" {
+            return finish(Some(format!("step {} ({kind}): {detail}", i + 1))).await;
+        }
+    }
+    finish(None).await
+}
+
+enum StepDone {
+    /// An outbox event and its target, to store with the step.
+    Queued(NewEvent, String),
+    /// An action ran; what it did.
+    Ran(String),
+}
+
+/// Renders the body (the run's payload when the step has none) and checks the URL and headers
+/// render now; the delivery renders them again, with secrets, at each attempt.
+#[allow(clippy::too_many_arguments)]
+fn send_step(
+    inner: &Inner,
+    a: &AutomationSpec,
+    run: &str,
+    index: usize,
+    url: &crate::template::UrlTemplate,
+    headers: &[(String, crate::template::Template)],
+    body: Option<&BodyTemplate>,
+    context: &RunContext,
+) -> Result<StepDone, String> {
+    let secrets = &*inner.secrets;
+    let ctx = RenderContext {
+        call: &context.call,
+        state: &context.state,
+        args: &Value::Null,
+        transcript: &context.transcript,
+        secrets,
+        payload: Some(&context.payload),
+    };
+    let mut redactor = Redactor::default();
+    url.render(&ctx, &mut redactor)
+        .map_err(|e| format!("url: {e}"))?;
+    for (name, t) in headers {
+        t.render_header(&ctx, &mut redactor)
+            .map_err(|e| format!("header \"{name}\": {e}"))?;
+    }
+    let body = match body {
+        Some(b) => {
+            let mut out = Vec::new();
+            b.render(&ctx, &mut redactor, &mut out)
+                .map_err(|e| format!("body: {e}"))?;
+            out
+        }
+        None => serde_json::to_vec(&context.payload).map_err(|e| e.to_string())?,
+    };
+    let now = time::now_ms();
+    let target = serde_json::to_string(&TargetRef {
+        run: run.to_string(),
+        automation: a.id.clone(),
+        step: index,
+    })
+    .map_err(|e| e.to_string())?;
+    let call_id = if context.call.id.is_empty() {
+        run.to_string()
+    } else {
+        context.call.id.clone()
+    };
+    Ok(StepDone::Queued(
+        NewEvent {
+            event_id: crate::events::event_id(now),
+            kind: format!("automation:{}", a.id),
+            call_id,
+            body,
+            endpoints: vec![step_endpoint(&a.id, index)],
+        },
+        target,
+    ))
+}
+
+/// The outbox endpoint name of an automation's send_webhook step.
+pub(crate) fn step_endpoint(automation: &str, index: usize) -> String {
+    format!("automation {automation} step {}", index + 1)
+}
+
+async fn action_step(
+    inner: &Inner,
+    run: &str,
+    index: usize,
+    action: &str,
+    args: Option<&BodyTemplate>,
+    context: &mut RunContext,
+) -> Result<StepDone, String> {
+    let spec = inner
+        .set
+        .action(action)
+        .ok_or_else(|| format!("no action \"{action}\""))?
+        .clone();
+    let args = match args {
+        Some(t) => render_body(t, context, &*inner.secrets).map_err(|e| format!("args: {e}"))?,
+        None => json!({}),
+    };
+    let mut call = Call::new(context.call.clone());
+    call.state = context.state.clone();
+    call.transcript = context.transcript.clone();
+    let budget = Budget::new(spec.timeout());
+    let outcome = inner
+        .runtime
+        .execute(
+            &spec,
+            &mut call,
+            ToolCall::new(format!("{run}:{index}"), args),
+            &budget,
+        )
+        .await;
+    context.state = call.state;
+    let http = outcome
+        .http_status
+        .map(|s| format!(", HTTP {s}"))
+        .unwrap_or_default();
+    if outcome.status.is_success() {
+        Ok(StepDone::Ran(format!(
+            "{action}: {}{http}, values {}",
+            outcome.status.as_str(),
+            crate::exec::values_json(&outcome.values)
+        )))
+    } else {
+        let why = outcome.error.map(|e| format!(": {e}")).unwrap_or_default();
+        Err(format!("{action}: {}{http}{why}", outcome.status.as_str()))
+    }
+}

@@ -1,0 +1,78 @@
+//! `midcall runs`: the automation run log.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use midcall::events::time;
+use midcall::RunLog;
+
+/// List automation runs from an outbox database (newest first), each with its steps: what
+/// each did, or why the run failed.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  midcall runs --db outbox.db\n  midcall runs --db outbox.db --automation crm-sync --status failed\n  midcall runs --db outbox.db --json"
+)]
+pub(crate) struct RunsArgs {
+    /// The outbox database.
+    #[arg(long)]
+    db: String,
+    /// Only this automation's runs.
+    #[arg(long)]
+    automation: Option<String>,
+    /// Only runs in this state.
+    #[arg(long, value_parser = ["queued", "running", "succeeded", "failed"])]
+    status: Option<String>,
+    /// At most this many runs.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// One JSON object per run (with its steps), one per line.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(a: RunsArgs) -> Result<ExitCode, String> {
+    let log = RunLog::open(&a.db)?;
+    let runs = log.runs(a.automation.as_deref(), a.status.as_deref(), a.limit)?;
+    if a.json {
+        for r in &runs {
+            println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<34}  {:<24}  {:<20}  {:<14}  {:<9}  detail",
+        "run", "queued", "automation", "trigger", "status"
+    );
+    for r in &runs {
+        let detail = r
+            .error
+            .clone()
+            .or_else(|| r.call_id.as_ref().map(|c| format!("call {c}")))
+            .unwrap_or_default();
+        println!(
+            "{:<34}  {:<24}  {:<20}  {:<14}  {:<9}  {}",
+            r.id,
+            time::rfc3339_ms(r.created_ms),
+            r.automation,
+            r.trigger,
+            r.status,
+            detail
+        );
+        for s in &r.steps {
+            println!(
+                "{:<34}    step {} {:<12} {:<6} {:>5} ms  {}",
+                "",
+                s.index + 1,
+                s.kind,
+                s.status,
+                s.duration_ms,
+                s.detail
+            );
+        }
+    }
+    if runs.is_empty() {
+        println!("(no runs)");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,128 @@
+//! `midcall serve`: the inbound webhook endpoint, the automation runner and event delivery.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use midcall::automation::MetricsRender;
+use midcall::{Automations, EventBus, InboundServer, Runtime};
+
+/// Serve an agent's automations: `POST /v1/automations/{id}/webhook` starts a webhook
+/// automation (202 with its run id), `GET /healthz`, `GET /metrics` (Prometheus). Runs and
+/// webhook deliveries are stored in the outbox database and survive restarts. SIGTERM or
+/// Ctrl-C: stop accepting, finish requests in flight, leave queued work in the outbox.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  MIDCALL_SECRET_INBOUND_KEY=k3y midcall serve examples/front-desk/agent.toml --listen 127.0.0.1:8080 --db outbox.db\n  curl -X POST http://127.0.0.1:8080/v1/automations/callback-request/webhook \\\n       -H 'Authorization: Bearer k3y' -H 'Content-Type: application/json' -d '{\"slot\": \"2025-11-04T15:00\"}'"
+)]
+pub(crate) struct ServeArgs {
+    /// The agent file.
+    file: String,
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// The outbox database (runs, deliveries); created if missing.
+    #[arg(long, default_value = "midcall-outbox.db")]
+    db: String,
+    /// How long shutdown waits for requests and runs in progress, in seconds.
+    #[arg(long, default_value_t = 10)]
+    grace_s: u64,
+    /// Allow plain http:// for actions and webhooks (extends the file's [egress]).
+    #[arg(long)]
+    allow_http: bool,
+    /// Exempt a network from the private-address block, e.g. 127.0.0.0/8 (repeatable).
+    #[arg(long = "allow-network", value_name = "CIDR")]
+    allow_network: Vec<String>,
+    /// Trust the certificates in this PEM file as extra roots (private CAs).
+    #[arg(long, value_name = "PEM")]
+    ca_cert: Option<String>,
+}
+
+pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCode, String> {
+    let set = Arc::new(super::load(&a.file)?);
+    let policy = super::egress_policy(&set, a.allow_http, &a.allow_network)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let mut runtime = Runtime::builder().egress(policy.clone());
+        let mut bus = EventBus::builder(&a.db).webhooks(&set).egress(policy);
+        if let Some(path) = &a.ca_cert {
+            let pem = std::fs::read(path).map_err(|e| format!("--ca-cert {path}: {e}"))?;
+            runtime = runtime
+                .add_root_certificates_pem(&pem)
+                .map_err(|e| format!("--ca-cert {path}: {e}"))?;
+            bus = bus
+                .add_root_certificates_pem(&pem)
+                .map_err(|e| format!("--ca-cert {path}: {e}"))?;
+        }
+        let runtime = runtime.build()?;
+        let bus = bus.build().map_err(|e| format!("--db {}: {e}", a.db))?;
+        let automations = Automations::builder(set.clone(), runtime, bus.clone()).start()?;
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .map_err(|e| format!("--listen {}: {e}", a.listen))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let grace = Duration::from_secs(a.grace_s);
+        let mut server = InboundServer::new(automations.clone()).drain_timeout(grace);
+        if let Some(m) = metrics {
+            server = server.metrics(m);
+        }
+        let webhook_ids: Vec<&str> = set
+            .automations()
+            .iter()
+            .filter(|x| x.trigger.name() == "webhook")
+            .map(|x| x.id.as_str())
+            .collect();
+        println!(
+            "midcall serve: agent \"{}\" on http://{local}",
+            set.agent().id
+        );
+        for id in &webhook_ids {
+            println!("  POST http://{local}/v1/automations/{id}/webhook");
+        }
+        println!("  GET  http://{local}/healthz");
+        println!("  GET  http://{local}/metrics");
+        println!("  outbox: {}", a.db);
+        server
+            .serve(listener, shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())?;
+        println!(
+            "midcall serve: stopping; runs in progress get {}s",
+            a.grace_s
+        );
+        automations.shutdown(grace).await;
+        bus.close().await;
+        println!("midcall serve: stopped; queued work stays in {}", a.db);
+        Ok::<_, String>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
