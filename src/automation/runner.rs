@@ -14,7 +14,7 @@ use crate::events::{time, Event, EventBus};
 use crate::exec::{Budget, Runtime, ToolCall};
 use crate::spec::{ActionSet, AutomationSpec, Step, Trigger};
 use crate::state::{Call, CallInfo};
-use crate::template::{BodyTemplate, Redactor, RenderContext, SecretSource};
+use crate::template::{BodyTemplate, Redactor, RenderContext, RenderErrorKind, SecretSource};
 
 /// How a call ended, for [`Automations::complete_call`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,18 +341,20 @@ impl Automations {
             match step {
                 Step::SendWebhook { body, .. } => {
                     if let Some(body) = body {
-                        render_body(body, context, &*self.inner.secrets).map_err(|e| {
+                        check_body(body, context, &*self.inner.secrets).map_err(|e| {
                             StartError::InvalidPayload(format!("steps[{i}].send_webhook.body: {e}"))
                         })?;
                     }
                 }
                 Step::RunAction { action, args } => {
                     let args = match args {
-                        Some(t) => render_body(t, context, &*self.inner.secrets).map_err(|e| {
+                        Some(t) => check_body(t, context, &*self.inner.secrets).map_err(|e| {
                             StartError::InvalidPayload(format!("steps[{i}].run_action.args: {e}"))
                         })?,
-                        None => json!({}),
+                        None => Some(json!({})),
                     };
+                    // Arguments that read state are checked when the step runs.
+                    let Some(args) = args else { continue };
                     if let Some(schema) = self.inner.set.action(action).and_then(|s| s.parameters())
                     {
                         schema.validate(action, &args).map_err(|e| {
@@ -424,6 +426,28 @@ fn render_body(
     context: &RunContext,
     secrets: &dyn SecretSource,
 ) -> Result<Value, String> {
+    render_body_kind(body, context, secrets).map_err(|e| e.to_string())
+}
+
+/// Checks a body against a payload before the run: only what the payload decides can fail
+/// (`state.*` is written by earlier steps of the run).
+fn check_body(
+    body: &BodyTemplate,
+    context: &RunContext,
+    secrets: &dyn SecretSource,
+) -> Result<Option<Value>, String> {
+    match render_body_kind(body, context, secrets) {
+        Ok(v) => Ok(Some(v)),
+        Err(RenderErrorKind::Missing { variable }) if variable.starts_with("state.") => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn render_body_kind(
+    body: &BodyTemplate,
+    context: &RunContext,
+    secrets: &dyn SecretSource,
+) -> Result<Value, RenderErrorKind> {
     let ctx = RenderContext {
         call: &context.call,
         state: &context.state,
@@ -433,9 +457,9 @@ fn render_body(
         payload: Some(&context.payload),
     };
     let mut out = Vec::new();
-    body.render(&ctx, &mut Redactor::default(), &mut out)
-        .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&out).map_err(|e| e.to_string())
+    body.render(&ctx, &mut Redactor::default(), &mut out)?;
+    // The renderer writes valid JSON; Null only if that ever broke.
+    Ok(serde_json::from_slice(&out).unwrap_or(Value::Null))
 }
 
 /// The worker: claims a queued run whenever a permit is free and runs it on its own task.

@@ -40,6 +40,14 @@ pub(crate) struct ServeArgs {
     ca_cert: Option<String>,
 }
 
+/// Prints a line; a closed stdout (a reader that went away) must not stop the server.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCode, String> {
     let set = Arc::new(super::load(&a.file)?);
     let policy = super::egress_policy(&set, a.allow_http, &a.allow_network)?;
@@ -77,27 +85,27 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             .filter(|x| x.trigger.name() == "webhook")
             .map(|x| x.id.as_str())
             .collect();
-        println!(
+        say!(
             "midcall serve: agent \"{}\" on http://{local}",
             set.agent().id
         );
         for id in &webhook_ids {
-            println!("  POST http://{local}/v1/automations/{id}/webhook");
+            say!("  POST http://{local}/v1/automations/{id}/webhook");
         }
-        println!("  GET  http://{local}/healthz");
-        println!("  GET  http://{local}/metrics");
-        println!("  outbox: {}", a.db);
+        say!("  GET  http://{local}/healthz");
+        say!("  GET  http://{local}/metrics");
+        say!("  outbox: {}", a.db);
         server
             .serve(listener, shutdown_signal())
             .await
             .map_err(|e| e.to_string())?;
-        println!(
+        say!(
             "midcall serve: stopping; runs in progress get {}s",
             a.grace_s
         );
         automations.shutdown(grace).await;
         bus.close().await;
-        println!("midcall serve: stopped; queued work stays in {}", a.db);
+        say!("midcall serve: stopped; queued work stays in {}", a.db);
         Ok::<_, String>(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -901,7 +901,11 @@ fn compile_automation(
     // URL and headers are rendered again at each delivery attempt, so they may use secrets
     // (never stored); bodies and arguments are stored in the outbox, so they may not.
     let (roots, stored): (&[Root], &[Root]) = match trigger {
-        Some(Trigger::Webhook) => (&[Root::Payload, Root::Secrets], &[Root::Payload]),
+        // A webhook run has no call; its state starts empty and run_action steps write it.
+        Some(Trigger::Webhook) => (
+            &[Root::State, Root::Payload, Root::Secrets],
+            &[Root::State, Root::Payload],
+        ),
         _ => (
             &[Root::Call, Root::State, Root::Payload, Root::Secrets],
             &[Root::Call, Root::State, Root::Payload, Root::Transcript],

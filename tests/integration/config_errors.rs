@@ -207,7 +207,7 @@ fn webhook_automation_cannot_read_call_state() {
     expect(
         "[[automations]]\nid = \"cb\"\ntrigger = { on = \"webhook\" }\nsteps = [ { send_webhook = { url = \"https://x.example.com/\", body = { id = \"{{call.id}}\" } } } ]\n",
         "7:76",
-        "automation \"cb\": steps[0].send_webhook.body.id: unknown template root \"call\" (expected payload)",
+        "automation \"cb\": steps[0].send_webhook.body.id: unknown template root \"call\" (expected state, payload)",
     );
 }
 
