@@ -172,3 +172,59 @@ pub fn egress_host(data: &[u8]) {
         }
     }
 }
+
+/// An inbound webhook's checks on arbitrary input. Lines: webhook-id, webhook-timestamp
+/// (seconds, or `now+N`/`now-N`), webhook-signature, Content-Type; the rest is the body.
+/// Never panics; a signature is accepted only if it is the true one; a payload error names a
+/// line and column.
+pub fn inbound_verify(data: &[u8]) {
+    use crate::automation::{check_signature, is_json, parse_payload};
+    use crate::events::signing;
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const NOW: i64 = 1_700_000_000;
+    let mut parts = data.splitn(5, |b| *b == b'\n');
+    let mut line = || parts.next().and_then(|l| std::str::from_utf8(l).ok());
+    let (id, ts, sig, ctype) = (line(), line(), line(), line());
+    let body = parts.next().unwrap_or_default();
+    let ts = ts.map(|t| match (t.strip_prefix("now+"), t.strip_prefix("now-")) {
+        (Some(n), _) => n
+            .parse::<i64>()
+            .map(|n| (NOW + n).to_string())
+            .unwrap_or_default(),
+        (_, Some(n)) => n
+            .parse::<i64>()
+            .map(|n| (NOW - n).to_string())
+            .unwrap_or_default(),
+        _ => t.to_string(),
+    });
+    // A signature line of "sign" is replaced by the true signature, to reach acceptance.
+    let true_sig = match (id, ts.as_deref().and_then(|t| t.trim().parse::<i64>().ok())) {
+        (Some(id), Some(t)) => signing::sign(SECRET, id, t, body).ok(),
+        _ => None,
+    };
+    let sig = match sig {
+        Some("sign") => true_sig.clone(),
+        other => other.map(str::to_string),
+    };
+    if let Ok(accepted) = check_signature(SECRET, id, ts.as_deref(), sig.as_deref(), body, NOW) {
+        assert_eq!(Some(accepted), id);
+        let t: i64 = ts
+            .as_deref()
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or_default();
+        assert!((NOW - t).abs() <= crate::automation::SIGNATURE_TOLERANCE_S);
+        let true_sig = true_sig.unwrap_or_default();
+        assert!(
+            sig.unwrap_or_default()
+                .split_whitespace()
+                .any(|e| e == true_sig),
+            "accepted a signature that is not the true one"
+        );
+    }
+    let _ = is_json(ctype.unwrap_or_default());
+    if let Err(e) = parse_payload(body) {
+        assert!(e.starts_with("invalid JSON at line "), "{e}");
+    }
+}

@@ -24,6 +24,8 @@
 //!   tokio's clock) and request coalescing.
 //! - [`events`]: event webhooks: types and envelope, Standard Webhooks signing, the durable
 //!   SQLite outbox, delivery with retries and ordering, the delivery log and replay.
+//! - [`automation`]: automations (call completed, inbound webhook), their durable run log
+//!   and worker, the post-call payload, and the inbound webhook server.
 //! - `cli` (binary only): one file per command.
 //!
 //! # Example

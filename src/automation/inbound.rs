@@ -332,45 +332,27 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
                 "the inbound credentials are not available on this server",
             );
         };
-        let (Some(wid), Some(ts), Some(sig)) = (id_h, ts_h, sig_h) else {
-            return unauthorized(
-                "missing webhook-id, webhook-timestamp or webhook-signature (Standard Webhooks)",
-            );
-        };
-        let Ok(ts) = ts.trim().parse::<i64>() else {
-            return unauthorized("webhook-timestamp is not a number of seconds");
-        };
         let now = time::now_ms() / 1000;
-        if (now - ts).abs() > SIGNATURE_TOLERANCE_S {
-            return unauthorized(&format!(
-                "webhook-timestamp is more than {SIGNATURE_TOLERANCE_S} s from the server's clock"
-            ));
-        }
-        let valid = secrets.split_whitespace().fold(false, |ok, secret| {
-            signing::verify(secret, &wid, ts, &body, &sig, now, SIGNATURE_TOLERANCE_S) | ok
-        });
-        if !valid {
-            return unauthorized("invalid webhook-signature");
-        }
+        let wid = match check_signature(
+            &secrets,
+            id_h.as_deref(),
+            ts_h.as_deref(),
+            sig_h.as_deref(),
+            &body,
+            now,
+        ) {
+            Ok(wid) => wid,
+            Err(why) => return unauthorized(&why),
+        };
         let mut replays = s.replays.lock().unwrap_or_else(|e| e.into_inner());
-        if !replays.insert(&wid, Instant::now()) {
+        if !replays.insert(wid, Instant::now()) {
             return unauthorized("this webhook-id was already used (replay refused)");
         }
     }
 
-    let payload: Value = match serde_json::from_slice(&body) {
+    let payload = match parse_payload(&body) {
         Ok(v) => v,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "invalid JSON at line {} column {}: {}",
-                    e.line(),
-                    e.column(),
-                    strip_position(&e.to_string())
-                ),
-            )
-        }
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     match s.automations.start_webhook(id, payload).await {
         Ok(run) => reply(StatusCode::ACCEPTED, json!({ "run_id": run })),
@@ -387,12 +369,62 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
     }
 }
 
+/// Checks Standard Webhooks headers against `secrets` (one or more `whsec_` secrets separated
+/// by spaces): all three headers present, the timestamp within [`SIGNATURE_TOLERANCE_S`] of
+/// `now`, and some `v1` entry a valid signature of `id.timestamp.body` for some secret
+/// (compared in constant time). Returns the webhook-id, to refuse its replay.
+pub fn check_signature<'a>(
+    secrets: &str,
+    id: Option<&'a str>,
+    timestamp: Option<&str>,
+    signature: Option<&str>,
+    body: &[u8],
+    now: i64,
+) -> Result<&'a str, String> {
+    let (Some(id), Some(ts), Some(sig)) = (id, timestamp, signature) else {
+        return Err(
+            "missing webhook-id, webhook-timestamp or webhook-signature (Standard Webhooks)".into(),
+        );
+    };
+    let Ok(ts) = ts.trim().parse::<i64>() else {
+        return Err("webhook-timestamp is not a number of seconds".into());
+    };
+    if now
+        .checked_sub(ts)
+        .is_none_or(|d| d.abs() > SIGNATURE_TOLERANCE_S)
+    {
+        return Err(format!(
+            "webhook-timestamp is more than {SIGNATURE_TOLERANCE_S} s from the server's clock"
+        ));
+    }
+    let valid = secrets.split_whitespace().fold(false, |ok, secret| {
+        signing::verify(secret, id, ts, body, sig, now, SIGNATURE_TOLERANCE_S) | ok
+    });
+    if !valid {
+        return Err("invalid webhook-signature".into());
+    }
+    Ok(id)
+}
+
+/// Parses an inbound body; the error names line and column.
+pub fn parse_payload(body: &[u8]) -> Result<Value, String> {
+    serde_json::from_slice(body).map_err(|e| {
+        format!(
+            "invalid JSON at line {} column {}: {}",
+            e.line(),
+            e.column(),
+            strip_position(&e.to_string())
+        )
+    })
+}
+
 /// serde_json's message without its " at line L column C" suffix.
 fn strip_position(m: &str) -> &str {
     m.rfind(" at line ").map(|i| &m[..i]).unwrap_or(m)
 }
 
-fn is_json(content_type: &str) -> bool {
+/// Whether a `Content-Type` is JSON (`application/json` or `application/*+json`).
+pub fn is_json(content_type: &str) -> bool {
     let essence = content_type
         .split(';')
         .next()

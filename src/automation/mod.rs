@@ -11,7 +11,10 @@ mod inbound;
 pub(crate) mod runlog;
 mod runner;
 
-pub use inbound::{InboundServer, MetricsRender, REPLAY_WINDOW, SIGNATURE_TOLERANCE_S};
+pub use inbound::{
+    check_signature, is_json, parse_payload, InboundServer, MetricsRender, REPLAY_WINDOW,
+    SIGNATURE_TOLERANCE_S,
+};
 pub use runlog::{RunLog, RunRecord, StepRecord};
 pub use runner::{Automations, AutomationsBuilder, CallEnd, StartError};
 

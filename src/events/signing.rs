@@ -59,7 +59,10 @@ pub fn verify(
     now: i64,
     tolerance_s: i64,
 ) -> bool {
-    if (now - timestamp).abs() > tolerance_s {
+    if now
+        .checked_sub(timestamp)
+        .is_none_or(|d| d.checked_abs().is_none_or(|d| d > tolerance_s))
+    {
         return false;
     }
     let Ok(key) = key(secret) else { return false };

@@ -110,3 +110,8 @@ fn retry_after_corpus() {
 fn egress_host_corpus() {
     replay("egress_host", midcall::fuzzing::egress_host);
 }
+
+#[test]
+fn inbound_verify_corpus() {
+    replay("inbound_verify", midcall::fuzzing::inbound_verify);
+}
