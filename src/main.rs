@@ -17,6 +17,7 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Simulate(cli::simulate::SimulateArgs),
     Check(cli::check::CheckArgs),
     Tools(cli::tools::ToolsArgs),
     Jsonpath(cli::jsonpath::JsonpathArgs),
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let result = match args.command {
+        Command::Simulate(a) => cli::simulate::run(a),
         Command::Check(a) => cli::check::run(a),
         Command::Tools(a) => cli::tools::run(a),
         Command::Jsonpath(a) => cli::jsonpath::run(a),

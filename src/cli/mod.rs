@@ -8,6 +8,7 @@ pub(crate) mod jsonpath;
 pub(crate) mod render;
 pub(crate) mod runs;
 pub(crate) mod serve;
+pub(crate) mod simulate;
 pub(crate) mod tools;
 
 use std::io::Read;

@@ -59,6 +59,7 @@ pub struct EventBusBuilder {
     secrets: Arc<dyn SecretSource>,
     policy: EgressPolicy,
     extra_roots: Vec<Vec<u8>>,
+    resolver: Arc<dyn crate::transport::Resolve>,
     schedule: Vec<Duration>,
     jitter: f64,
     attempt_timeout: Duration,
@@ -100,6 +101,12 @@ impl EventBusBuilder {
     /// Trusts an extra root certificate (DER). Default none.
     pub fn add_root_certificate(mut self, der: Vec<u8>) -> Self {
         self.extra_roots.push(der);
+        self
+    }
+    /// The resolver for webhook host names (the egress policy applies to what it returns).
+    /// Default: the system resolver.
+    pub fn resolver(mut self, r: Arc<dyn crate::transport::Resolve>) -> Self {
+        self.resolver = r;
         self
     }
     /// Trusts every certificate in a PEM bundle as an extra root. Default none.
@@ -203,7 +210,7 @@ impl EventBusBuilder {
         let mut transport = TransportConfig {
             policy: self.policy.clone(),
             extra_roots: Vec::new(),
-            resolver: Arc::new(crate::transport::SystemResolver),
+            resolver: self.resolver.clone(),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 8,
             http2: true,
@@ -299,6 +306,7 @@ impl EventBus {
             secrets: Arc::new(EnvSecrets),
             policy: EgressPolicy::new(),
             extra_roots: Vec::new(),
+            resolver: Arc::new(crate::transport::SystemResolver),
             schedule: DEFAULT_RETRY_SCHEDULE.to_vec(),
             jitter: 0.2,
             attempt_timeout: Duration::from_secs(15),

@@ -704,6 +704,11 @@ impl Runtime {
         let warm = self.warm_origins(&origins, within);
         let run = self.execute_all(&prefetch, call, &budget);
         let (mut warm, prefetched) = tokio::join!(warm, run);
+        // The model did not make these calls: its own later call of the same action goes
+        // through the cache (a hit), not duplicate protection.
+        for (a, t) in &prefetch {
+            call.recent.forget(dedupe_key(a.name(), &t.args));
+        }
         for ((a, _), o) in prefetch.iter().zip(&prefetched) {
             if o.http_status.is_some() || o.status.is_success() {
                 warm.warmed.push(a.url().origin().to_string());

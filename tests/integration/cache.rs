@@ -446,8 +446,10 @@ async fn prefetch_fills_state_and_primes_the_cache() {
             &long(),
         )
         .await;
-    // The model's own call is answered without a request: deduplicated or a cache hit.
-    assert!(o.status == Status::CacheHit || o.deduplicated, "{o:?}");
+    // The model's own call is answered from the cache the prefetch primed (it is not a
+    // duplicate: the model never made the prefetch).
+    assert_eq!(o.status, Status::CacheHit, "{o:?}");
+    assert!(!o.deduplicated);
     let o = rt
         .execute(
             set.action("lookup_customer").unwrap(),

@@ -16,5 +16,6 @@ mod fast_path;
 mod fuzz_corpus;
 mod hostile;
 mod observability;
+mod simulate;
 mod templates;
 mod tools;

@@ -1,0 +1,855 @@
+//! `midcall simulate`: plays a scripted call end to end against the bundled mock CRM.
+
+mod mock;
+mod script;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use midcall::events::{time, DeliveryLog, Event, EventBus};
+use midcall::exec::Budget;
+use midcall::{
+    ActionSet, Automations, Call, CallEnd, CallInfo, EgressPolicy, Outcome, Runtime, StatePath,
+    ToolCall, Turn,
+};
+
+use mock::{DemoSecrets, Mock, MockResolver};
+use script::{Expect, Script};
+
+/// The script `simulate` plays when none is given.
+const DEFAULT_SCRIPT: &str = "examples/front-desk/call.toml";
+
+/// Play a scripted phone call end to end: the bundled mock CRM starts on 127.0.0.1 (HTTPS,
+/// every host the agent calls routed to it), the call connects (warm-up, prefetch,
+/// phone_call_connected), the script's turns play (utterances, tool calls as the model emits
+/// them, a re-issued call after a barge-in), and the call completes (phone_call_ended,
+/// post-call results, call_completed automations). Prints a timeline and a summary; exit 1 if
+/// an expectation of the script or a webhook signature failed.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  midcall simulate\n  midcall simulate examples/outage-line/call.toml --json\n  midcall simulate --db outbox.db && midcall deliveries --db outbox.db"
+)]
+pub(crate) struct SimulateArgs {
+    /// The call script.
+    #[arg(default_value = DEFAULT_SCRIPT)]
+    script: String,
+    /// Keep the outbox (events, deliveries, runs) in this file instead of a temporary one.
+    #[arg(long)]
+    db: Option<String>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    script: String,
+    title: Option<String>,
+    agent: String,
+    agent_file: String,
+    call_id: String,
+    from_number: String,
+    mock_addr: String,
+    mock_hosts: Vec<String>,
+    timeline: Vec<Entry>,
+    deliveries: Vec<DeliveryReport>,
+    runs: Vec<RunReport>,
+    /// Every request the mock CRM answered (status 0: reset on purpose).
+    mock_requests: Vec<mock::Hit>,
+    /// Every webhook the mock received, with its signature check.
+    webhooks_received: Vec<mock::Received>,
+    summary: Summary,
+    problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Entry {
+    at_ms: u64,
+    kind: &'static str,
+    text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<ActionReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct ActionReport {
+    action: String,
+    tool_call_id: Option<String>,
+    args: Value,
+    status: String,
+    http_status: Option<u16>,
+    latency_ms: f64,
+    attempts: u32,
+    cache: String,
+    filler: Option<String>,
+    fallback: Option<String>,
+    deduplicated: bool,
+    values: Value,
+    state_changes: BTreeMap<String, Value>,
+    expectations_failed: Vec<String>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct DeliveryReport {
+    id: i64,
+    endpoint: String,
+    event: String,
+    status: String,
+    attempts: i64,
+    signature: String,
+    last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct RunReport {
+    id: String,
+    automation: String,
+    status: String,
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    actions: usize,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    cache_hits: usize,
+    deduplicated: usize,
+    fillers: usize,
+    fallbacks: usize,
+    expectations_passed: usize,
+    expectations_failed: usize,
+    deliveries: usize,
+    delivered: usize,
+    signatures_verified: usize,
+    signatures_invalid: usize,
+    runs_succeeded: usize,
+    runs_failed: usize,
+    duration_ms: u64,
+}
+
+pub(crate) fn run(a: SimulateArgs) -> Result<ExitCode, String> {
+    let path = PathBuf::from(&a.script);
+    if !path.exists() && a.script == DEFAULT_SCRIPT {
+        return Err(format!(
+            "{DEFAULT_SCRIPT} not found: run midcall simulate from the repository root, or give a script"
+        ));
+    }
+    let (script, set, agent_path) = script::load(&path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let progress = !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let report = rt.block_on(play(
+        &a.script,
+        &script,
+        Arc::new(set),
+        &agent_path,
+        a.db.as_deref(),
+        progress,
+    ))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Every host the agent sends to: actions, webhooks, automation steps.
+fn hosts(set: &ActionSet) -> Vec<String> {
+    let mut out: Vec<String> = set
+        .actions()
+        .iter()
+        .map(|a| a.url().host().to_string())
+        .collect();
+    out.extend(set.webhooks().iter().map(|w| w.url.host().to_string()));
+    for a in set.automations() {
+        for s in &a.steps {
+            if let midcall::spec::Step::SendWebhook { url, .. } = s {
+                out.push(url.host().to_string());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Leaf values of a state object by dotted path.
+fn flatten(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(v, &p, out);
+            }
+        }
+        _ if !prefix.is_empty() => {
+            out.insert(prefix.to_string(), v.clone());
+        }
+        _ => {}
+    }
+}
+
+fn state_changes(before: &Value, after: &Value) -> BTreeMap<String, Value> {
+    let (mut b, mut a) = (BTreeMap::new(), BTreeMap::new());
+    flatten(before, "", &mut b);
+    flatten(after, "", &mut a);
+    a.into_iter().filter(|(k, v)| b.get(k) != Some(v)).collect()
+}
+
+fn check(expect: Option<&Expect>, o: &Outcome, call: &Call) -> (usize, Vec<String>) {
+    let Some(e) = expect else {
+        return (0, Vec::new());
+    };
+    let mut checked = 0;
+    let mut failed = Vec::new();
+    let mut cmp = |what: &str, want: String, got: String| {
+        checked += 1;
+        if want != got {
+            failed.push(format!("{what}: expected {want}, got {got}"));
+        }
+    };
+    if let Some(s) = &e.status {
+        cmp("status", s.clone(), o.status.as_str().to_string());
+    }
+    if let Some(f) = e.filler {
+        cmp("filler", f.to_string(), o.filler_fired.to_string());
+    }
+    if let Some(f) = e.fallback {
+        cmp(
+            "fallback",
+            f.to_string(),
+            (!o.status.is_success()).to_string(),
+        );
+    }
+    if let Some(d) = e.deduplicated {
+        cmp("deduplicated", d.to_string(), o.deduplicated.to_string());
+    }
+    if let Some(c) = &e.cache {
+        cmp("cache", c.clone(), o.cache.as_str().to_string());
+    }
+    if let Some(n) = e.attempts {
+        cmp("attempts", n.to_string(), o.attempts.to_string());
+    }
+    for (path, want) in &e.state {
+        let got = StatePath::parse(path)
+            .ok()
+            .and_then(|p| call.state.get(&p).cloned())
+            .unwrap_or(Value::Null);
+        cmp(&format!("state.{path}"), want.to_string(), got.to_string());
+    }
+    (checked, failed)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+struct Timeline {
+    started: Instant,
+    entries: Vec<Entry>,
+    progress: bool,
+}
+
+impl Timeline {
+    fn push(&mut self, kind: &'static str, text: String, action: Option<ActionReport>) {
+        let at_ms = self.started.elapsed().as_millis() as u64;
+        self.push_at(at_ms, kind, text, action);
+    }
+
+    fn push_at(
+        &mut self,
+        at_ms: u64,
+        kind: &'static str,
+        text: String,
+        action: Option<ActionReport>,
+    ) {
+        if self.progress {
+            eprint!(
+                "\r\x1b[2K  {at_ms:>6} ms  {kind:<5} {}",
+                truncate(&text, 70)
+            );
+        }
+        self.entries.push(Entry {
+            at_ms,
+            kind,
+            text,
+            action,
+        });
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+fn action_report(
+    o: &Outcome,
+    tool_id: Option<String>,
+    args: Value,
+    changes: BTreeMap<String, Value>,
+    filler: Option<String>,
+    failed: Vec<String>,
+) -> ActionReport {
+    ActionReport {
+        action: o.action.clone(),
+        tool_call_id: tool_id,
+        args,
+        status: o.status.as_str().to_string(),
+        http_status: o.http_status,
+        latency_ms: ms(o.timings.total),
+        attempts: o.attempts,
+        cache: o.cache.as_str().to_string(),
+        filler,
+        fallback: if o.status.is_success() {
+            None
+        } else {
+            o.say.clone()
+        },
+        deduplicated: o.deduplicated,
+        values: midcall::exec::values_json(&o.values),
+        state_changes: changes,
+        expectations_failed: failed,
+        error: o.error.as_ref().map(|e| e.to_string()),
+    }
+}
+
+async fn play(
+    script_path: &str,
+    script: &Script,
+    set: Arc<ActionSet>,
+    agent_path: &Path,
+    db: Option<&str>,
+    progress: bool,
+) -> Result<Report, String> {
+    let secrets = Arc::new(DemoSecrets::default());
+    let mock = Mock::start(&hosts(&set), &script.mock, secrets.clone()).await?;
+    let resolver = Arc::new(MockResolver(mock.addr));
+    let policy = EgressPolicy::from_config(set.egress())
+        .allow_network("127.0.0.0/8".parse().map_err(|_| "loopback network")?);
+    let mut builder = Runtime::builder()
+        .egress(policy.clone())
+        .resolver(resolver.clone())
+        .secrets(secrets.clone())
+        .add_root_certificate(mock.cert_der.clone());
+    if let Some(n) = script.runtime.breaker_threshold {
+        builder = builder.breaker_threshold(n);
+    }
+    let runtime = builder.build()?;
+    let tmp = tempfile_dir()?;
+    let db_path = match db {
+        Some(p) => PathBuf::from(p),
+        None => tmp.join("outbox.db"),
+    };
+    let bus = EventBus::builder(&db_path)
+        .webhooks(&set)
+        .secrets(secrets.clone())
+        .egress(policy)
+        .resolver(resolver)
+        .add_root_certificate(mock.cert_der.clone())
+        .retry_schedule(vec![Duration::from_millis(200), Duration::from_millis(400)])
+        .jitter(0.0)
+        .attempt_timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|e| format!("{}: {e}", db_path.display()))?;
+    let automations = Automations::builder(set.clone(), runtime.clone(), bus.clone()).start()?;
+
+    let started_at = time::now_ms();
+    let info = CallInfo {
+        id: script
+            .call
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("call_sim_{started_at:x}")),
+        agent_id: set.agent().id.clone(),
+        tenant: set.agent().tenant.clone(),
+        from_number: script.call.from_number.clone(),
+        to_number: script
+            .call
+            .to_number
+            .clone()
+            .or_else(|| set.agent().phone_number.clone())
+            .unwrap_or_else(|| "+15550000000".into()),
+        is_outgoing: false,
+        started_at: time::rfc3339_ms(started_at),
+    };
+    let mut call = Call::new(info);
+    let mut tl = Timeline {
+        started: Instant::now(),
+        entries: Vec::new(),
+        progress,
+    };
+    let mut latencies = Vec::new();
+    let (mut passed, mut problems) = (0usize, Vec::new());
+
+    // The call connects.
+    let _ = bus.publish(&Event::phone_call_connected(), &call.info);
+    let before = call.state.to_value();
+    let start = runtime
+        .start_call(&set, &mut call, Duration::from_millis(1500))
+        .await;
+    let mut text = format!(
+        "call {} from {} connected; warmed {}",
+        call.info.id,
+        call.info.from_number,
+        if start.warm.warmed.is_empty() {
+            "no hosts".to_string()
+        } else {
+            start.warm.warmed.join(", ")
+        }
+    );
+    for (host, why) in &start.warm.failed {
+        text.push_str(&format!("; warm-up of {host} failed: {why}"));
+    }
+    tl.push("call", text, None);
+    for o in &start.prefetched {
+        latencies.push(ms(o.timings.total));
+        let changes = state_changes(&before, &call.state.to_value());
+        tl.push(
+            "fetch",
+            format!("prefetch {}", o.action),
+            Some(action_report(o, None, json!({}), changes, None, Vec::new())),
+        );
+        let _ = bus.publish(&Event::action(o), &call.info);
+    }
+
+    let budget_ms = script.runtime.turn_budget_ms.unwrap_or(2000);
+    let mut step = 0u64;
+    for (i, turn) in script.turns().into_iter().enumerate() {
+        match turn {
+            script::Turn::User { text, barge_in } => {
+                call.transcript
+                    .push(Turn::user(text, time::rfc3339_ms(time::now_ms())));
+                let kind = if barge_in { "barge" } else { "user" };
+                tl.push(kind, text.to_string(), None);
+            }
+            script::Turn::Ai(text) => {
+                call.transcript.push(Turn::ai(
+                    text,
+                    time::rfc3339_ms(time::now_ms()),
+                    Some(step),
+                    None,
+                ));
+                step += 1;
+                tl.push("ai", text.to_string(), None);
+            }
+            script::Turn::Pause(n) => {
+                tokio::time::sleep(Duration::from_millis(n)).await;
+            }
+            script::Turn::Tool {
+                name,
+                id,
+                args,
+                expect,
+            } => {
+                let Some(spec) = set.action(name).cloned() else {
+                    continue;
+                };
+                let before = call.state.to_value();
+                let called_at = tl.started.elapsed().as_millis() as u64;
+                let filler = Arc::new(Mutex::new(None::<(u64, String)>));
+                let f2 = filler.clone();
+                let t0 = tl.started;
+                let outcome = runtime
+                    .execute_with_filler(
+                        &spec,
+                        &mut call,
+                        ToolCall::new(id.clone(), args.clone()),
+                        &Budget::new(Duration::from_millis(budget_ms)),
+                        move |line| {
+                            if let Ok(mut f) = f2.lock() {
+                                *f = Some((t0.elapsed().as_millis() as u64, line.to_string()));
+                            }
+                        },
+                    )
+                    .await;
+                let _ = bus.publish(&Event::action(&outcome), &call.info);
+                let filler = filler.lock().ok().and_then(|f| f.clone());
+                if let Some((at, line)) = &filler {
+                    call.transcript.push(Turn::ai(
+                        line.clone(),
+                        time::rfc3339_ms(time::now_ms()),
+                        Some(step),
+                        Some("filler".into()),
+                    ));
+                    step += 1;
+                    tl.entries.push(Entry {
+                        at_ms: *at,
+                        kind: "ai",
+                        text: format!("(filler) {line}"),
+                        action: None,
+                    });
+                }
+                latencies.push(ms(outcome.timings.total));
+                let changes = state_changes(&before, &call.state.to_value());
+                let (n, failed) = check(expect, &outcome, &call);
+                passed += n - failed.len();
+                for f in &failed {
+                    problems.push(format!("turn {} ({name}): {f}", i + 1));
+                }
+                let text = format!("{name} {}", args);
+                let report = action_report(
+                    &outcome,
+                    Some(id),
+                    args.clone(),
+                    changes,
+                    filler.map(|f| f.1),
+                    failed,
+                );
+                let say = report.fallback.clone();
+                tl.push_at(called_at, "tool", text, Some(report));
+                if let Some(line) = say {
+                    call.transcript.push(Turn::ai(
+                        line.clone(),
+                        time::rfc3339_ms(time::now_ms()),
+                        Some(step),
+                        Some("fallback".into()),
+                    ));
+                    step += 1;
+                    tl.push("ai", format!("(fallback) {line}"), None);
+                }
+            }
+        }
+    }
+
+    // The call ends.
+    let duration = tl.started.elapsed();
+    let _ = bus.publish(&Event::transcript(&call.transcript), &call.info);
+    let mut end = CallEnd::new(duration, script.end.reason.clone());
+    if let Some(o) = &script.end.outcome {
+        end = end.outcome(o.clone());
+    }
+    let runs = runtime
+        .complete_call(&automations, &call, &end)
+        .await
+        .map_err(|e| e.to_string())?;
+    tl.push(
+        "call",
+        format!(
+            "ended ({}); phone_call_ended and post-call results published; {} automation run(s) queued",
+            script.end.reason,
+            runs.len()
+        ),
+        None,
+    );
+    automations.wait_idle(Duration::from_secs(5)).await;
+    bus.wake();
+    // Wait for the outbox to settle (failing deliveries exhaust their short demo schedule).
+    let log = DeliveryLog::open(&db_path)?;
+    let settle = Instant::now();
+    loop {
+        let pending = log.deliveries(Some(&call.info.id), Some("pending"), 1000)?;
+        let runs_pending = automations.log()?.runs(None, Some("queued"), 10)?.len();
+        if (pending.is_empty() && runs_pending == 0) || settle.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    automations.shutdown(Duration::from_secs(2)).await;
+    bus.close().await;
+    if progress {
+        eprint!("\r\x1b[2K");
+    }
+
+    let received = mock.received();
+    let mut deliveries = Vec::new();
+    let mut rows = log.deliveries(None, None, 1000)?;
+    rows.reverse();
+    for d in rows {
+        let signature = received
+            .iter()
+            .rev()
+            .find(|r| r.webhook_id.as_deref() == Some(d.webhook_id.as_str()))
+            .map(|r| r.signature.to_string())
+            .unwrap_or_else(|| "not received".into());
+        if signature == "invalid" {
+            problems.push(format!(
+                "delivery {} to \"{}\": the signature did not verify",
+                d.id, d.endpoint
+            ));
+        }
+        deliveries.push(DeliveryReport {
+            id: d.id,
+            endpoint: d.endpoint,
+            event: d.event_type,
+            status: d.status,
+            attempts: d.attempts,
+            signature,
+            last_error: d.last_error,
+        });
+    }
+    let run_log = midcall::RunLog::open(&db_path)?;
+    let mut run_reports: Vec<RunReport> = run_log
+        .runs(None, None, 1000)?
+        .into_iter()
+        .filter(|r| runs.contains(&r.id))
+        .map(|r| RunReport {
+            id: r.id,
+            automation: r.automation,
+            status: r.status,
+            error: r.error,
+        })
+        .collect();
+    run_reports.reverse();
+    let mock_addr = mock.addr;
+    let mock_requests = mock.hits();
+    drop(mock);
+
+    let actions: Vec<&ActionReport> = tl
+        .entries
+        .iter()
+        .filter_map(|e| e.action.as_ref())
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let summary = Summary {
+        actions: actions.len(),
+        latency_p50_ms: percentile(&latencies, 0.5),
+        latency_p99_ms: percentile(&latencies, 0.99),
+        cache_hits: actions
+            .iter()
+            .filter(|a| a.cache == "hit" || a.cache == "stale")
+            .count(),
+        deduplicated: actions.iter().filter(|a| a.deduplicated).count(),
+        fillers: actions.iter().filter(|a| a.filler.is_some()).count(),
+        fallbacks: actions.iter().filter(|a| a.fallback.is_some()).count(),
+        expectations_passed: passed,
+        expectations_failed: problems.len(),
+        deliveries: deliveries.len(),
+        delivered: deliveries
+            .iter()
+            .filter(|d| d.status == "delivered")
+            .count(),
+        signatures_verified: deliveries
+            .iter()
+            .filter(|d| d.signature == "verified")
+            .count(),
+        signatures_invalid: deliveries
+            .iter()
+            .filter(|d| d.signature == "invalid")
+            .count(),
+        runs_succeeded: run_reports
+            .iter()
+            .filter(|r| r.status == "succeeded")
+            .count(),
+        runs_failed: run_reports.iter().filter(|r| r.status == "failed").count(),
+        duration_ms: duration.as_millis() as u64,
+    };
+    let mut entries = tl.entries;
+    entries.sort_by_key(|e| e.at_ms);
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(Report {
+        script: script_path.to_string(),
+        title: script.title.clone(),
+        agent: set.agent().id.clone(),
+        agent_file: agent_path.display().to_string(),
+        call_id: call.info.id.clone(),
+        from_number: call.info.from_number.clone(),
+        mock_addr: mock_addr.to_string(),
+        mock_hosts: hosts(&set),
+        timeline: entries,
+        mock_requests,
+        webhooks_received: received,
+        deliveries,
+        runs: run_reports,
+        summary,
+        problems,
+    })
+}
+
+/// A private temporary directory for the default outbox.
+fn tempfile_dir() -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "midcall-simulate-{}-{:x}",
+        std::process::id(),
+        time::now_ms()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "midcall simulate: {}{}",
+        r.script,
+        r.title
+            .as_ref()
+            .map(|t| format!(" — {t}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "agent \"{}\" ({}); mock CRM on https://{} answering for {}",
+        r.agent,
+        r.agent_file,
+        r.mock_addr,
+        r.mock_hosts.join(", ")
+    );
+    println!();
+    println!("{:>7}  {:<5}  what", "t (ms)", "who");
+    for e in &r.timeline {
+        match &e.action {
+            None => {
+                let text = match e.kind {
+                    "user" | "barge" | "ai" => format!("\"{}\"", e.text),
+                    _ => e.text.clone(),
+                };
+                let who = if e.kind == "barge" { "user" } else { e.kind };
+                let mark = if e.kind == "barge" {
+                    "  [barge-in]"
+                } else {
+                    ""
+                };
+                println!("{:>7}  {:<5}  {text}{mark}", e.at_ms, who);
+            }
+            Some(a) => {
+                let mut marks = Vec::new();
+                let fetched = a.http_status.is_some() || a.status == "cache_hit";
+                if a.cache != "bypass" && fetched && !a.deduplicated {
+                    marks.push(format!("cache {}", a.cache));
+                }
+                if a.filler.is_some() {
+                    marks.push("filler".into());
+                }
+                if a.fallback.is_some() {
+                    marks.push("fallback".into());
+                }
+                if a.deduplicated {
+                    marks.push("deduplicated: nothing sent".into());
+                }
+                if a.attempts > 1 {
+                    marks.push(format!("{} attempts", a.attempts));
+                }
+                let http = a
+                    .http_status
+                    .map(|s| format!(" HTTP {s}"))
+                    .unwrap_or_default();
+                let args = if a.args == json!({}) {
+                    String::new()
+                } else {
+                    format!(" {}", a.args)
+                };
+                println!(
+                    "{:>7}  {:<5}  {}{args} → {}{http} in {:.1} ms{}",
+                    e.at_ms,
+                    e.kind,
+                    a.action,
+                    a.status,
+                    a.latency_ms,
+                    if marks.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  [{}]", marks.join(", "))
+                    }
+                );
+                if !a.state_changes.is_empty() {
+                    let changes: Vec<String> = a
+                        .state_changes
+                        .iter()
+                        .map(|(k, v)| format!("{k} = {}", truncate(&v.to_string(), 60)))
+                        .collect();
+                    println!("{:>7}  {:<5}    state: {}", "", "", changes.join(", "));
+                }
+                if let Some(err) = &a.error {
+                    println!("{:>7}  {:<5}    why: {}", "", "", truncate(err, 110));
+                }
+                for f in &a.expectations_failed {
+                    println!("{:>7}  {:<5}    EXPECTATION FAILED: {f}", "", "");
+                }
+            }
+        }
+    }
+    let s = &r.summary;
+    println!();
+    println!("Summary");
+    println!(
+        "  {:<22} {} ({:.1} s)",
+        "call",
+        r.call_id,
+        s.duration_ms as f64 / 1000.0
+    );
+    println!("  {:<22} {}", "actions", s.actions);
+    println!(
+        "  {:<22} p50 {:.1} ms, p99 {:.1} ms",
+        "action latency", s.latency_p50_ms, s.latency_p99_ms
+    );
+    println!("  {:<22} {}", "cache hits", s.cache_hits);
+    println!("  {:<22} {}", "deduplicated calls", s.deduplicated);
+    println!("  {:<22} {}", "fillers spoken", s.fillers);
+    println!("  {:<22} {}", "fallbacks spoken", s.fallbacks);
+    println!(
+        "  {:<22} {} passed, {} failed",
+        "expectations", s.expectations_passed, s.expectations_failed
+    );
+    println!(
+        "  {:<22} {} succeeded, {} failed",
+        "automation runs", s.runs_succeeded, s.runs_failed
+    );
+    println!();
+    println!(
+        "Webhook deliveries ({} delivered of {}, {} signatures verified)",
+        s.delivered, s.deliveries, s.signatures_verified
+    );
+    println!(
+        "  {:<44}  {:<40}  {:<9}  {:>8}  signature",
+        "endpoint", "event", "status", "attempts"
+    );
+    for d in &r.deliveries {
+        println!(
+            "  {:<44}  {:<40}  {:<9}  {:>8}  {}",
+            truncate(&d.endpoint, 44),
+            truncate(&d.event, 40),
+            d.status,
+            d.attempts,
+            d.signature
+        );
+    }
+    for run in &r.runs {
+        if let Some(e) = &run.error {
+            println!("  automation {} failed: {e}", run.automation);
+        }
+    }
+    println!();
+    if r.problems.is_empty() {
+        println!("All expectations met; every signed delivery verified.");
+    } else {
+        println!("Problems:");
+        for p in &r.problems {
+            println!("  {p}");
+        }
+    }
+}
