@@ -1,6 +1,7 @@
 //! A minimal agent loop that embeds midcall, as a voice agent runtime would: start the call
 //! (warm-up and prefetch), run the model's tool calls under a per-turn budget, speak fillers and
-//! fallback lines, and read values from the conversation state.
+//! fallback lines, read values from the conversation state, and complete the call (events and
+//! the call_completed automation, through a durable outbox).
 //!
 //! It runs offline: a tiny local server stands in for the CRM. Run it with
 //! `cargo run --example embed`.
@@ -13,7 +14,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use midcall::exec::Budget;
 use midcall::transport::EgressPolicy;
-use midcall::{ActionSet, Call, CallInfo, MapSecrets, Runtime, Syntax, ToolCall, Turn};
+use midcall::{
+    ActionSet, Automations, Call, CallEnd, CallInfo, EventBus, MapSecrets, Runtime, Syntax,
+    ToolCall, Turn,
+};
 
 /// A stand-in CRM on 127.0.0.1: customer lookup, open slots (slow, so the filler plays) and
 /// booking.
@@ -35,6 +39,12 @@ async fn mock_crm() -> std::io::Result<u16> {
                             0,
                             json!({"data": {"customer": {"id": "cus_42", "name": "Ada", "tier": "gold"}}}),
                         )
+                    } else if req.starts_with("POST /hooks/") {
+                        println!(
+                            "  (CRM) received the call-completed webhook, signed: {}",
+                            req.contains("webhook-signature: v1,")
+                        );
+                        (0, json!({"received": true}))
                     } else if req.starts_with("GET /slots") {
                         (
                             600,
@@ -94,6 +104,11 @@ parameters = {{ type = "object", required = ["slot"], properties = {{ slot = {{ 
 body = {{ customer_id = "{{{{state.customer.id}}}}", slot = "{{{{args.slot}}}}" }}
 extract = {{ "appointment.id" = "$.id" }}
 on_failure = {{ say = "I couldn't book that; the office will call you back.", set = {{ "appointment.pending" = true }} }}
+
+[[automations]]
+id = "crm-sync"
+trigger = {{ on = "call_completed", agents = "all" }}
+steps = [ {{ send_webhook = {{ url = "{origin}/hooks/call-completed", signing_secret = "{{{{secrets.WEBHOOK_SECRET}}}}" }} }} ]
 "#
     );
     ActionSet::from_str("embed.toml", &text, Syntax::Toml)
@@ -109,13 +124,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let set = agent(&format!("http://127.0.0.1:{port}"))?;
     // One runtime per process. Real deployments keep the default HTTPS-only policy; this demo
     // talks to its own loopback server.
+    let policy = EgressPolicy::new()
+        .allow_http(true)
+        .allow_network("127.0.0.0/8".parse()?);
+    let secrets = Arc::new(
+        MapSecrets::new()
+            .with("CRM_TOKEN", "demo-token")
+            .with("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+    );
     let runtime = Runtime::builder()
-        .egress(
-            EgressPolicy::new()
-                .allow_http(true)
-                .allow_network("127.0.0.0/8".parse()?),
-        )
-        .secrets(Arc::new(MapSecrets::new().with("CRM_TOKEN", "demo-token")))
+        .egress(policy.clone())
+        .secrets(secrets.clone())
         .build()?;
 
     // The call connects: warm connections and prefetch the caller's account.
@@ -191,5 +210,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("node_confirm".into()),
     ));
     println!("final state: {}", call.state.to_value());
+
+    // The call ends: phone_call_ended and the post-call results are published, and the
+    // call_completed automation sends the post-call payload to the CRM, signed, through a
+    // durable outbox (a SQLite file the program chooses).
+    let set = Arc::new(set);
+    let db = std::env::temp_dir().join(format!("midcall-embed-{}.db", std::process::id()));
+    let bus = EventBus::builder(&db)
+        .webhooks(&set)
+        .secrets(secrets)
+        .egress(policy)
+        .build()?;
+    let automations = Automations::builder(set.clone(), runtime.clone(), bus.clone()).start()?;
+    let end = CallEnd::new(Duration::from_secs(42), "user_hangup").outcome("appointment_booked");
+    let runs = runtime.complete_call(&automations, &call, &end).await?;
+    automations.wait_idle(Duration::from_secs(5)).await;
+    let log = bus.log()?;
+    for _ in 0..250 {
+        if log.deliveries(None, Some("pending"), 10)?.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for d in log.deliveries(None, None, 10)? {
+        println!(
+            "call completed: run(s) {runs:?}; delivery to {}: {}",
+            d.endpoint, d.status
+        );
+    }
+    automations.shutdown(Duration::from_secs(1)).await;
+    bus.close().await;
+    let _ = std::fs::remove_file(&db);
     Ok(())
 }

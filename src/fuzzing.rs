@@ -189,11 +189,15 @@ pub fn inbound_verify(data: &[u8]) {
     let ts = ts.map(|t| match (t.strip_prefix("now+"), t.strip_prefix("now-")) {
         (Some(n), _) => n
             .parse::<i64>()
-            .map(|n| (NOW + n).to_string())
+            .ok()
+            .and_then(|n| NOW.checked_add(n))
+            .map(|t| t.to_string())
             .unwrap_or_default(),
         (_, Some(n)) => n
             .parse::<i64>()
-            .map(|n| (NOW - n).to_string())
+            .ok()
+            .and_then(|n| NOW.checked_sub(n))
+            .map(|t| t.to_string())
             .unwrap_or_default(),
         _ => t.to_string(),
     });
