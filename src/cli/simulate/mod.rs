@@ -273,8 +273,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Milliseconds, to the microsecond.
 fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 10_000.0).round() / 10.0
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// A latency for people: 0.042 ms, 12.3 ms.
+fn show_ms(v: f64) -> String {
+    if v < 1.0 {
+        format!("{v:.3} ms")
+    } else {
+        format!("{v:.1} ms")
+    }
 }
 
 struct Timeline {
@@ -425,7 +435,7 @@ async fn play(
         .start_call(&set, &mut call, Duration::from_millis(1500))
         .await;
     let mut text = format!(
-        "call {} from {} connected; warmed {}",
+        "{} from {} connected; warmed {}",
         call.info.id,
         call.info.from_number,
         if start.warm.warmed.is_empty() {
@@ -437,11 +447,12 @@ async fn play(
     for (host, why) in &start.warm.failed {
         text.push_str(&format!("; warm-up of {host} failed: {why}"));
     }
-    tl.push("call", text, None);
+    tl.push_at(0, "call", text, None);
     for o in &start.prefetched {
         latencies.push(ms(o.timings.total));
         let changes = state_changes(&before, &call.state.to_value());
-        tl.push(
+        tl.push_at(
+            0,
             "fetch",
             format!("prefetch {}", o.action),
             Some(action_report(o, None, json!({}), changes, None, Vec::new())),
@@ -738,6 +749,9 @@ fn print_report(r: &Report) {
             }
             Some(a) => {
                 let mut marks = Vec::new();
+                if e.kind == "fetch" {
+                    marks.push("prefetch".to_string());
+                }
                 let fetched = a.http_status.is_some() || a.status == "cache_hit";
                 if a.cache != "bypass" && fetched && !a.deduplicated {
                     marks.push(format!("cache {}", a.cache));
@@ -764,12 +778,12 @@ fn print_report(r: &Report) {
                     format!(" {}", a.args)
                 };
                 println!(
-                    "{:>7}  {:<5}  {}{args} → {}{http} in {:.1} ms{}",
+                    "{:>7}  {:<5}  {}{args} → {}{http} in {}{}",
                     e.at_ms,
                     e.kind,
                     a.action,
                     a.status,
-                    a.latency_ms,
+                    show_ms(a.latency_ms),
                     if marks.is_empty() {
                         String::new()
                     } else {
@@ -804,8 +818,10 @@ fn print_report(r: &Report) {
     );
     println!("  {:<22} {}", "actions", s.actions);
     println!(
-        "  {:<22} p50 {:.1} ms, p99 {:.1} ms",
-        "action latency", s.latency_p50_ms, s.latency_p99_ms
+        "  {:<22} p50 {}, p99 {}",
+        "action latency",
+        show_ms(s.latency_p50_ms),
+        show_ms(s.latency_p99_ms)
     );
     println!("  {:<22} {}", "cache hits", s.cache_hits);
     println!("  {:<22} {}", "deduplicated calls", s.deduplicated);
