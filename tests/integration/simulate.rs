@@ -257,3 +257,27 @@ fn the_default_script_prints_a_timeline_and_a_summary() {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+#[test]
+fn a_kept_outbox_reports_only_this_simulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let db = db.to_str().unwrap();
+    for round in 1..=2 {
+        let out = simulate(&["examples/front-desk/call.toml", "--db", db, "--json"]);
+        assert!(out.status.success(), "round {round}");
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            r["deliveries"].as_array().unwrap().len(),
+            4,
+            "round {round}"
+        );
+        assert_eq!(r["runs"].as_array().unwrap().len(), 1, "round {round}");
+    }
+    // Both simulations' deliveries are kept in the file.
+    let out = Command::new(env!("CARGO_BIN_EXE_midcall"))
+        .args(["deliveries", "--db", db, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 8);
+}

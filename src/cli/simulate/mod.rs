@@ -600,7 +600,12 @@ async fn play(
 
     let received = mock.received();
     let mut deliveries = Vec::new();
-    let mut rows = log.deliveries(None, None, 1000)?;
+    // Only this simulation's (a kept --db may hold earlier runs).
+    let mut rows: Vec<_> = log
+        .deliveries(None, None, 10_000)?
+        .into_iter()
+        .filter(|d| d.created_ms >= started_at)
+        .collect();
     rows.reverse();
     for d in rows {
         let signature = received
