@@ -468,7 +468,8 @@ impl DeliveryLog {
     }
 
     /// Deletes delivered deliveries finished before `before_ms` (with their attempts and
-    /// events), at most `batch` of them. The delivery task does this for the retention window.
+    /// events), and automation runs finished before it that no delivery refers to, at most
+    /// `batch` of each. The delivery task does this for the retention window.
     pub fn purge_delivered(&mut self, before_ms: i64, batch: usize) -> Result<usize, String> {
         outbox::purge(&mut self.conn, before_ms, batch as i64).map_err(|e| e.to_string())
     }

@@ -458,8 +458,9 @@ pub(crate) fn replay(
     Ok(n)
 }
 
-/// Deletes delivered deliveries older than `before_ms` (and their attempts and events), at
-/// most `batch` at a time. Returns how many deliveries went.
+/// Deletes delivered deliveries older than `before_ms` (and their attempts and events), and
+/// automation runs finished before it that no delivery refers to, at most `batch` of each at a
+/// time. Returns how many deliveries went.
 pub(crate) fn purge(
     conn: &mut Connection,
     before_ms: i64,
@@ -485,6 +486,29 @@ pub(crate) fn purge(
     )?;
     tx.execute(
         "DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
+        [],
+    )?;
+    // Finished automation runs go too, once no delivery needs their context any more (a
+    // delivery renders its URL and headers from the run's context at each attempt).
+    tx.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS purge_runs (id TEXT PRIMARY KEY)",
+        [],
+    )?;
+    tx.execute("DELETE FROM purge_runs", [])?;
+    tx.execute(
+        "INSERT INTO purge_runs SELECT r.id FROM runs r
+         WHERE r.status IN ('succeeded', 'failed') AND r.finished_ms < ?1
+           AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.target IS NOT NULL
+                           AND json_extract(d.target, '$.run') = r.id)
+         LIMIT ?2",
+        params![before_ms, batch],
+    )?;
+    tx.execute(
+        "DELETE FROM run_steps WHERE run_id IN (SELECT id FROM purge_runs)",
+        [],
+    )?;
+    tx.execute(
+        "DELETE FROM runs WHERE id IN (SELECT id FROM purge_runs)",
         [],
     )?;
     tx.commit()?;

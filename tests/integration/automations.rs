@@ -728,6 +728,23 @@ async fn call_completed_automations_follow_their_agent_scope() {
         !hay.contains("crm-secret-token"),
         "a secret reached the outbox"
     );
+
+    // Retention: runs go with their deliveries, not before (a delivery needs its run's context).
+    let db = dir.path().join("outbox.db");
+    let mut log = midcall::events::DeliveryLog::open(&db).unwrap();
+    let later = time::now_ms() + 1000;
+    assert_eq!(log.purge_delivered(later, 1).unwrap(), 1);
+    let left = midcall::RunLog::open(&db)
+        .unwrap()
+        .runs(None, None, 10)
+        .unwrap();
+    assert_eq!(left.len(), 2, "only the run whose delivery went: {left:?}");
+    assert_eq!(log.purge_delivered(later, 100).unwrap(), 2);
+    assert!(midcall::RunLog::open(&db)
+        .unwrap()
+        .runs(None, None, 10)
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
