@@ -4,11 +4,13 @@
 //! Checks, in order: the automation exists (404) and is started by webhooks (409); the key's
 //! rate (429); the bearer key when one is configured (401); `Content-Type` is JSON (415);
 //! `Content-Length` within the limit (413), then the body while it is read (413); the Standard
-//! Webhooks signature when a signing secret is configured (401: bad, stale or replayed); the
-//! body parses (400, with line and column) and fits the steps (400, naming step and field).
-//! Then the run is stored and the answer is 202 `{"run_id": ...}`. Bad input never gets a 500.
+//! Webhooks signature when a signing secret is configured (401: bad or stale); the body parses
+//! (400, with line and column) and fits the steps (400, naming step and field); the
+//! webhook-id was not used in the last 10 minutes (401 replay: checked in the same database
+//! transaction that stores the run, so it holds across restarts and concurrent requests).
+//! Then the answer is 202 `{"run_id": ...}`. Bad input never gets a 500.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
@@ -33,9 +35,6 @@ pub const SIGNATURE_TOLERANCE_S: i64 = 300;
 /// How long a `webhook-id` is remembered to refuse replays: 10 minutes (longer than the
 /// whole window a timestamp is accepted in).
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(600);
-/// The most `webhook-id`s remembered; the oldest go first beyond it (the rate limit bounds
-/// how fast they arrive).
-const REPLAY_CAPACITY: usize = 200_000;
 /// The longest a request may take to send its body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,7 +52,6 @@ struct Server {
     automations: Automations,
     metrics: Option<MetricsRender>,
     limiter: Mutex<RateLimiter>,
-    replays: Mutex<ReplayCache>,
     /// Keys the constant-time comparison of bearer keys (both sides are MACed and the tags
     /// compared by ring).
     mac: ring::hmac::Key,
@@ -96,7 +94,6 @@ impl InboundServer {
                 automations,
                 metrics,
                 limiter: Mutex::new(RateLimiter::new(inbound.rate_per_second, inbound.burst)),
-                replays: Mutex::new(ReplayCache::default()),
                 mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed),
                 drain,
             }),
@@ -325,6 +322,7 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
         Ok(Ok(b)) => b.to_bytes(),
     };
 
+    let mut signed_id = None;
     if let Some(signing_secret) = &auth.signing_secret {
         let Some(secrets) = secret(s, signing_secret) else {
             return error(
@@ -344,18 +342,22 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
             Ok(wid) => wid,
             Err(why) => return unauthorized(&why),
         };
-        let mut replays = s.replays.lock().unwrap_or_else(|e| e.into_inner());
-        if !replays.insert(wid, Instant::now()) {
-            return unauthorized("this webhook-id was already used (replay refused)");
-        }
+        signed_id = Some(wid.to_string());
     }
 
     let payload = match parse_payload(&body) {
         Ok(v) => v,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
-    match s.automations.start_webhook(id, payload).await {
+    match s
+        .automations
+        .start_webhook_once(id, payload, signed_id.as_deref())
+        .await
+    {
         Ok(run) => reply(StatusCode::ACCEPTED, json!({ "run_id": run })),
+        Err(StartError::Replayed(_)) => {
+            unauthorized("this webhook-id was already used (replay refused)")
+        }
         Err(e @ StartError::InvalidPayload(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ StartError::Storage(_)) => {
             tracing::warn!(error = %e, "inbound: could not queue a run");
@@ -514,33 +516,6 @@ impl RateLimiter {
     }
 }
 
-/// The `webhook-id`s seen in the last [`REPLAY_WINDOW`].
-#[derive(Default)]
-struct ReplayCache {
-    seen: HashMap<String, Instant>,
-    order: VecDeque<(Instant, String)>,
-}
-
-impl ReplayCache {
-    /// Remembers `id`; false if it was already seen within the window.
-    fn insert(&mut self, id: &str, now: Instant) -> bool {
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < REPLAY_WINDOW && self.order.len() < REPLAY_CAPACITY {
-                break;
-            }
-            if let Some((_, old)) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
-        }
-        if self.seen.contains_key(id) {
-            return false;
-        }
-        self.seen.insert(id.to_string(), now);
-        self.order.push_back((now, id.to_string()));
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,15 +531,6 @@ mod tests {
         assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9, "{wait:?}");
         assert!(l.take("other", t0).is_ok(), "keys are independent");
         assert!(l.take("k", t0 + Duration::from_millis(500)).is_ok());
-    }
-
-    #[test]
-    fn replay_window_forgets_after_ten_minutes() {
-        let mut c = ReplayCache::default();
-        let t0 = Instant::now();
-        assert!(c.insert("msg_1", t0));
-        assert!(!c.insert("msg_1", t0 + Duration::from_secs(599)));
-        assert!(c.insert("msg_1", t0 + Duration::from_secs(601)));
     }
 
     #[test]

@@ -71,6 +71,37 @@ pub(crate) fn insert(
     Ok(())
 }
 
+/// Stores one queued run; with `webhook_id`, only if that id was not seen within `window_ms`
+/// (remembered in the same transaction). Returns false for a replay (nothing stored).
+pub(crate) fn insert_once(
+    conn: &mut Connection,
+    run: &NewRun<'_>,
+    webhook_id: Option<&str>,
+    window_ms: i64,
+    now: i64,
+) -> Result<bool, OutboxError> {
+    let tx = conn.transaction()?;
+    if let Some(wid) = webhook_id {
+        tx.execute(
+            "DELETE FROM inbound_seen WHERE at_ms < ?1",
+            params![now - window_ms],
+        )?;
+        let added = tx.execute(
+            "INSERT OR IGNORE INTO inbound_seen (webhook_id, at_ms) VALUES (?1, ?2)",
+            params![wid, now],
+        )?;
+        if added == 0 {
+            return Ok(false);
+        }
+    }
+    tx.execute(
+        "INSERT INTO runs (id, automation, trigger, call_id, status, context, created_ms) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
+        params![run.id, run.automation, run.trigger, run.call_id, run.context, now],
+    )?;
+    tx.commit()?;
+    Ok(true)
+}
+
 /// A run taken for execution.
 pub(crate) struct ClaimedRun {
     pub(crate) id: String,

@@ -65,6 +65,9 @@ pub enum StartError {
     /// The payload does not fit the automation's steps.
     #[error("{0}")]
     InvalidPayload(String),
+    /// This `webhook-id` started a run within [`super::REPLAY_WINDOW`].
+    #[error("webhook-id \"{0}\" was already used")]
+    Replayed(String),
     /// The run could not be stored (or an event not published).
     #[error("could not queue the run: {0}")]
     Storage(String),
@@ -298,6 +301,18 @@ impl Automations {
     /// satisfy the action's parameters, or [`StartError::InvalidPayload`] says which step and
     /// field. Authentication is the caller's job (the inbound server does it).
     pub async fn start_webhook(&self, id: &str, payload: Value) -> Result<String, StartError> {
+        self.start_webhook_once(id, payload, None).await
+    }
+
+    /// [`Automations::start_webhook`] for a signed request: `webhook_id` is stored with the run,
+    /// in the same transaction, and a `webhook_id` seen in the last [`super::REPLAY_WINDOW`]
+    /// is refused with [`StartError::Replayed`] (across restarts too).
+    pub async fn start_webhook_once(
+        &self,
+        id: &str,
+        payload: Value,
+        webhook_id: Option<&str>,
+    ) -> Result<String, StartError> {
         let a = self.webhook_automation(id)?;
         let now = time::now_ms();
         let run = run_id(now);
@@ -317,21 +332,31 @@ impl Automations {
         self.check_payload(a, &context)?;
         let bytes = serde_json::to_vec(&context).map_err(|e| StartError::Storage(e.to_string()))?;
         let (run2, id2) = (run.clone(), a.id.clone());
-        self.db(move |c| {
-            runlog::insert(
-                c,
-                &[NewRun {
-                    id: &run2,
-                    automation: &id2,
-                    trigger: "webhook",
-                    call_id: None,
-                    context: &bytes,
-                }],
-                now,
-            )
-        })
-        .await
-        .map_err(StartError::Storage)?;
+        let seen = webhook_id.map(str::to_string);
+        let window = super::REPLAY_WINDOW.as_millis() as i64;
+        let fresh = self
+            .db(move |c| {
+                runlog::insert_once(
+                    c,
+                    &NewRun {
+                        id: &run2,
+                        automation: &id2,
+                        trigger: "webhook",
+                        call_id: None,
+                        context: &bytes,
+                    },
+                    seen.as_deref(),
+                    window,
+                    now,
+                )
+            })
+            .await
+            .map_err(StartError::Storage)?;
+        if !fresh {
+            return Err(StartError::Replayed(
+                webhook_id.unwrap_or_default().to_string(),
+            ));
+        }
         self.inner.notify.notify_one();
         Ok(run)
     }

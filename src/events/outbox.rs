@@ -76,6 +76,10 @@ CREATE TABLE IF NOT EXISTS run_steps (
     duration_ms INTEGER NOT NULL,
     PRIMARY KEY (run_id, idx)
 );
+CREATE TABLE IF NOT EXISTS inbound_seen (
+    webhook_id TEXT PRIMARY KEY,
+    at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS endpoints (
     endpoint TEXT PRIMARY KEY,
     disabled INTEGER NOT NULL DEFAULT 0,

@@ -543,6 +543,23 @@ async fn signatures_are_checked_and_replays_refused() {
         requests_to(&hooks, "/signed")[0].json(),
         json!({"got": "hello"})
     );
+
+    // The same request twice at once: exactly one run.
+    let h = signed_headers("msg_twice", now, body, WHSEC);
+    let (x, y) = tokio::join!(post_signed(a, &h, body), post_signed(a, &h, body));
+    let mut both = [x.status, y.status];
+    both.sort();
+    assert_eq!(both, [202, 401]);
+
+    // Webhook-ids are remembered in the outbox: a replay after a restart is still refused.
+    let dir = srv.stop().await;
+    let srv = Inbound::start_in(config(&crm.origin(), &hooks.origin(), ""), dir, DEFAULT).await;
+    let again = post_signed(srv.addr, &signed_headers("msg_1", now, body, WHSEC), body).await;
+    assert_eq!(again.status, 401);
+    assert_eq!(
+        again.error(),
+        "this webhook-id was already used (replay refused)"
+    );
     srv.stop().await;
 }
 
