@@ -166,7 +166,7 @@ impl std::fmt::Debug for Automations {
 impl Automations {
     /// A builder for the automations of `set`, executing `run_action` steps on `runtime` and
     /// delivering `send_webhook` steps through `bus` (whose outbox also holds the run log).
-    /// Build `bus` with [`crate::EventBusBuilder::webhooks`] of the same `set`.
+    /// Build `bus` with [`crate::events::EventBusBuilder::webhooks`] of the same `set`.
     pub fn builder(set: Arc<ActionSet>, runtime: Runtime, bus: EventBus) -> AutomationsBuilder {
         AutomationsBuilder {
             set,
