@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use super::{Automations, StartError};
 use crate::events::{signing, time};
-use crate::template::{Redactor, RenderContext, Template};
+use crate::template::{Redactor, Template};
 
 /// How far a `webhook-timestamp` may be from the server's clock: 300 s either way.
 pub const SIGNATURE_TOLERANCE_S: i64 = 300;
@@ -441,15 +441,7 @@ pub fn is_json(content_type: &str) -> bool {
 fn secret(s: &Server, t: &Template) -> Option<String> {
     let secrets = s.automations.secret_source();
     let empty = super::RunContext::default();
-    let ctx = RenderContext {
-        call: &empty.call,
-        state: &empty.state,
-        args: &Value::Null,
-        transcript: &empty.transcript,
-        secrets: &*secrets,
-        payload: None,
-    };
-    match t.render_text(&ctx, &mut Redactor::default()) {
+    match t.render_text(&empty.render_context(&*secrets), &mut Redactor::default()) {
         Ok(v) if !v.trim().is_empty() => Some(v),
         _ => {
             tracing::warn!("inbound: a configured credential's secret is missing");

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 
 use crate::spec::ActionSet;
 use crate::state::{CallInfo, ConversationState, Transcript};
+use crate::template::{RenderContext, SecretSource};
 
 /// The `target` of an automation delivery: which run and step it belongs to.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -40,6 +41,20 @@ pub(crate) struct RunContext {
     pub(crate) transcript: Transcript,
     #[serde(default)]
     pub(crate) payload: Value,
+}
+
+impl RunContext {
+    /// What a run's templates read: its call, state, transcript and payload (no `args`).
+    pub(crate) fn render_context<'a>(&'a self, secrets: &'a dyn SecretSource) -> RenderContext<'a> {
+        RenderContext {
+            call: &self.call,
+            state: &self.state,
+            args: &Value::Null,
+            transcript: &self.transcript,
+            secrets,
+            payload: Some(&self.payload),
+        }
+    }
 }
 
 impl Default for RunContext {

@@ -221,12 +221,8 @@ pub struct RunLog {
 impl RunLog {
     /// Opens an outbox database (it must exist).
     pub fn open(db: impl AsRef<Path>) -> Result<RunLog, String> {
-        let path = db.as_ref();
-        if !path.exists() {
-            return Err(format!("{}: no such outbox database", path.display()));
-        }
         Ok(RunLog {
-            conn: outbox::open(path).map_err(|e| e.to_string())?,
+            conn: outbox::open_existing(db.as_ref())?,
         })
     }
 
@@ -238,7 +234,7 @@ impl RunLog {
         status: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RunRecord>, String> {
-        self.list(automation, status, limit)
+        self.query(None, automation, status, limit)
             .map_err(|e| e.to_string())
     }
 
@@ -248,15 +244,6 @@ impl RunLog {
             .query(Some(id), None, None, 1)
             .map_err(|e| e.to_string())?;
         Ok(runs.pop())
-    }
-
-    fn list(
-        &self,
-        automation: Option<&str>,
-        status: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<RunRecord>, OutboxError> {
-        self.query(None, automation, status, limit)
     }
 
     fn query(

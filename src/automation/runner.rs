@@ -14,7 +14,7 @@ use crate::events::{time, Event, EventBus};
 use crate::exec::{Budget, Runtime, ToolCall};
 use crate::spec::{ActionSet, AutomationSpec, Step, Trigger};
 use crate::state::{Call, CallInfo};
-use crate::template::{BodyTemplate, Redactor, RenderContext, RenderErrorKind, SecretSource};
+use crate::template::{BodyTemplate, Redactor, RenderErrorKind, SecretSource};
 
 /// How a call ended, for [`Automations::complete_call`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -473,16 +473,12 @@ fn render_body_kind(
     context: &RunContext,
     secrets: &dyn SecretSource,
 ) -> Result<Value, RenderErrorKind> {
-    let ctx = RenderContext {
-        call: &context.call,
-        state: &context.state,
-        args: &Value::Null,
-        transcript: &context.transcript,
-        secrets,
-        payload: Some(&context.payload),
-    };
     let mut out = Vec::new();
-    body.render(&ctx, &mut Redactor::default(), &mut out)?;
+    body.render(
+        &context.render_context(secrets),
+        &mut Redactor::default(),
+        &mut out,
+    )?;
     // The renderer writes valid JSON; Null only if that ever broke.
     Ok(serde_json::from_slice(&out).unwrap_or(Value::Null))
 }
@@ -645,15 +641,7 @@ fn send_step(
     body: Option<&BodyTemplate>,
     context: &RunContext,
 ) -> Result<StepDone, String> {
-    let secrets = &*inner.secrets;
-    let ctx = RenderContext {
-        call: &context.call,
-        state: &context.state,
-        args: &Value::Null,
-        transcript: &context.transcript,
-        secrets,
-        payload: Some(&context.payload),
-    };
+    let ctx = context.render_context(&*inner.secrets);
     let mut redactor = Redactor::default();
     url.render(&ctx, &mut redactor)
         .map_err(|e| format!("url: {e}"))?;

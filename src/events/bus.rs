@@ -10,15 +10,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use rusqlite::Connection;
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::outbox::{self, Attempt, Claimed, NewEvent, Next};
 use super::{signing, time, Event};
 use crate::automation::{RunContext, TargetRef};
 use crate::spec::{ActionSet, AutomationSpec, Step, WebhookSpec};
-use crate::state::{CallInfo, Transcript};
-use crate::template::{EnvSecrets, Redactor, RenderContext, SecretSource, Template, UrlTemplate};
+use crate::state::CallInfo;
+use crate::template::{EnvSecrets, Redactor, SecretSource, Template, UrlTemplate};
 use crate::transport::{Deadline, EgressPolicy, Transport, TransportConfig, TransportError};
 
 /// Default retry schedule after a failed attempt: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
@@ -111,16 +110,8 @@ impl EventBusBuilder {
     }
     /// Trusts every certificate in a PEM bundle as an extra root. Default none.
     pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Result<Self, String> {
-        use rustls_pki_types::pem::PemObject;
-        let mut n = 0;
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
-            self.extra_roots.push(cert.to_vec());
-            n += 1;
-        }
-        if n == 0 {
-            return Err("no PEM certificate found".into());
-        }
+        let certs = crate::transport::pem_certificates(pem)?;
+        self.extra_roots.extend(certs.iter().map(|c| c.to_vec()));
         Ok(self)
     }
     /// Delays before each retry. Default [`DEFAULT_RETRY_SCHEDULE`]; after the last, the
@@ -436,12 +427,8 @@ pub struct DeliveryLog {
 impl DeliveryLog {
     /// Opens an outbox database.
     pub fn open(db: impl AsRef<Path>) -> Result<DeliveryLog, String> {
-        let path = db.as_ref();
-        if !path.exists() {
-            return Err(format!("{}: no such outbox database", path.display()));
-        }
         Ok(DeliveryLog {
-            conn: outbox::open(path).map_err(|e| e.to_string())?,
+            conn: outbox::open_existing(db.as_ref())?,
         })
     }
 
@@ -706,15 +693,7 @@ impl Worker {
         context: &RunContext,
         c: &Claimed,
     ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), String> {
-        let transcript = Transcript::default();
-        let ctx = RenderContext {
-            call: &context.call,
-            state: &context.state,
-            args: &Value::Null,
-            transcript: &transcript,
-            secrets: &*self.secrets,
-            payload: Some(&context.payload),
-        };
+        let ctx = context.render_context(&*self.secrets);
         let mut redactor = Redactor::default();
         let url = hook
             .url

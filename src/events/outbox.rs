@@ -106,6 +106,14 @@ pub(crate) fn open(path: &Path) -> Result<Connection, OutboxError> {
     Ok(conn)
 }
 
+/// Opens an outbox database that must already exist (the logs read one; they never create it).
+pub(crate) fn open_existing(path: &Path) -> Result<Connection, String> {
+    if !path.exists() {
+        return Err(format!("{}: no such outbox database", path.display()));
+    }
+    open(path).map_err(|e| e.to_string())
+}
+
 /// One event to store with the endpoints it goes to.
 #[derive(Debug, Clone)]
 pub(crate) struct NewEvent {

@@ -101,16 +101,8 @@ impl RuntimeBuilder {
 
     /// Trusts every certificate in a PEM bundle as an extra root. Default none.
     pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Result<Self, String> {
-        use rustls_pki_types::pem::PemObject;
-        let mut n = 0;
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            self.extra_roots
-                .push(cert.map_err(|e| format!("not a PEM certificate: {e}"))?);
-            n += 1;
-        }
-        if n == 0 {
-            return Err("no PEM certificate found".into());
-        }
+        self.extra_roots
+            .extend(crate::transport::pem_certificates(pem)?);
         Ok(self)
     }
 

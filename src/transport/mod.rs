@@ -277,3 +277,18 @@ impl Deadline {
         }
     }
 }
+
+/// Every certificate in a PEM bundle (extra roots for private CAs); an error if there is none
+/// or one does not parse.
+pub(crate) fn pem_certificates(
+    pem: &[u8],
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("no PEM certificate found".into());
+    }
+    Ok(certs)
+}

@@ -218,6 +218,30 @@ async fn https_with_http1_only_server() {
 }
 
 #[tokio::test]
+async fn a_ca_given_as_pem_is_trusted_and_a_bundle_without_one_is_refused() {
+    use base64::Engine;
+    let server = TestServer::https(|_, _| Reply::ok(json!({"v": 3}))).await;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(server.ca_der.clone().unwrap());
+    let pem = format!("-----BEGIN CERTIFICATE-----\n{b64}\n-----END CERTIFICATE-----\n");
+    let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");
+    let rt = builder()
+        .add_root_certificates_pem(pem.as_bytes())
+        .unwrap()
+        .build()
+        .unwrap();
+    assert_eq!(run_a(&rt, &set).await.status, Status::Ok);
+    for bad in ["", "not a certificate"] {
+        let e = builder().add_root_certificates_pem(bad.as_bytes()).err();
+        assert_eq!(e.as_deref(), Some("no PEM certificate found"));
+        let dir = tempfile::tempdir().unwrap();
+        let e = midcall::EventBus::builder(dir.path().join("o.db"))
+            .add_root_certificates_pem(bad.as_bytes())
+            .err();
+        assert_eq!(e.as_deref(), Some("no PEM certificate found"));
+    }
+}
+
+#[tokio::test]
 async fn untrusted_certificate_is_a_tls_transport_error() {
     let server = TestServer::https_untrusted(|_, _| Reply::ok(json!({}))).await;
     let set = one_action(&server.origin(), "/x", "");
