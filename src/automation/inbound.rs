@@ -226,8 +226,8 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
     let ip_key = format!("ip:{peer}");
     let key = match text("authorization").and_then(|v| v.strip_prefix("Bearer ")) {
         Some(token) => {
-            let d = ring::digest::digest(&ring::digest::SHA256, token.trim().as_bytes());
-            format!("bearer:{}", hex(&d.as_ref()[..8]))
+            let h = crate::cache::keyed_hash128(|h| h.write(token.trim().as_bytes()));
+            format!("bearer:{h:032x}")
         }
         None if headers.contains_key("webhook-signature") => format!("signed:{id}"),
         None => ip_key.clone(),
@@ -448,10 +448,6 @@ fn secret(s: &Server, t: &Template) -> Option<String> {
             None
         }
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Token buckets per key: `burst` tokens, refilled at `rate` per second.

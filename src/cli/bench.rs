@@ -78,7 +78,7 @@ impl Series {
 }
 
 /// The `p` percentile of sorted values (nearest rank), 0 for none.
-fn percentile(sorted: &[u64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
     match sorted.len() {
         0 => 0.0,
         n => sorted[((n - 1) as f64 * p).round() as usize] as f64,
@@ -161,26 +161,7 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 }
 
 fn tls_pair() -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let cert =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "*.bench.test".to_string()])
-            .and_then(|p| p.self_signed(&key))
-            .map_err(|e| e.to_string())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok((
-        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-        cert.der().to_vec(),
-    ))
+    super::self_signed_tls(vec!["localhost".into(), "*.bench.test".into()])
 }
 
 /// One benchmark action: no duplicate protection (every request is a distinct tool call).

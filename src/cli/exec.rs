@@ -34,15 +34,8 @@ pub(crate) struct ExecArgs {
     /// The turn's budget in milliseconds (the action's own timeout_ms still applies).
     #[arg(long, default_value_t = 5000)]
     budget_ms: u64,
-    /// Allow plain http:// (extends the file's [egress]).
-    #[arg(long)]
-    allow_http: bool,
-    /// Exempt a network from the private-address block, e.g. 127.0.0.0/8 (repeatable).
-    #[arg(long = "allow-network", value_name = "CIDR")]
-    allow_network: Vec<String>,
-    /// Trust the certificates in this PEM file as extra roots (private CAs).
-    #[arg(long, value_name = "PEM")]
-    ca_cert: Option<String>,
+    #[command(flatten)]
+    net: super::NetworkArgs,
     /// Run the action this many times in the same call (1 to 100000), each as a distinct tool
     /// call: the cache applies, duplicate-call protection does not.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -62,19 +55,15 @@ pub(crate) fn run(a: ExecArgs) -> Result<ExitCode, String> {
     let state = ConversationState::from_value(super::parse_json("--state", &a.state)?)
         .map_err(|e| format!("--state: {e}"))?;
     let info = super::render::call_from_flag(&a.call, &set.agent().id, &set.agent().tenant)?;
-    let policy = super::egress_policy(&set, a.allow_http, &a.allow_network)?;
     // Each --repeat run is a distinct tool call: duplicate protection would turn runs 2..N
     // into replays of the first, so it is off here.
-    let mut builder = Runtime::builder()
-        .egress(policy)
+    let builder = Runtime::builder()
+        .egress(a.net.policy(&set)?)
         .dedupe_window(Duration::ZERO);
-    if let Some(path) = &a.ca_cert {
-        let pem = std::fs::read(path).map_err(|e| format!("--ca-cert {path}: {e}"))?;
-        builder = builder
-            .add_root_certificates_pem(&pem)
-            .map_err(|e| format!("--ca-cert {path}: {e}"))?;
-    }
-    let runtime = builder.build()?;
+    let runtime = a
+        .net
+        .with_ca(builder, |b, pem| b.add_root_certificates_pem(pem))?
+        .build()?;
     // One sequential call: a single-threaded runtime keeps each action and its connection's
     // task on one thread, so the connection is back in the pool before the next run.
     let rt = tokio::runtime::Builder::new_current_thread()

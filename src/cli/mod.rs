@@ -41,6 +41,40 @@ pub(crate) fn read_input(path: Option<&str>) -> Result<String, String> {
     }
 }
 
+/// Where a command may connect: flags that extend the agent file's `[egress]`, and extra roots.
+#[derive(Debug, clap::Args)]
+pub(crate) struct NetworkArgs {
+    /// Allow plain http:// (extends the file's [egress]).
+    #[arg(long)]
+    allow_http: bool,
+    /// Exempt a network from the private-address block, e.g. 127.0.0.0/8 (repeatable).
+    #[arg(long = "allow-network", value_name = "CIDR")]
+    allow_network: Vec<String>,
+    /// Trust the certificates in this PEM file as extra roots (private CAs).
+    #[arg(long, value_name = "PEM")]
+    ca_cert: Option<String>,
+}
+
+impl NetworkArgs {
+    /// The file's egress policy with these flags.
+    pub(crate) fn policy(&self, set: &ActionSet) -> Result<midcall::EgressPolicy, String> {
+        egress_policy(set, self.allow_http, &self.allow_network)
+    }
+
+    /// `builder` with the `--ca-cert` roots added by `add` (a runtime's or an event bus's).
+    pub(crate) fn with_ca<B>(
+        &self,
+        builder: B,
+        add: impl FnOnce(B, &[u8]) -> Result<B, String>,
+    ) -> Result<B, String> {
+        let Some(path) = &self.ca_cert else {
+            return Ok(builder);
+        };
+        let pem = std::fs::read(path).map_err(|e| format!("--ca-cert {path}: {e}"))?;
+        add(builder, &pem).map_err(|e| format!("--ca-cert {path}: {e}"))
+    }
+}
+
 /// The agent file's egress policy, extended by `--allow-http` and `--allow-network` flags.
 pub(crate) fn egress_policy(
     set: &ActionSet,
@@ -57,4 +91,30 @@ pub(crate) fn egress_policy(
         policy = policy.allow_network(net);
     }
     Ok(policy)
+}
+
+/// A TLS acceptor (HTTP/1.1) with a self-signed certificate for `names`, made now, and the
+/// certificate (DER) for clients to trust: the local servers of `bench` and `simulate`.
+pub(crate) fn self_signed_tls(
+    names: Vec<String>,
+) -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = rcgen::CertificateParams::new(names)
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| e.to_string())?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg)),
+        cert.der().to_vec(),
+    ))
 }

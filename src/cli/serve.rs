@@ -29,15 +29,8 @@ pub(crate) struct ServeArgs {
     /// How long shutdown waits for requests and runs in progress, in seconds.
     #[arg(long, default_value_t = 10)]
     grace_s: u64,
-    /// Allow plain http:// for actions and webhooks (extends the file's [egress]).
-    #[arg(long)]
-    allow_http: bool,
-    /// Exempt a network from the private-address block, e.g. 127.0.0.0/8 (repeatable).
-    #[arg(long = "allow-network", value_name = "CIDR")]
-    allow_network: Vec<String>,
-    /// Trust the certificates in this PEM file as extra roots (private CAs).
-    #[arg(long, value_name = "PEM")]
-    ca_cert: Option<String>,
+    #[command(flatten)]
+    net: super::NetworkArgs,
 }
 
 /// Prints a line; a closed stdout (a reader that went away) must not stop the server.
@@ -50,25 +43,26 @@ macro_rules! say {
 
 pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCode, String> {
     let set = Arc::new(super::load(&a.file)?);
-    let policy = super::egress_policy(&set, a.allow_http, &a.allow_network)?;
+    let policy = a.net.policy(&set)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let mut runtime = Runtime::builder().egress(policy.clone());
-        let mut bus = EventBus::builder(&a.db).webhooks(&set).egress(policy);
-        if let Some(path) = &a.ca_cert {
-            let pem = std::fs::read(path).map_err(|e| format!("--ca-cert {path}: {e}"))?;
-            runtime = runtime
-                .add_root_certificates_pem(&pem)
-                .map_err(|e| format!("--ca-cert {path}: {e}"))?;
-            bus = bus
-                .add_root_certificates_pem(&pem)
-                .map_err(|e| format!("--ca-cert {path}: {e}"))?;
-        }
-        let runtime = runtime.build()?;
-        let bus = bus.build().map_err(|e| format!("--db {}: {e}", a.db))?;
+        let runtime = a
+            .net
+            .with_ca(Runtime::builder().egress(policy.clone()), |b, pem| {
+                b.add_root_certificates_pem(pem)
+            })?
+            .build()?;
+        let bus = a
+            .net
+            .with_ca(
+                EventBus::builder(&a.db).webhooks(&set).egress(policy),
+                |b, pem| b.add_root_certificates_pem(pem),
+            )?
+            .build()
+            .map_err(|e| format!("--db {}: {e}", a.db))?;
         let automations = Automations::builder(set.clone(), runtime, bus.clone()).start()?;
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await

@@ -133,24 +133,9 @@ impl Mock {
         rules: &[MockRule],
         secrets: Arc<DemoSecrets>,
     ) -> Result<Mock, String> {
-        let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
         let mut names = hosts.to_vec();
         names.push("localhost".into());
-        let cert = rcgen::CertificateParams::new(names)
-            .and_then(|p| p.self_signed(&key))
-            .map_err(|e| e.to_string())?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .map_err(|e| e.to_string())?;
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let (acceptor, cert_der) = crate::cli::self_signed_tls(names)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| format!("mock CRM: {e}"))?;
@@ -198,7 +183,7 @@ impl Mock {
         });
         Ok(Mock {
             addr,
-            cert_der: cert.der().to_vec(),
+            cert_der,
             state,
             task,
         })

@@ -265,14 +265,6 @@ fn check(expect: Option<&Expect>, o: &Outcome, call: &Call) -> (usize, Vec<Strin
     (checked, failed)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Milliseconds, to the microsecond.
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
@@ -425,7 +417,6 @@ async fn play(
         entries: Vec::new(),
         progress,
     };
-    let mut latencies = Vec::new();
     let (mut passed, mut problems) = (0usize, Vec::new());
 
     // The call connects.
@@ -449,7 +440,6 @@ async fn play(
     }
     tl.push_at(0, "call", text, None);
     for o in &start.prefetched {
-        latencies.push(ms(o.timings.total));
         let changes = state_changes(&before, &call.state.to_value());
         tl.push_at(
             0,
@@ -527,7 +517,6 @@ async fn play(
                         action: None,
                     });
                 }
-                latencies.push(ms(outcome.timings.total));
                 let changes = state_changes(&before, &call.state.to_value());
                 let (n, failed) = check(expect, &outcome, &call);
                 passed += n - failed.len();
@@ -652,11 +641,17 @@ async fn play(
         .iter()
         .filter_map(|e| e.action.as_ref())
         .collect();
-    latencies.sort_by(|a, b| a.total_cmp(b));
+    // Latencies in whole microseconds, for the bench's percentile.
+    let mut latencies: Vec<u64> = actions
+        .iter()
+        .map(|a| (a.latency_ms * 1000.0).round() as u64)
+        .collect();
+    latencies.sort_unstable();
+    let percentile = |p| crate::cli::bench::percentile(&latencies, p) / 1000.0;
     let summary = Summary {
         actions: actions.len(),
-        latency_p50_ms: percentile(&latencies, 0.5),
-        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_p50_ms: percentile(0.5),
+        latency_p99_ms: percentile(0.99),
         cache_hits: actions
             .iter()
             .filter(|a| a.cache == "hit" || a.cache == "stale")
