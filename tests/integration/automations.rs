@@ -12,14 +12,13 @@ use tokio::net::TcpStream;
 
 use midcall::automation::SIGNATURE_TOLERANCE_S;
 use midcall::events::{signing, time, EventBus};
-use midcall::transport::EgressPolicy;
 use midcall::{
     ActionSet, Automations, Call, CallEnd, CallInfo, InboundServer, MapSecrets, Runtime,
     Transcript, Turn,
 };
 
 use crate::support::servers::{Recorded, Reply, TestServer};
-use crate::support::{agent, call_info};
+use crate::support::{agent, call_info, loopback_policy, wait_until};
 
 const INBOUND_KEY: &str = "k3y-for-tests";
 const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -33,12 +32,6 @@ fn secrets() -> Arc<MapSecrets> {
             .with("OUT_WHSEC", OUT_WHSEC)
             .with("CRM_TOKEN", "crm-secret-token"),
     )
-}
-
-fn policy() -> EgressPolicy {
-    EgressPolicy::new()
-        .allow_http(true)
-        .allow_network("127.0.0.0/8".parse().unwrap())
 }
 
 /// The config: one bookable action on `crm`, webhook automations (bearer, signed) and
@@ -116,14 +109,14 @@ impl Inbound {
     async fn start_in(set: ActionSet, dir: tempfile::TempDir, opts: Opts) -> Inbound {
         let set = Arc::new(set);
         let runtime = Runtime::builder()
-            .egress(policy())
+            .egress(loopback_policy())
             .secrets(secrets())
             .build()
             .unwrap();
         let bus = EventBus::builder(dir.path().join("outbox.db"))
             .webhooks(&set)
             .secrets(secrets())
-            .egress(policy())
+            .egress(loopback_policy())
             .retry_schedule(vec![Duration::from_millis(50)])
             .jitter(0.0)
             .deliver(opts.deliver)
@@ -251,16 +244,6 @@ async fn receivers() -> (TestServer, TestServer) {
     .await;
     let hooks = TestServer::http(|_, _| Reply::Json(200, json!({"ok": true}))).await;
     (crm, hooks)
-}
-
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn requests_to(server: &TestServer, path: &str) -> Vec<Recorded> {
@@ -433,7 +416,7 @@ async fn every_answer_of_the_inbound_endpoint() {
         booking[0].header("authorization"),
         Some("Bearer crm-secret-token")
     );
-    wait_for("the booked webhook", || {
+    wait_until("the booked webhook", || {
         !requests_to(&hooks, "/booked").is_empty()
     })
     .await;
@@ -535,7 +518,7 @@ async fn signatures_are_checked_and_replays_refused() {
     assert_eq!(later.status, 202);
 
     assert!(srv.automations.wait_idle(Duration::from_secs(10)).await);
-    wait_for("two signed runs delivered", || {
+    wait_until("two signed runs delivered", || {
         requests_to(&hooks, "/signed").len() == 2
     })
     .await;
@@ -643,7 +626,10 @@ async fn call_completed_automations_follow_their_agent_scope() {
     let (crm, hooks) = receivers().await;
     let set = config(&crm.origin(), &hooks.origin(), "");
     let srv = Inbound::start(set).await;
-    let runtime = Runtime::builder().egress(policy()).build().unwrap();
+    let runtime = Runtime::builder()
+        .egress(loopback_policy())
+        .build()
+        .unwrap();
 
     let front = finished_call("front-desk", "call_front");
     let end =
@@ -665,7 +651,7 @@ async fn call_completed_automations_follow_their_agent_scope() {
     assert_eq!(runs.len(), 1, "only everyone");
 
     assert!(srv.automations.wait_idle(Duration::from_secs(10)).await);
-    wait_for("three deliveries", || {
+    wait_until("three deliveries", || {
         requests_to(&hooks, "/crm-sync").len() == 1 && requests_to(&hooks, "/everyone").len() == 2
     })
     .await;
@@ -828,6 +814,10 @@ async fn queued_work_survives_a_shutdown_and_resumes() {
         .await;
         assert_eq!(r.status, 202);
     }
+    wait_until("the first booking to reach the CRM", || {
+        slow.request_count() >= 1
+    })
+    .await;
     let dir = srv.stop().await;
     let runs = midcall::RunLog::open(dir.path().join("outbox.db"))
         .unwrap()
@@ -845,13 +835,32 @@ async fn queued_work_survives_a_shutdown_and_resumes() {
     let fast = TestServer::http(|_, n| Reply::Json(201, json!({"id": format!("apt_{n}")}))).await;
     let srv = Inbound::start_in(config(&fast.origin(), &hooks.origin(), ""), dir, DEFAULT).await;
     assert!(srv.automations.wait_idle(Duration::from_secs(10)).await);
-    wait_for("5 deliveries", || requests_to(&hooks, "/booked").len() == 5).await;
+    wait_until("5 deliveries", || requests_to(&hooks, "/booked").len() == 5).await;
     let mut slots: Vec<String> = requests_to(&hooks, "/booked")
         .iter()
         .map(|r| r.json()["slot"].as_str().unwrap().to_string())
         .collect();
     slots.sort();
     assert_eq!(slots, vec!["s0", "s1", "s2", "s3", "s4"]);
+    // A booking cut off by the first shutdown was sent again on the second life with the same
+    // Idempotency-Key (it is derived from the run id and step), so the CRM can tell.
+    let mut keys: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for r in requests_to(&slow, "/appointments")
+        .into_iter()
+        .chain(requests_to(&fast, "/appointments"))
+    {
+        let slot = r.json()["slot"].as_str().unwrap().to_string();
+        let key = r.header("idempotency-key").unwrap().to_string();
+        keys.entry(slot).or_default().push(key);
+    }
+    assert_eq!(keys.len(), 5);
+    for (slot, k) in &keys {
+        assert!(k.iter().all(|x| *x == k[0]), "{slot}: {k:?}");
+    }
+    assert!(
+        keys.values().any(|k| k.len() == 2),
+        "one booking was cut off and sent again: {keys:?}"
+    );
     let runs = srv
         .automations
         .log()
@@ -983,6 +992,19 @@ async fn serve_binary_answers_exports_metrics_and_stops_on_sigterm() {
         "{}",
         metrics.body
     );
+    // Runs are counted by outcome as they finish.
+    let mut counted = false;
+    for _ in 0..200 {
+        let m = send_raw(addr, &format!("GET /metrics HTTP/1.1\r\nHost: {addr}"), b"").await;
+        if m.body
+            .contains("midcall_automation_runs_total{status=\"succeeded\"}")
+        {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(counted, "midcall_automation_runs_total never appeared");
 
     let status = terminate(child).await;
     assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");

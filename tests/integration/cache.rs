@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use midcall::exec::{Budget, CacheStatus, Status};
-use midcall::transport::EgressPolicy;
 use midcall::{ActionSet, Call, CallInfo, Runtime, StatePath, ToolCall};
 
 use crate::support::servers::{Reply, TestServer};
@@ -16,11 +15,7 @@ use crate::support::{call_info, load_toml, AGENT};
 
 fn runtime() -> Runtime {
     Runtime::builder()
-        .egress(
-            EgressPolicy::new()
-                .allow_http(true)
-                .allow_network("127.0.0.0/8".parse().unwrap()),
-        )
+        .egress(crate::support::loopback_policy())
         .build()
         .unwrap()
 }
@@ -517,11 +512,7 @@ async fn a_reissued_booking_reaches_the_upstream_exactly_once() {
 async fn the_dedupe_window_ends_and_dedupe_false_turns_it_off() {
     let (server, set) = front_desk().await;
     let rt = Runtime::builder()
-        .egress(
-            EgressPolicy::new()
-                .allow_http(true)
-                .allow_network("127.0.0.0/8".parse().unwrap()),
-        )
+        .egress(crate::support::loopback_policy())
         .dedupe_window(Duration::from_millis(100))
         .build()
         .unwrap();

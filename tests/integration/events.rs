@@ -9,11 +9,10 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use midcall::events::{signing, Event, EventBus, EventType, PublishError};
-use midcall::transport::EgressPolicy;
 use midcall::{ActionSet, MapSecrets, Transcript, Turn};
 
 use crate::support::servers::{Recorded, Reply, TestServer};
-use crate::support::{call_info, load_toml, AGENT};
+use crate::support::{call_info, load_toml, wait_until, AGENT};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -95,23 +94,9 @@ fn bus(db: &std::path::Path, set: &ActionSet) -> midcall::events::EventBusBuilde
     EventBus::builder(db)
         .webhooks(set)
         .secrets(Arc::new(MapSecrets::new().with("WHSEC", SECRET)))
-        .egress(
-            EgressPolicy::new()
-                .allow_http(true)
-                .allow_network("127.0.0.0/8".parse().unwrap()),
-        )
+        .egress(crate::support::loopback_policy())
         .retry_schedule(vec![Duration::from_millis(50), Duration::from_millis(100)])
         .jitter(0.0)
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

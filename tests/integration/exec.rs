@@ -20,10 +20,7 @@ use crate::support::{call_info, load_toml, AGENT};
 const SECRET: &str = "tok_EXEC_s3cr3t";
 
 fn local_policy() -> EgressPolicy {
-    EgressPolicy::new()
-        .allow_http(true)
-        .allow_network("127.0.0.0/8".parse().unwrap())
-        .allow_network("::1/128".parse().unwrap())
+    crate::support::loopback_policy().allow_network("::1/128".parse().unwrap())
 }
 
 fn runtime() -> Runtime {

@@ -8,7 +8,6 @@ use serde_json::{json, Value};
 
 use midcall::exec::{Budget, Status};
 use midcall::state::ConversationState;
-use midcall::transport::EgressPolicy;
 use midcall::{Call, MapSecrets, Runtime};
 
 use crate::support::servers::{Reply, TestServer};
@@ -19,11 +18,7 @@ const SECRET: &str = "sk_live_HOSTILE_2f1e0d9c";
 
 fn runtime() -> Runtime {
     Runtime::builder()
-        .egress(
-            EgressPolicy::new()
-                .allow_http(true)
-                .allow_network("127.0.0.0/8".parse().unwrap()),
-        )
+        .egress(crate::support::loopback_policy())
         .secrets(Arc::new(MapSecrets::new().with("TOKEN", SECRET)))
         .dedupe_window(Duration::ZERO)
         .build()

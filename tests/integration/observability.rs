@@ -6,7 +6,6 @@ use std::time::Duration;
 use serde_json::json;
 
 use midcall::exec::Budget;
-use midcall::transport::EgressPolicy;
 use midcall::{Call, MapSecrets, Runtime};
 
 use crate::support::servers::{Reply, TestServer};
@@ -17,11 +16,7 @@ const SECRET: &str = "sk_live_OBSERVE_9f8e7d";
 
 fn runtime() -> Runtime {
     Runtime::builder()
-        .egress(
-            EgressPolicy::new()
-                .allow_http(true)
-                .allow_network("127.0.0.0/8".parse().unwrap()),
-        )
+        .egress(crate::support::loopback_policy())
         .secrets(Arc::new(MapSecrets::new().with("TOKEN", SECRET)))
         .build()
         .unwrap()

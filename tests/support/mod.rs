@@ -22,6 +22,24 @@ pub(crate) fn agent(rest: &str) -> ActionSet {
     }
 }
 
+/// Plain HTTP and loopback allowed: what tests against local servers need.
+pub(crate) fn loopback_policy() -> midcall::EgressPolicy {
+    midcall::EgressPolicy::new()
+        .allow_http(true)
+        .allow_network("127.0.0.0/8".parse().unwrap())
+}
+
+/// Polls `cond` every 10 ms for up to 10 s; panics naming `what` if it never holds.
+pub(crate) async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
 pub(crate) fn call_info() -> CallInfo {
     CallInfo {
         id: "call_123".into(),
