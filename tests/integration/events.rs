@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::{json, Value};
 
-use midcall::events::{signing, Event, EventBus, EventType, PublishError};
+use midcall::events::{signing, DeliveryLog, Event, EventBus, EventType, PublishError};
 use midcall::{ActionSet, MapSecrets, Transcript, Turn};
 
 use crate::support::servers::{Recorded, Reply, TestServer};
@@ -88,6 +88,14 @@ fn error_hook(server: &TestServer) -> (tempfile::TempDir, midcall::events::Event
     let dir = tempfile::tempdir().unwrap();
     let builder = bus(&dir.path().join("o.db"), &set);
     (dir, builder)
+}
+
+/// Waits until exactly `n` deliveries of the log have `status`.
+async fn wait_for_status(log: &DeliveryLog, status: &str, n: usize) {
+    wait_until(status, || {
+        log.deliveries(None, Some(status), 10).unwrap().len() == n
+    })
+    .await;
 }
 
 fn bus(db: &std::path::Path, set: &ActionSet) -> midcall::events::EventBusBuilder {
@@ -227,20 +235,14 @@ async fn a_delivery_fails_after_the_last_retry_and_can_be_replayed() {
         .await
         .unwrap();
     let log = bus.log().unwrap();
-    wait_until("failed", || {
-        log.deliveries(None, Some("failed"), 10).unwrap().len() == 1
-    })
-    .await;
+    wait_for_status(&log, "failed", 1).await;
     assert_eq!(server.request_count(), 3, "one attempt and two retries");
     healthy.store(1, Ordering::SeqCst);
     let mut log = bus.log().unwrap();
     let id = log.deliveries(None, Some("failed"), 10).unwrap()[0].id;
     assert_eq!(log.replay_id(id).unwrap(), 1);
     bus.wake();
-    wait_until("delivered", || {
-        log.deliveries(None, Some("delivered"), 10).unwrap().len() == 1
-    })
-    .await;
+    wait_for_status(&log, "delivered", 1).await;
     assert_eq!(server.request_count(), 4);
     bus.close().await;
 }
@@ -298,10 +300,7 @@ async fn gone_disables_the_endpoint_later_events_are_skipped_and_replayable() {
         .await
         .unwrap();
     let log = bus.log().unwrap();
-    wait_until("disabled", || {
-        log.deliveries(None, Some("failed"), 10).unwrap().len() == 1
-    })
-    .await;
+    wait_for_status(&log, "failed", 1).await;
     bus.publish_durable(&Event::error("E2", "m"), &call)
         .await
         .unwrap();
@@ -320,10 +319,7 @@ async fn gone_disables_the_endpoint_later_events_are_skipped_and_replayable() {
     let mut log = bus.log().unwrap();
     assert_eq!(log.replay_since(0, "skipped").unwrap(), 2);
     bus.wake();
-    wait_until("replayed", || {
-        log.deliveries(None, Some("delivered"), 10).unwrap().len() == 2
-    })
-    .await;
+    wait_for_status(&log, "delivered", 2).await;
     bus.close().await;
 }
 
@@ -559,10 +555,7 @@ async fn delivered_events_are_purged_in_batches_and_nothing_else() {
     }
     bus.publish(&Event::error("keep", "m"), &call).unwrap();
     let mut log = bus.log().unwrap();
-    wait_until("delivered", || {
-        log.deliveries(None, Some("delivered"), 10).unwrap().len() == 5
-    })
-    .await;
+    wait_for_status(&log, "delivered", 5).await;
     let later = midcall::events::time::now_ms() + 1;
     assert_eq!(log.purge_delivered(later, 3).unwrap(), 3, "a batch at most");
     assert_eq!(log.purge_delivered(later, 3).unwrap(), 2);
@@ -587,10 +580,7 @@ async fn an_endpoint_failing_past_the_window_is_disabled() {
         .await
         .unwrap();
     let log = bus.log().unwrap();
-    wait_until("disabled", || {
-        log.deliveries(None, Some("failed"), 10).unwrap().len() == 1
-    })
-    .await;
+    wait_for_status(&log, "failed", 1).await;
     let d = &log.deliveries(None, Some("failed"), 10).unwrap()[0];
     assert_eq!(d.attempts, 2, "the second failure is past a zero window");
     assert!(
