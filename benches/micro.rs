@@ -181,38 +181,18 @@ fn state_and_runtime(c: &mut Criterion) {
     let (origin, _server) = rt.block_on(local_server());
     let set = agent(&origin);
     let runtime = Runtime::builder()
-        .egress(
-            EgressPolicy::new()
-                .allow_http(true)
-                .allow_network("127.0.0.0/8".parse().unwrap()),
-        )
+        .egress(loopback())
         .secrets(Arc::new(MapSecrets::new().with("TOKEN", "tok")))
         .dedupe_window(Duration::ZERO)
         .build()
         .unwrap();
     let lookup = set.action("lookup").unwrap().clone();
     rt.block_on(async {
-        let mut call = Call::new(call_info());
-        runtime
-            .execute(
-                &lookup,
-                &mut call,
-                json!({}),
-                &Budget::new(Duration::from_secs(5)),
-            )
-            .await;
+        execute_once(&runtime, &lookup, json!({}), 5).await;
     });
     c.bench_function("exec_cache_hit_outcome_and_state_apply", |b| {
         b.to_async(&rt).iter(|| async {
-            let mut call = Call::new(call_info());
-            let o = runtime
-                .execute(
-                    &lookup,
-                    &mut call,
-                    json!({}),
-                    &Budget::new(Duration::from_secs(5)),
-                )
-                .await;
+            let o = execute_once(&runtime, &lookup, json!({}), 5).await;
             assert_eq!(o.status.as_str(), "cache_hit");
             o
         })
@@ -221,42 +201,47 @@ fn state_and_runtime(c: &mut Criterion) {
     let dead = agent("http://127.0.0.1:9");
     let dead_lookup = dead.action("book").unwrap().clone();
     let breaker_rt = Runtime::builder()
-        .egress(
-            EgressPolicy::new()
-                .allow_http(true)
-                .allow_network("127.0.0.0/8".parse().unwrap()),
-        )
+        .egress(loopback())
         .breaker_cooldown(Duration::from_secs(3600))
         .build()
         .unwrap();
     rt.block_on(async {
         for _ in 0..5 {
-            let mut call = Call::new(call_info());
-            breaker_rt
-                .execute(
-                    &dead_lookup,
-                    &mut call,
-                    json!({"slot": "15:00"}),
-                    &Budget::new(Duration::from_secs(2)),
-                )
-                .await;
+            execute_once(&breaker_rt, &dead_lookup, json!({"slot": "15:00"}), 2).await;
         }
     });
     c.bench_function("exec_breaker_open_fail_fast", |b| {
         b.to_async(&rt).iter(|| async {
-            let mut call = Call::new(call_info());
-            let o = breaker_rt
-                .execute(
-                    &dead_lookup,
-                    &mut call,
-                    json!({"slot": "15:00"}),
-                    &Budget::new(Duration::from_secs(2)),
-                )
-                .await;
+            let o = execute_once(&breaker_rt, &dead_lookup, json!({"slot": "15:00"}), 2).await;
             assert_eq!(o.status.as_str(), "circuit_open");
             o
         })
     });
+}
+
+/// Plain HTTP to loopback: the benches' own local server.
+fn loopback() -> EgressPolicy {
+    EgressPolicy::new()
+        .allow_http(true)
+        .allow_network("127.0.0.0/8".parse().unwrap())
+}
+
+/// One tool call of `action` in a fresh call, within `secs`.
+async fn execute_once(
+    runtime: &Runtime,
+    action: &midcall::ActionSpec,
+    args: serde_json::Value,
+    secs: u64,
+) -> midcall::Outcome {
+    let mut call = Call::new(call_info());
+    runtime
+        .execute(
+            action,
+            &mut call,
+            args,
+            &Budget::new(Duration::from_secs(secs)),
+        )
+        .await
 }
 
 async fn local_server() -> (String, tokio::task::JoinHandle<()>) {
