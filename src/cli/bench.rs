@@ -68,6 +68,30 @@ struct Series {
 }
 
 impl Series {
+    /// The table columns up to req/s.
+    fn row(&self) -> String {
+        format!(
+            "{:<18} {:>5} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
+            self.name,
+            self.concurrency,
+            self.lat_ns.len(),
+            self.pct(0.5),
+            self.pct(0.9),
+            self.pct(0.99),
+            self.pct(0.999),
+            self.rps()
+        )
+    }
+
+    /// The JSON report row, with its ratios to raw hyper.
+    fn to_json(&self, r50: Option<f64>, r99: Option<f64>) -> Value {
+        json!({
+            "name": self.name, "concurrency": self.concurrency, "requests": self.lat_ns.len(),
+            "p50_us": self.pct(0.5), "p90_us": self.pct(0.9), "p99_us": self.pct(0.99),
+            "p999_us": self.pct(0.999), "rps": self.rps(), "ratio_p50": r50, "ratio_p99": r99,
+        })
+    }
+
     /// Latency percentile in µs; `lat_ns` is sorted once before reporting.
     fn pct(&self, p: f64) -> f64 {
         percentile(&self.lat_ns, p) / 1000.0
@@ -748,24 +772,8 @@ fn report(
             ),
         };
         let f = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-        println!(
-            "{:<18} {:>5} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>8} {:>8}",
-            s.name,
-            s.concurrency,
-            s.lat_ns.len(),
-            s.pct(0.5),
-            s.pct(0.9),
-            s.pct(0.99),
-            s.pct(0.999),
-            s.rps(),
-            f(r50),
-            f(r99)
-        );
-        rows.push(json!({
-            "name": s.name, "concurrency": s.concurrency, "requests": s.lat_ns.len(),
-            "p50_us": s.pct(0.5), "p90_us": s.pct(0.9), "p99_us": s.pct(0.99), "p999_us": s.pct(0.999),
-            "rps": s.rps(), "ratio_p50": r50, "ratio_p99": r99,
-        }));
+        println!("{} {:>8} {:>8}", s.row(), f(r50), f(r99));
+        rows.push(s.to_json(r50, r99));
     }
     let steady = series
         .iter()
@@ -862,24 +870,12 @@ async fn user_action(a: &BenchArgs, file: &str) -> Result<ExitCode, String> {
         "{:<18} {:>5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "action", "conc", "requests", "p50 µs", "p90 µs", "p99 µs", "p999 µs", "req/s"
     );
-    println!(
-        "{:<18} {:>5} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
-        s.name,
-        s.concurrency,
-        s.lat_ns.len(),
-        s.pct(0.5),
-        s.pct(0.9),
-        s.pct(0.99),
-        s.pct(0.999),
-        s.rps()
-    );
+    println!("{}", s.row());
     let m = statuses.lock().map(|m| m.clone()).unwrap_or_default();
     println!("outcomes (status/cache): {m:?}");
     if let Some(f) = &a.json {
-        let doc = json!({"scenarios": [{
-            "name": s.name, "concurrency": s.concurrency, "requests": s.lat_ns.len(),
-            "p50_us": s.pct(0.5), "p90_us": s.pct(0.9), "p99_us": s.pct(0.99), "p999_us": s.pct(0.999),
-            "rps": s.rps(), "ratio_p50": null, "ratio_p99": null }], "outcomes": m, "machine": machine()});
+        let doc =
+            json!({"scenarios": [s.to_json(None, None)], "outcomes": m, "machine": machine()});
         std::fs::write(
             f,
             serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?,
