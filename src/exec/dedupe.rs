@@ -40,11 +40,6 @@ impl RecentToolCalls {
             .map(|(_, _, o)| o)
     }
 
-    /// Forgets `key` (a prefetch is not a tool call of the model).
-    pub(crate) fn forget(&mut self, key: u128) {
-        self.entries.retain(|(k, _, _)| *k != key);
-    }
-
     pub(crate) fn remember(&mut self, key: u128, outcome: &Outcome, window: Duration) {
         let now = Instant::now();
         self.entries

@@ -579,6 +579,19 @@ impl Runtime {
         call: &mut Call,
         budget: &Budget,
     ) -> Vec<Outcome> {
+        self.execute_many(calls, call, budget, true).await
+    }
+
+    /// [`Runtime::execute_all`]; `from_model` false (prefetches) keeps these runs out of
+    /// duplicate protection: the model did not make them, so its own later call of the same
+    /// action goes through the cache instead.
+    async fn execute_many(
+        &self,
+        calls: &[(&ActionSpec, ToolCall)],
+        call: &mut Call,
+        budget: &Budget,
+        from_model: bool,
+    ) -> Vec<Outcome> {
         let started = Instant::now();
         let spans: Vec<tracing::Span> = calls
             .iter()
@@ -586,7 +599,9 @@ impl Runtime {
             .collect();
         let dkeys: Vec<Option<u128>> = calls
             .iter()
-            .map(|(a, t)| (a.dedupe() && !a.is_async()).then(|| dedupe_key(a.name(), &t.args)))
+            .map(|(a, t)| {
+                (from_model && a.dedupe() && !a.is_async()).then(|| dedupe_key(a.name(), &t.args))
+            })
             .collect();
         let earlier: Vec<Option<Outcome>> = dkeys
             .iter()
@@ -694,13 +709,8 @@ impl Runtime {
         origins.sort_unstable();
         origins.dedup();
         let warm = self.warm_origins(&origins, within);
-        let run = self.execute_all(&prefetch, call, &budget);
+        let run = self.execute_many(&prefetch, call, &budget, false);
         let (mut warm, prefetched) = tokio::join!(warm, run);
-        // The model did not make these calls: its own later call of the same action goes
-        // through the cache (a hit), not duplicate protection.
-        for (a, t) in &prefetch {
-            call.recent.forget(dedupe_key(a.name(), &t.args));
-        }
         for ((a, _), o) in prefetch.iter().zip(&prefetched) {
             if o.http_status.is_some() || o.status.is_success() {
                 warm.warmed.push(a.url().origin().to_string());
