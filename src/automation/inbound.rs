@@ -45,9 +45,12 @@ pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 /// The inbound HTTP server of one [`Automations`].
 #[derive(Clone)]
 pub struct InboundServer {
-    inner: Arc<Server>,
+    automations: Automations,
+    metrics: Option<MetricsRender>,
+    drain: Duration,
 }
 
+/// What the request handler shares: built once by [`InboundServer::serve`].
 struct Server {
     automations: Automations,
     metrics: Option<MetricsRender>,
@@ -55,13 +58,13 @@ struct Server {
     /// Keys the constant-time comparison of bearer keys (both sides are MACed and the tags
     /// compared by ring).
     mac: ring::hmac::Key,
-    drain: Duration,
 }
 
 impl std::fmt::Debug for InboundServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InboundServer")
-            .field("automations", &self.inner.automations)
+            .field("automations", &self.automations)
+            .field("drain", &self.drain)
             .finish_non_exhaustive()
     }
 }
@@ -69,35 +72,23 @@ impl std::fmt::Debug for InboundServer {
 impl InboundServer {
     /// A server for `automations`, with the `[inbound]` settings of their config.
     pub fn new(automations: Automations) -> InboundServer {
-        InboundServer::build(automations, None, Duration::from_secs(10))
+        InboundServer {
+            automations,
+            metrics: None,
+            drain: Duration::from_secs(10),
+        }
     }
 
     /// Serves `GET /metrics` with `render` (otherwise it answers 404).
-    pub fn metrics(self, render: MetricsRender) -> InboundServer {
-        let s = &self.inner;
-        InboundServer::build(s.automations.clone(), Some(render), s.drain)
+    pub fn metrics(mut self, render: MetricsRender) -> InboundServer {
+        self.metrics = Some(render);
+        self
     }
 
     /// How long shutdown waits for requests in flight. Default 10 s.
-    pub fn drain_timeout(self, d: Duration) -> InboundServer {
-        let s = &self.inner;
-        InboundServer::build(s.automations.clone(), s.metrics.clone(), d)
-    }
-
-    fn build(automations: Automations, metrics: Option<MetricsRender>, drain: Duration) -> Self {
-        let inbound = automations.set().inbound().clone();
-        let mut seed = [0u8; 32];
-        let rng = ring::rand::SystemRandom::new();
-        let _ = ring::rand::SecureRandom::fill(&rng, &mut seed);
-        InboundServer {
-            inner: Arc::new(Server {
-                automations,
-                metrics,
-                limiter: Mutex::new(RateLimiter::new(inbound.rate_per_second, inbound.burst)),
-                mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed),
-                drain,
-            }),
-        }
+    pub fn drain_timeout(mut self, d: Duration) -> InboundServer {
+        self.drain = d;
+        self
     }
 
     /// Accepts connections on `listener` until `shutdown` completes; then stops accepting,
@@ -113,6 +104,15 @@ impl InboundServer {
         http.timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(10));
         tokio::pin!(shutdown);
+        let inbound = self.automations.set().inbound().clone();
+        let mut seed = [0u8; 32];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+        let server = Arc::new(Server {
+            automations: self.automations,
+            metrics: self.metrics,
+            limiter: Mutex::new(RateLimiter::new(inbound.rate_per_second, inbound.burst)),
+            mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed),
+        });
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -126,7 +126,7 @@ impl InboundServer {
                 _ = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
-            let inner = self.inner.clone();
+            let inner = server.clone();
             let ip = peer.ip();
             let svc = hyper::service::service_fn(move |req| {
                 let inner = inner.clone();
@@ -141,7 +141,7 @@ impl InboundServer {
         drop(listener);
         tokio::select! {
             _ = graceful.shutdown() => {}
-            _ = tokio::time::sleep(self.inner.drain) => {
+            _ = tokio::time::sleep(self.drain) => {
                 tracing::warn!("inbound: requests still in flight after the drain timeout");
             }
         }
