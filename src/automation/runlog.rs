@@ -62,10 +62,7 @@ pub(crate) fn insert(
 ) -> Result<(), OutboxError> {
     let tx = conn.transaction()?;
     for r in runs {
-        tx.execute(
-            "INSERT INTO runs (id, automation, trigger, call_id, status, context, created_ms) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
-            params![r.id, r.automation, r.trigger, r.call_id, r.context, now],
-        )?;
+        insert_in(&tx, r, now)?;
     }
     tx.commit()?;
     Ok(())
@@ -94,12 +91,17 @@ pub(crate) fn insert_once(
             return Ok(false);
         }
     }
-    tx.execute(
-        "INSERT INTO runs (id, automation, trigger, call_id, status, context, created_ms) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
-        params![run.id, run.automation, run.trigger, run.call_id, run.context, now],
-    )?;
+    insert_in(&tx, run, now)?;
     tx.commit()?;
     Ok(true)
+}
+
+fn insert_in(tx: &rusqlite::Transaction<'_>, r: &NewRun<'_>, now: i64) -> Result<(), OutboxError> {
+    tx.execute(
+        "INSERT INTO runs (id, automation, trigger, call_id, status, context, created_ms) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6)",
+        params![r.id, r.automation, r.trigger, r.call_id, r.context, now],
+    )?;
+    Ok(())
 }
 
 /// A run taken for execution.

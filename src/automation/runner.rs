@@ -249,12 +249,11 @@ impl Automations {
         };
         let bytes = serde_json::to_vec(&context).map_err(|e| StartError::Storage(e.to_string()))?;
         let now = time::now_ms();
-        let ids: Vec<String> = matching.iter().map(|_| run_id(now)).collect();
         let rows: Vec<(String, String)> = matching
             .iter()
-            .zip(&ids)
-            .map(|(a, id)| (id.clone(), a.id.clone()))
+            .map(|a| (run_id(now), a.id.clone()))
             .collect();
+        let ids = rows.iter().map(|(id, _)| id.clone()).collect();
         let call_id = call.info.id.clone();
         self.db(move |c| {
             let runs: Vec<NewRun<'_>> = rows
