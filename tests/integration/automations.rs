@@ -1061,3 +1061,59 @@ async fn serve_binary_answers_exports_metrics_and_stops_on_sigterm() {
         "{table}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_missing_on_the_server_is_503_not_500() {
+    let set = agent(
+        "[[automations]]\nid = \"cb\"\ntrigger = { on = \"webhook\" }\nauth = { bearer = \"{{secrets.NOT_SET_ANYWHERE}}\" }\nsteps = [ { send_webhook = { url = \"http://127.0.0.1:9/x\" } } ]\n",
+    );
+    let srv = Inbound::start(set).await;
+    let key = bearer();
+    let r = post(
+        srv.addr,
+        "cb",
+        &[("Authorization", key.as_str()), JSON],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.error(),
+        "the inbound credentials are not available on this server"
+    );
+    srv.stop().await;
+}
+
+/// A client that stops sending: in its headers the connection is closed, in its body it gets
+/// 408; both after the 10 s limits, neither holds the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_headers_and_bodies_are_cut_off_after_ten_seconds() {
+    let (crm, hooks) = receivers().await;
+    let srv = Inbound::start(config(&crm.origin(), &hooks.origin(), "")).await;
+    let a = srv.addr;
+    let started = tokio::time::Instant::now();
+    let key = bearer();
+    let stalled_body = async {
+        let mut s = TcpStream::connect(a).await.unwrap();
+        s.write_all(format!("POST /v1/automations/callback/webhook HTTP/1.1\r\nHost: {a}\r\nAuthorization: {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{\"slot\":").as_bytes()).await.unwrap();
+        read_answer(&mut s).await
+    };
+    let stalled_headers = async {
+        let mut s = TcpStream::connect(a).await.unwrap();
+        s.write_all(b"POST /v1/automations/callback/webhook HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+        started.elapsed()
+    };
+    let (body, headers_closed_after) = tokio::join!(stalled_body, stalled_headers);
+    assert_eq!(body.status, 408, "{body:?}");
+    assert_eq!(body.error(), "the body took too long to arrive");
+    assert!(started.elapsed() >= Duration::from_secs(9));
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(14)).contains(&headers_closed_after),
+        "{headers_closed_after:?}"
+    );
+    srv.stop().await;
+}
