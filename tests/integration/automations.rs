@@ -197,7 +197,7 @@ async fn send_raw(addr: SocketAddr, head: &str, body: &[u8]) -> Answer {
 
 async fn read_answer(s: &mut TcpStream) -> Answer {
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();

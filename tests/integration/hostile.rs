@@ -152,12 +152,7 @@ fn the_secret_appears_in_no_log_error_or_outcome() {
     text.push_str("[[actions]]\nname = \"missing\"\ndescription = \"d\"\nurl = \"https://e.example.com/{{args.nope}}\"\nheaders = { Authorization = \"Bearer {{secrets.TOKEN}}\" }\n");
     let set = load_toml(&text).unwrap();
     let capture = Capture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(capture.clone())
-        .with_max_level(tracing::Level::TRACE)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
-        .with_ansi(false)
-        .finish();
+    let subscriber = capture.subscriber(tracing_subscriber::fmt::format::FmtSpan::FULL);
     let mut shown = Vec::new();
     tracing::subscriber::with_default(subscriber, || {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -74,12 +74,7 @@ fn server() -> (tokio::runtime::Runtime, TestServer) {
 fn each_action_has_a_span_with_its_fields_and_no_secret() {
     let (_rt, server) = server();
     let capture = Capture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(capture.clone())
-        .with_max_level(tracing::Level::TRACE)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .with_ansi(false)
-        .finish();
+    let subscriber = capture.subscriber(tracing_subscriber::fmt::format::FmtSpan::CLOSE);
     tracing::subscriber::with_default(subscriber, || run_actions(&server.origin()));
     let out = capture.text();
     let closes: Vec<&str> = out

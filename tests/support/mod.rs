@@ -62,6 +62,19 @@ pub(crate) fn root() -> std::path::PathBuf {
 pub(crate) struct Capture(pub(crate) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl Capture {
+    /// A subscriber writing every event and the given span events, without colour, here.
+    pub(crate) fn subscriber(
+        &self,
+        spans: tracing_subscriber::fmt::format::FmtSpan,
+    ) -> impl tracing::Subscriber {
+        tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_max_level(tracing::Level::TRACE)
+            .with_span_events(spans)
+            .with_ansi(false)
+            .finish()
+    }
+
     pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
