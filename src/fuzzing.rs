@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::spec::{ActionSet, Syntax};
+use crate::config::{ActionSet, Syntax};
 use crate::state::{CallInfo, ConversationState, Transcript};
 use crate::template::{MapSecrets, Redactor, RenderContext, Template, UrlTemplate, ACTION_ROOTS};
 

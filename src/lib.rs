@@ -6,7 +6,7 @@
 //! compact result or a fallback line to say.
 //!
 //! # Layout
-//! - [`spec`]: the agent config (actions, webhooks, automations, egress); load TOML/JSON,
+//! - [`config`]: the agent config (actions, webhooks, automations, egress); load TOML/JSON,
 //!   validate with errors that name file, line, action and field; compile once into an
 //!   [`ActionSet`]; tool definitions for the model and argument validation.
 //! - [`template`]: `{{…}}` templates, compiled once, rendered into a URL (percent-encoded per
@@ -58,24 +58,24 @@ pub mod automation;
 #[doc(hidden)]
 pub mod bench_data;
 pub mod cache;
+pub mod config;
 pub mod events;
 pub mod exec;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod jsonpath;
-pub mod spec;
 pub mod state;
 pub mod template;
 pub mod transport;
 
 pub use automation::{Automations, CallEnd, InboundServer, RunLog, StartError};
-pub use events::{Event, EventBus, EventType};
-pub use exec::{Budget, Error, Outcome, Runtime, RuntimeBuilder, Status, ToolCall};
-pub use jsonpath::{ExtractError, Extractor, Query, QueryError};
-pub use spec::{
+pub use config::{
     ActionSet, ActionSpec, ArgsError, ConfigError, Format, LoadError, RenderedRequest,
     RequestError, Syntax,
 };
+pub use events::{Event, EventBus, EventType};
+pub use exec::{Budget, Error, Outcome, Runtime, RuntimeBuilder, Status, ToolCall};
+pub use jsonpath::{ExtractError, Extractor, Query, QueryError};
 pub use state::{Call, CallInfo, ConversationState, Speaker, StatePath, Transcript, Turn};
 pub use template::{EnvSecrets, MapSecrets, RenderContext, Secret, SecretSource};
 pub use transport::{Deadline, EgressPolicy};

@@ -20,7 +20,7 @@ pub use runner::{Automations, AutomationsBuilder, CallEnd, StartError};
 
 use serde_json::{json, Value};
 
-use crate::spec::ActionSet;
+use crate::config::ActionSet;
 use crate::state::{CallInfo, ConversationState, Transcript};
 use crate::template::{RenderContext, SecretSource};
 

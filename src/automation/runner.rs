@@ -9,10 +9,10 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use super::runlog::{self, ClaimedRun, NewRun, RunLog, StepRecord};
 use super::{post_call_payload, RunContext, TargetRef};
+use crate::config::{ActionSet, AutomationSpec, Step, Trigger};
 use crate::events::outbox::{self, NewEvent, OutboxError};
 use crate::events::{time, Event, EventBus};
 use crate::exec::{Budget, Runtime, ToolCall};
-use crate::spec::{ActionSet, AutomationSpec, Step, Trigger};
 use crate::state::{Call, CallInfo};
 use crate::template::{BodyTemplate, Redactor, RenderErrorKind, SecretSource};
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::spec::{CachePolicy, CacheScope};
+use crate::config::{CachePolicy, CacheScope};
 use crate::state::{CallInfo, StatePath};
 
 /// Default cache capacity: 64 MiB of extracted values.

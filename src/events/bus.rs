@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::outbox::{self, Attempt, Claimed, NewEvent, Next};
 use super::{signing, time, Event};
 use crate::automation::{RunContext, TargetRef};
-use crate::spec::{ActionSet, AutomationSpec, Step, WebhookSpec};
+use crate::config::{ActionSet, AutomationSpec, Step, WebhookSpec};
 use crate::state::CallInfo;
 use crate::template::{EnvSecrets, Redactor, SecretSource, Template, UrlTemplate};
 use crate::transport::{Deadline, EgressPolicy, Transport, TransportConfig, TransportError};
@@ -635,7 +635,7 @@ impl Worker {
                             .get(http::header::RETRY_AFTER)
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| {
-                                crate::exec::parse_retry_after(v, std::time::SystemTime::now())
+                                crate::transport::parse_retry_after(v, std::time::SystemTime::now())
                             })
                     } else {
                         None

@@ -20,15 +20,15 @@ use super::dedupe::{dedupe_key, DEFAULT_DEDUPE_WINDOW};
 use super::error::{Error, Fault, Kind, Retry};
 use super::idempotency::idempotency_key;
 use super::outcome::{llm_result, Outcome, Status, Timings};
-use super::retry_after::parse_retry_after;
 use crate::cache::{
     CacheKey, CacheStatus, Entry, Join, Lookup, ResponseCache, ScopeId,
     DEFAULT_CACHE_CAPACITY_BYTES,
 };
+use crate::config::{ActionSet, ActionSpec, Method, RenderedRequest, RequestError};
 use crate::jsonpath::Extractor;
-use crate::spec::{ActionSet, ActionSpec, Method, RenderedRequest, RequestError};
 use crate::state::{Call, CallInfo, StatePath};
 use crate::template::{EnvSecrets, RenderContext, SecretSource};
+use crate::transport::parse_retry_after;
 use crate::transport::{
     ConnectError, Deadline, EgressPolicy, EgressRefusal, Exchange, Resolve, SystemResolver,
     Transport, TransportConfig, TransportError,
@@ -803,7 +803,7 @@ impl Runtime {
         flight: crate::cache::Flight<FetchResult>,
         p: Prepared,
         action: &ActionSpec,
-        policy: crate::spec::CachePolicy,
+        policy: crate::config::CachePolicy,
         scope: ScopeId,
     ) {
         let this = self.clone();

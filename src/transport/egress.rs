@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-use crate::spec::EgressConfig;
+use crate::config::EgressConfig;
 
 /// Where requests may go. HTTPS only unless `allow_http`; every address a host resolves to is
 /// checked when connecting, and loopback, private (RFC 1918), link-local (incl.

@@ -4,9 +4,11 @@
 
 mod connect;
 mod egress;
+mod retry_after;
 
 pub use connect::{BoxFuture, Resolve, SystemResolver};
 pub use egress::{is_blocked, parse_ip_literal, EgressPolicy, EgressRefusal};
+pub use retry_after::parse_retry_after;
 
 pub(crate) use connect::{ConnInfo, ConnectError, Connector};
 

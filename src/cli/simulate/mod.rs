@@ -184,7 +184,7 @@ fn hosts(set: &ActionSet) -> Vec<String> {
     out.extend(set.webhooks().iter().map(|w| w.url.host().to_string()));
     for a in set.automations() {
         for s in &a.steps {
-            if let midcall::spec::Step::SendWebhook { url, .. } = s {
+            if let midcall::config::Step::SendWebhook { url, .. } = s {
                 out.push(url.host().to_string());
             }
         }

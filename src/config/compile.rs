@@ -12,7 +12,7 @@ use super::error::{Problem, Seg};
 use super::model::*;
 use super::raw::{self, AgentFile, ExtractDef};
 use super::tools::ArgSchema;
-use crate::events::EventType;
+use super::EventType;
 use crate::jsonpath::{Conversion, ExtractRule, Extractor, Query};
 use crate::state::StatePath;
 use crate::template::{

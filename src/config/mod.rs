@@ -3,6 +3,7 @@
 
 mod compile;
 mod error;
+mod event_type;
 mod load;
 mod model;
 mod raw;
@@ -10,6 +11,7 @@ mod render;
 mod tools;
 
 pub use error::{ConfigError, LoadError};
+pub use event_type::EventType;
 pub use load::{Syntax, MAX_CONFIG_BYTES};
 pub use model::*;
 pub use render::{RenderedRequest, RequestError};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::tools::ArgSchema;
-use crate::events::EventType;
+use super::EventType;
 use crate::jsonpath::Extractor;
 use crate::state::StatePath;
 use crate::template::{BodyTemplate, Template, UrlTemplate};
