@@ -15,8 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use midcall::exec::Budget;
 use midcall::transport::EgressPolicy;
 use midcall::{
-    ActionSet, Automations, Call, CallEnd, CallInfo, EventBus, MapSecrets, Runtime, Syntax,
-    ToolCall, Turn,
+    ActionSet, Automations, CallEnd, CallInfo, EventBus, MapSecrets, Runtime, Syntax, ToolCall,
+    Turn,
 };
 
 /// A stand-in CRM on 127.0.0.1: customer lookup, open slots (slow, so the filler plays) and
@@ -118,27 +118,55 @@ fn now() -> String {
     "2025-11-03T19:33:18.330Z".to_string()
 }
 
+/// One outcome as a timeline line: status, HTTP code, time, values or the fallback.
+fn show(o: &midcall::Outcome) {
+    let values: Vec<String> = o.values.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+    println!(
+        "  {:<18} {:<10} {:>4} {:>7.1} ms{}{}",
+        o.action,
+        o.status.as_str(),
+        o.http_status.map(|c| c.to_string()).unwrap_or_default(),
+        o.timings.total.as_secs_f64() * 1000.0,
+        if o.deduplicated {
+            "  [deduplicated: nothing sent]"
+        } else {
+            ""
+        },
+        if values.is_empty() {
+            String::new()
+        } else {
+            format!("  {}", values.join(", "))
+        },
+    );
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let port = mock_crm().await?;
-    let set = agent(&format!("http://127.0.0.1:{port}"))?;
-    // One runtime per process. Real deployments keep the default HTTPS-only policy; this demo
-    // talks to its own loopback server.
-    let policy = EgressPolicy::new()
-        .allow_http(true)
-        .allow_network("127.0.0.0/8".parse()?);
-    let secrets = Arc::new(
-        MapSecrets::new()
-            .with("CRM_TOKEN", "demo-token")
-            .with("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-    );
+    let agent = Arc::new(agent(&format!("http://127.0.0.1:{port}"))?);
+    let db = std::env::temp_dir().join(format!("midcall-embed-{}.db", std::process::id()));
+
+    // One runtime per process, configured once: network, secrets and the durable event bus.
+    // Real deployments keep the default HTTPS-only policy; this demo talks to loopback.
     let runtime = Runtime::builder()
-        .egress(policy.clone())
-        .secrets(secrets.clone())
+        .egress(
+            EgressPolicy::new()
+                .allow_http(true)
+                .allow_network("127.0.0.0/8".parse()?),
+        )
+        .secrets(Arc::new(
+            MapSecrets::new()
+                .with("CRM_TOKEN", "demo-token")
+                .with("WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ))
+        .event_bus(EventBus::builder(&db).webhooks(&agent))
         .build()?;
+    let bus = runtime.event_bus().ok_or("no bus")?.clone();
+    // The call_completed automations register with the runtime: `call.end` queues them.
+    let automations = Automations::builder(agent.clone(), runtime.clone(), bus.clone()).start()?;
 
     // The call connects: warm connections and prefetch the caller's account.
-    let mut call = Call::new(CallInfo {
+    let info = CallInfo {
         id: "call_embed_1".into(),
         agent_id: "front-desk".into(),
         tenant: "acme-dental".into(),
@@ -146,84 +174,53 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         to_number: "+15557654321".into(),
         is_outgoing: false,
         started_at: now(),
-    });
-    let start = runtime
-        .start_call(&set, &mut call, Duration::from_millis(500))
+    };
+    let call = runtime
+        .start_call(agent.clone(), info, Duration::from_millis(500))
         .await;
-    println!(
-        "call connected; prefetched {} action(s); state: {}",
-        start.prefetched.len(),
-        call.state.to_value()
-    );
+    println!("call connected; prefetched:");
+    call.start_report().prefetched.iter().for_each(show);
 
     // Turn 1: the model asks for open slots. The filler plays while the slow lookup runs.
-    call.transcript
-        .push(Turn::user("Can I come in tomorrow?", now()));
-    let budget = Budget::new(Duration::from_millis(1500));
-    let check = set.action("check_slots").ok_or("no check_slots")?;
-    let outcome = runtime
-        .execute_with_filler(
-            check,
-            &mut call,
+    call.add_turn(Turn::user("Can I come in tomorrow?", now()));
+    let slots = call
+        .tool(
+            "check_slots",
             ToolCall::new("tc_1", json!({"date": "2025-11-04"})),
-            &budget,
-            |line| {
-                println!("agent says (filler): {line}");
-            },
+            Budget::new(Duration::from_millis(1500)),
         )
+        .on_filler(|line| println!("  agent says (filler): {line}"))
         .await;
-    println!(
-        "check_slots: {} in {:?}; model gets {}",
-        outcome.status.as_str(),
-        outcome.timings.total,
-        outcome.llm_result
-    );
+    show(&slots);
+    println!("  the model gets {}", slots.llm_result);
 
     // Turn 2: the model books; the caller barges in and the model re-issues the same call.
-    let book = set
-        .action("book_appointment")
-        .ok_or("no book_appointment")?;
     for id in ["tc_2", "tc_3"] {
-        let budget = Budget::new(Duration::from_millis(1500));
-        let o = runtime
-            .execute(
-                book,
-                &mut call,
+        let o = call
+            .tool(
+                "book_appointment",
                 ToolCall::new(id, json!({"slot": "15:00"})),
-                &budget,
+                Budget::new(Duration::from_millis(1500)),
             )
             .await;
         if let Some(line) = &o.say {
-            println!("agent says (fallback): {line}");
+            println!("  agent says (fallback): {line}");
         }
-        println!(
-            "book_appointment ({id}): {} deduplicated={} values={:?}",
-            o.status.as_str(),
-            o.deduplicated,
-            o.values
-        );
+        show(&o);
+        call.barge_in();
     }
-    call.transcript.push(Turn::ai(
+    call.add_turn(Turn::ai(
         "You're booked for 3 pm tomorrow.",
         now(),
         Some(2),
         Some("node_confirm".into()),
     ));
-    println!("final state: {}", call.state.to_value());
+    println!("final state: {}", call.state_value());
 
-    // The call ends: phone_call_ended and the post-call results are published, and the
-    // call_completed automation sends the post-call payload to the CRM, signed, through a
-    // durable outbox (a SQLite file the program chooses).
-    let set = Arc::new(set);
-    let db = std::env::temp_dir().join(format!("midcall-embed-{}.db", std::process::id()));
-    let bus = EventBus::builder(&db)
-        .webhooks(&set)
-        .secrets(secrets)
-        .egress(policy)
-        .build()?;
-    let automations = Automations::builder(set.clone(), runtime.clone(), bus.clone()).start()?;
+    // The call ends: phone_call_ended and the post-call results are published durably, and the
+    // call_completed automation sends the post-call payload to the CRM, signed.
     let end = CallEnd::new(Duration::from_secs(42), "user_hangup").outcome("appointment_booked");
-    let runs = runtime.complete_call(&automations, &call, &end).await?;
+    let runs = call.end(end).await?;
     automations.wait_idle(Duration::from_secs(5)).await;
     let log = bus.log()?;
     for _ in 0..250 {
@@ -232,11 +229,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    println!("call ended; {} automation run(s) queued", runs.len());
     for d in log.deliveries(None, None, 10)? {
-        println!(
-            "call completed: run(s) {runs:?}; delivery to {}: {}",
-            d.endpoint, d.status
-        );
+        println!("  delivery to {:<40} {}", d.endpoint, d.status);
     }
     automations.shutdown(Duration::from_secs(1)).await;
     bus.close().await;

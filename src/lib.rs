@@ -6,26 +6,35 @@
 //! compact result or a fallback line to say.
 //!
 //! # Layout
-//! - [`config`]: the agent config (actions, webhooks, automations, egress); load TOML/JSON,
-//!   validate with errors that name file, line, action and field; compile once into an
-//!   [`ActionSet`]; tool definitions for the model and argument validation.
+//! - [`config`]: the agent config (actions, webhooks, automations, egress) and the event-type
+//!   vocabulary; load TOML/JSON, validate with errors that name file, line, action and field;
+//!   compile once into an [`ActionSet`]; tool definitions for the model and argument
+//!   validation.
 //! - [`template`]: `{{…}}` templates, compiled once, rendered into a URL (percent-encoded per
 //!   component), a header (CR/LF/NUL refused) or a JSON body (types kept); secrets and their
 //!   redaction.
 //! - [`jsonpath`]: RFC 9535 queries behind a small API, and extraction rules that turn a
 //!   response into typed values for state paths.
-//! - [`state`]: `CallInfo`, `ConversationState` (dotted paths, size cap) and `Transcript`.
-//! - [`exec`]: the executor: `Runtime`, `Budget`, `execute` / `execute_all`, `Outcome`,
-//!   fallbacks, the circuit breaker, the filler, idempotency keys, 429 handling.
+//! - [`state`]: `CallInfo`, `ConversationState` (dotted paths, size cap), `Transcript` and
+//!   `CallEnd`.
+//! - [`exec`]: the executor. `builder.rs` configures a [`Runtime`] once (network, secrets,
+//!   event bus); `session.rs` drives a live call ([`CallSession`]: tool handles, duplicate
+//!   protection over done and running calls, cancellation policies, held side effects, the
+//!   call's end); the path of one action is `plan.rs` → `obtain.rs` → `apply.rs`; beside
+//!   them `Budget`, `Outcome`, errors with fault and retry, the circuit breaker, idempotency
+//!   keys.
 //! - [`transport`]: hyper-util's pooled client over our connector (egress policy checked on
 //!   every resolved address, `TCP_NODELAY`, rustls with ring, warm-up), one deadline over the
-//!   whole exchange, the body cap.
+//!   whole exchange, the body cap, `Retry-After` parsing.
 //! - [`cache`]: the response cache (extraction results, scoped, weighed in bytes, freshness on
 //!   tokio's clock) and request coalescing.
-//! - [`events`]: event webhooks: types and envelope, Standard Webhooks signing, the durable
-//!   SQLite outbox, delivery with retries and ordering, the delivery log and replay.
+//! - [`events`]: event webhooks: envelope and payloads (the post-call payload among them),
+//!   Standard Webhooks signing, the durable SQLite outbox, delivery with retries and ordering,
+//!   the delivery log and replay. Deliveries of other modules' targets are resolved through
+//!   an interface they register.
 //! - [`automation`]: automations (call completed, inbound webhook), their durable run log
-//!   and worker, the post-call payload, and the inbound webhook server.
+//!   and worker, and the inbound webhook server; registers itself with the runtime (call
+//!   completion) and the bus (delivery targets).
 //! - `cli` (binary only): one file per command.
 //!
 //! # Example
@@ -68,14 +77,16 @@ pub mod state;
 pub mod template;
 pub mod transport;
 
-pub use automation::{Automations, CallEnd, InboundServer, RunLog, StartError};
+pub use automation::{Automations, InboundServer, RunLog, StartError};
 pub use config::{
     ActionSet, ActionSpec, ArgsError, ConfigError, Format, LoadError, RenderedRequest,
     RequestError, Syntax,
 };
 pub use events::{Event, EventBus, EventType};
-pub use exec::{Budget, Error, Outcome, Runtime, RuntimeBuilder, Status, ToolCall};
+pub use exec::{
+    Budget, CallSession, Error, Outcome, Runtime, RuntimeBuilder, Status, ToolCall, ToolHandle,
+};
 pub use jsonpath::{ExtractError, Extractor, Query, QueryError};
-pub use state::{Call, CallInfo, ConversationState, Speaker, StatePath, Transcript, Turn};
+pub use state::{Call, CallEnd, CallInfo, ConversationState, Speaker, StatePath, Transcript, Turn};
 pub use template::{EnvSecrets, MapSecrets, RenderContext, Secret, SecretSource};
 pub use transport::{Deadline, EgressPolicy};

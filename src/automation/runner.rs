@@ -12,37 +12,9 @@ use super::{post_call_payload, RunContext, TargetRef};
 use crate::config::{ActionSet, AutomationSpec, Step, Trigger};
 use crate::events::outbox::{self, NewEvent, OutboxError};
 use crate::events::{time, Event, EventBus};
-use crate::exec::{Budget, Runtime, ToolCall};
-use crate::state::{Call, CallInfo};
+use crate::exec::{Budget, CallCompletion, Runtime, ToolCall};
+use crate::state::{Call, CallEnd, CallInfo};
 use crate::template::{BodyTemplate, Redactor, RenderErrorKind, SecretSource};
-
-/// How a call ended, for [`Automations::complete_call`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallEnd {
-    /// How long the call lasted.
-    pub duration: Duration,
-    /// Why it ended (`user_hangup`, `agent_hangup`, `transfer`, ...).
-    pub end_reason: String,
-    /// The call's outcome as the agent judged it (`appointment_booked`), if any.
-    pub outcome: Option<String>,
-}
-
-impl CallEnd {
-    /// A call that lasted `duration` and ended for `end_reason`, with no outcome.
-    pub fn new(duration: Duration, end_reason: impl Into<String>) -> CallEnd {
-        CallEnd {
-            duration,
-            end_reason: end_reason.into(),
-            outcome: None,
-        }
-    }
-
-    /// With an outcome.
-    pub fn outcome(mut self, outcome: impl Into<String>) -> CallEnd {
-        self.outcome = Some(outcome.into());
-        self
-    }
-}
 
 /// Why runs could not be started.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,11 +90,88 @@ impl AutomationsBuilder {
             concurrency: self.concurrency as u32,
             task: Mutex::new(None),
         });
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err("automations must be started inside a tokio runtime".into());
+        }
+        // Weak registrations: the runtime and the bus must not keep the automations alive.
+        inner.bus.register_targets(Arc::new(StepTargets {
+            set: inner.set.clone(),
+        }));
+        inner.runtime.register_call_completion(Arc::new(Completion {
+            inner: Arc::downgrade(&inner),
+        }));
         let task = tokio::spawn(work(inner.clone()));
         if let Ok(mut t) = inner.task.lock() {
             *t = Some(task);
         }
         Ok(Automations { inner })
+    }
+}
+
+/// Resolves an automation delivery's target: its step's templates and its run's context.
+struct StepTargets {
+    set: Arc<ActionSet>,
+}
+
+impl crate::events::DeliveryTargets for StepTargets {
+    fn resolve(
+        &self,
+        conn: &mut Connection,
+        target: &str,
+    ) -> Result<crate::events::ResolvedTarget, String> {
+        let t: TargetRef =
+            serde_json::from_str(target).map_err(|_| "unreadable automation target".to_string())?;
+        let step = self
+            .set
+            .automations()
+            .iter()
+            .find(|a| a.id == t.automation)
+            .and_then(|a| a.steps.get(t.step));
+        let Some(Step::SendWebhook {
+            url,
+            headers,
+            signing_secret,
+            ..
+        }) = step
+        else {
+            return Err("the automation step is no longer in the config".into());
+        };
+        let bytes = runlog::context(conn, &t.run)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "the run is no longer in the run log".to_string())?;
+        let inputs: RunContext = serde_json::from_slice(&bytes)
+            .map_err(|_| "the run's context is unreadable".to_string())?;
+        Ok(crate::events::ResolvedTarget {
+            url: url.clone(),
+            headers: headers.clone(),
+            signing_secret: signing_secret.clone(),
+            inputs,
+        })
+    }
+}
+
+/// The call_completed automations, as the runtime's [`CallCompletion`].
+struct Completion {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl CallCompletion for Completion {
+    fn complete<'a>(
+        &'a self,
+        _agent: &'a ActionSet,
+        call: &'a Call,
+        end: &'a CallEnd,
+    ) -> futures_util::future::BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            let inner = self
+                .inner
+                .upgrade()
+                .ok_or_else(|| "the automations have stopped".to_string())?;
+            Automations { inner }
+                .complete_call(call, end)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -194,7 +194,7 @@ pub(crate) type Shared<T> = Arc<T>;
 /// The cache and the table of fetches in flight.
 pub(crate) struct ResponseCache<T: Send + Sync + 'static> {
     entries: moka::future::Cache<CacheKey, Arc<Entry>>,
-    inflight: Mutex<HashMap<CacheKey, watch::Receiver<Option<Shared<T>>>>>,
+    inflight: Mutex<HashMap<CacheKey, Arc<watch::Sender<Option<Shared<T>>>>>>,
 }
 
 impl<T: Send + Sync + 'static> fmt::Debug for ResponseCache<T> {
@@ -233,7 +233,7 @@ pub(crate) struct Flight<T: Send + Sync + 'static> {
     cache: Arc<ResponseCache<T>>,
     key: CacheKey,
     /// `None` once finished.
-    tx: Option<watch::Sender<Option<Shared<T>>>>,
+    tx: Option<Arc<watch::Sender<Option<Shared<T>>>>>,
 }
 
 /// Whether this caller leads the fetch or waits for another's.
@@ -285,11 +285,12 @@ impl<T: Send + Sync + 'static> ResponseCache<T> {
     /// Joins the fetch in flight for `key`, or becomes its leader.
     pub(crate) fn join(self: &Arc<Self>, key: CacheKey) -> Join<T> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rx) = inflight.get(&key) {
-            return Join::Wait(rx.clone());
+        if let Some(tx) = inflight.get(&key) {
+            return Join::Wait(tx.subscribe());
         }
         let (tx, rx) = watch::channel(None);
-        inflight.insert(key, rx.clone());
+        let tx = Arc::new(tx);
+        inflight.insert(key, tx.clone());
         Join::Lead(
             Flight {
                 cache: self.clone(),
@@ -319,6 +320,14 @@ impl<T: Send + Sync + 'static> Flight<T> {
     /// The cache this flight fills.
     pub(crate) fn cache(&self) -> &ResponseCache<T> {
         &self.cache
+    }
+
+    /// Resolves once nobody waits for this flight's result any more (every waiter gave up).
+    pub(crate) async fn abandoned(&self) {
+        match &self.tx {
+            Some(tx) => tx.closed().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Publishes the result to every waiter and leaves the in-flight table.

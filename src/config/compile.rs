@@ -746,6 +746,45 @@ fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> O
             format!("{max} is out of range (1 to {MAX_RESPONSE_BYTES_LIMIT})"),
         );
     }
+    let safe = idempotent || method.as_ref().is_some_and(|m| m.is_safe());
+    let on_interrupt = match def.on_interrupt.as_deref() {
+        None if safe => OnInterrupt::Cancel,
+        None => OnInterrupt::Finish,
+        Some("cancel") => OnInterrupt::Cancel,
+        Some("finish") => OnInterrupt::Finish,
+        Some(other) => {
+            s.err(
+                at!["on_interrupt"],
+                format!("unknown value \"{other}\" (expected \"cancel\" or \"finish\")"),
+            );
+            OnInterrupt::Cancel
+        }
+    };
+    let hold = match def.hold.as_deref() {
+        None => Hold::No,
+        Some("end_of_turn") if safe => {
+            s.err(
+                at!["hold"],
+                "reads are never held: a GET/HEAD or idempotent action has no side effect to hold back",
+            );
+            Hold::No
+        }
+        Some("end_of_turn") if def.is_async => {
+            s.err(
+                at!["hold"],
+                "an async action is not waited for; hold applies to actions whose outcome the model gets",
+            );
+            Hold::No
+        }
+        Some("end_of_turn") => Hold::EndOfTurn,
+        Some(other) => {
+            s.err(
+                at!["hold"],
+                format!("unknown value \"{other}\" (expected \"end_of_turn\")"),
+            );
+            Hold::No
+        }
+    };
     if s.problems.len() != before {
         return None;
     }
@@ -768,6 +807,8 @@ fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> O
         idempotent,
         is_async: def.is_async,
         dedupe: def.dedupe.unwrap_or(true),
+        on_interrupt,
+        hold,
         invalidates: def.invalidates,
         max_response_bytes: max as u64,
     })

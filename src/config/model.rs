@@ -155,6 +155,31 @@ pub enum Prefetch {
     CallStart,
 }
 
+/// What a barge-in (or a cancelled tool call) does to an action already running
+/// (`on_interrupt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnInterrupt {
+    /// Drop the request and its connection at once; the tool call ends `cancelled`. The
+    /// default for GET/HEAD and idempotent actions.
+    Cancel,
+    /// A request already handed to the transport completes detached within the action's own
+    /// timeout; its values are applied to state and its outcome answers the model's re-issued
+    /// identical call. The default for other actions.
+    Finish,
+}
+
+/// When an action's request may be sent (`hold`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Hold {
+    /// At once. The default.
+    No,
+    /// Only when the embedder ends the turn (`CallSession::end_turn`); a barge-in before that
+    /// discards it and nothing is sent. Never for reads.
+    EndOfTurn,
+}
+
 /// What happens when an action does not succeed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Fallback {
@@ -189,6 +214,8 @@ pub struct ActionSpec {
     pub(crate) idempotent: bool,
     pub(crate) is_async: bool,
     pub(crate) dedupe: bool,
+    pub(crate) on_interrupt: OnInterrupt,
+    pub(crate) hold: Hold,
     pub(crate) invalidates: Vec<String>,
     pub(crate) max_response_bytes: u64,
 }
@@ -260,6 +287,16 @@ impl ActionSpec {
     /// Re-issued identical tool calls return the earlier outcome (default true).
     pub fn dedupe(&self) -> bool {
         self.dedupe
+    }
+
+    /// What a barge-in does to this action while it runs.
+    pub fn on_interrupt(&self) -> OnInterrupt {
+        self.on_interrupt
+    }
+
+    /// When its request may be sent.
+    pub fn hold(&self) -> Hold {
+        self.hold
     }
     /// Actions whose cache entries this one drops after it succeeds.
     pub fn invalidates(&self) -> &[String] {

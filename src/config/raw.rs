@@ -67,6 +67,10 @@ pub(crate) struct ActionDef {
     #[serde(default)]
     pub(crate) dedupe: Option<bool>,
     #[serde(default)]
+    pub(crate) on_interrupt: Option<String>,
+    #[serde(default)]
+    pub(crate) hold: Option<String>,
+    #[serde(default)]
     pub(crate) invalidates: Vec<String>,
     #[serde(default)]
     pub(crate) max_response_bytes: Option<i64>,

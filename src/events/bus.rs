@@ -14,10 +14,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::outbox::{self, Attempt, Claimed, NewEvent, Next};
 use super::{signing, time, Event};
-use crate::automation::{RunContext, TargetRef};
-use crate::config::{ActionSet, AutomationSpec, Step, WebhookSpec};
+use crate::config::{ActionSet, WebhookSpec};
 use crate::state::CallInfo;
-use crate::template::{EnvSecrets, Redactor, SecretSource, Template, UrlTemplate};
+use crate::template::{EnvSecrets, Redactor, RenderInputs, SecretSource, Template, UrlTemplate};
 use crate::transport::{Deadline, EgressPolicy, Transport, TransportConfig, TransportError};
 
 /// Default retry schedule after a failed attempt: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
@@ -54,7 +53,6 @@ enum Msg {
 pub struct EventBusBuilder {
     db: PathBuf,
     webhooks: Vec<WebhookSpec>,
-    automations: Vec<AutomationSpec>,
     secrets: Arc<dyn SecretSource>,
     policy: EgressPolicy,
     extra_roots: Vec<Vec<u8>>,
@@ -80,11 +78,10 @@ impl std::fmt::Debug for EventBusBuilder {
 }
 
 impl EventBusBuilder {
-    /// The agent's `[[webhooks]]`, and its automations' `send_webhook` steps (whose deliveries
-    /// go through this outbox). Default none.
+    /// The agent's `[[webhooks]]`. Default none. (Its automations' `send_webhook` steps are
+    /// resolved by the [`crate::Automations`] that queue them, which register with the bus.)
     pub fn webhooks(mut self, set: &ActionSet) -> Self {
         self.webhooks = set.webhooks().to_vec();
-        self.automations = set.automations().to_vec();
         self
     }
     /// Where signing secrets and URL secrets come from. Default [`EnvSecrets`].
@@ -162,8 +159,17 @@ impl EventBusBuilder {
         self
     }
 
-    /// Opens the outbox, starts the writer thread and (inside a tokio runtime) the delivery task.
+    /// Opens the outbox, starts the writer thread and the delivery task. Fails on an outbox
+    /// that cannot be opened, or outside a tokio runtime when it is to deliver.
     pub fn build(self) -> Result<EventBus, String> {
+        self.build_with(None)
+    }
+
+    /// Builds on `transport` (the runtime's pool) when given.
+    pub(crate) fn build_with(self, shared: Option<Transport>) -> Result<EventBus, String> {
+        if self.deliver && tokio::runtime::Handle::try_current().is_err() {
+            return Err("the event bus must be built inside a tokio runtime to deliver".into());
+        }
         let mut writer_conn = outbox::open(&self.db).map_err(|e| e.to_string())?;
         let worker_conn = outbox::open(&self.db).map_err(|e| e.to_string())?;
         let (tx, mut rx) = mpsc::channel::<Msg>(self.capacity);
@@ -211,7 +217,11 @@ impl EventBusBuilder {
                 .extra_roots
                 .push(rustls_pki_types::CertificateDer::from(der.clone()));
         }
-        let transport = Transport::new(transport)?;
+        let transport = match shared {
+            Some(t) => t,
+            None => Transport::new(transport)?,
+        };
+        let targets: Targets = Arc::new(std::sync::RwLock::new(None));
         let inner = Arc::new(Inner {
             tx: Mutex::new(Some(tx)),
             overloaded: AtomicU64::new(0),
@@ -222,13 +232,14 @@ impl EventBusBuilder {
                 .map(|(i, w)| (endpoint_name(i, w), w.clone()))
                 .collect(),
             writer: Mutex::new(Some(writer)),
+            targets: targets.clone(),
         });
         let worker = Worker {
             conn: Arc::new(Mutex::new(worker_conn)),
             transport,
             secrets: self.secrets.clone(),
             webhooks: inner.webhooks.clone(),
-            automations: self.automations.clone(),
+            targets,
             schedule: self.schedule.clone(),
             jitter: self.jitter,
             attempt_timeout: self.attempt_timeout,
@@ -268,7 +279,26 @@ struct Inner {
     overloaded: AtomicU64,
     webhooks: Vec<(String, WebhookSpec)>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    targets: Targets,
 }
+
+/// Resolves the `target` of a delivery that is not an event webhook (an automation step's):
+/// its templates and the render inputs stored with it. Registered by whoever queues such
+/// deliveries ([`crate::Automations`]); the bus never reads their config itself.
+pub(crate) trait DeliveryTargets: Send + Sync + 'static {
+    /// The target, read with `conn` (the outbox database), or why it cannot be.
+    fn resolve(&self, conn: &mut Connection, target: &str) -> Result<ResolvedTarget, String>;
+}
+
+/// Where a delivery goes and what its templates read.
+pub(crate) struct ResolvedTarget {
+    pub(crate) url: UrlTemplate,
+    pub(crate) headers: Vec<(String, Template)>,
+    pub(crate) signing_secret: Option<Template>,
+    pub(crate) inputs: RenderInputs,
+}
+
+type Targets = Arc<std::sync::RwLock<Option<Arc<dyn DeliveryTargets>>>>;
 
 /// The event bus of one outbox database. Cheap to clone.
 #[derive(Clone)]
@@ -293,7 +323,6 @@ impl EventBus {
         EventBusBuilder {
             db: db.as_ref().to_path_buf(),
             webhooks: Vec::new(),
-            automations: Vec::new(),
             secrets: Arc::new(EnvSecrets),
             policy: EgressPolicy::new(),
             extra_roots: Vec::new(),
@@ -335,6 +364,16 @@ impl EventBus {
     fn sender(&self) -> Result<mpsc::Sender<Msg>, PublishError> {
         let tx = self.inner.tx.lock().map_err(|_| PublishError::Closed)?;
         tx.clone().ok_or(PublishError::Closed)
+    }
+
+    /// Registers the resolver of delivery targets (replacing any earlier one).
+    pub(crate) fn register_targets(&self, targets: Arc<dyn DeliveryTargets>) {
+        *self
+            .inner
+            .targets
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(targets);
+        self.notify.notify_one();
     }
 
     /// Enqueues an event for every webhook subscribed to its type and returns at once; it is
@@ -479,7 +518,7 @@ struct Worker {
     transport: Transport,
     secrets: Arc<dyn SecretSource>,
     webhooks: Vec<(String, WebhookSpec)>,
-    automations: Vec<AutomationSpec>,
+    targets: Targets,
     schedule: Vec<Duration>,
     jitter: f64,
     attempt_timeout: Duration,
@@ -544,15 +583,6 @@ impl Worker {
         }
     }
 
-    /// The run context of an automation delivery, read from the run log.
-    async fn run_context(&self, run: String) -> Option<RunContext> {
-        let bytes = self
-            .db(move |c| crate::automation::runlog::context(c, &run))
-            .await
-            .flatten()?;
-        serde_json::from_slice(&bytes).ok()
-    }
-
     async fn deliver(&self, c: Claimed) -> (Claimed, Attempt, Next) {
         let failed = |c: Claimed, why: &str| {
             let a = Attempt {
@@ -564,8 +594,30 @@ impl Worker {
             };
             (c, a, Next::Failed)
         };
-        let empty = RunContext::default();
-        let (target, context) = match &c.target {
+        let resolved = match &c.target {
+            None => None,
+            Some(t) => {
+                let targets = self
+                    .targets
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let Some(targets) = targets else {
+                    return failed(
+                        c,
+                        "no automations are running in this process to resolve the target",
+                    );
+                };
+                let t = t.clone();
+                match self.db(move |conn| Ok(targets.resolve(conn, &t))).await {
+                    Some(Ok(r)) => Some(r),
+                    Some(Err(why)) => return failed(c, &why),
+                    None => return failed(c, "the outbox could not be read"),
+                }
+            }
+        };
+        let empty = RenderInputs::default();
+        let (target, context) = match &resolved {
             None => match self.webhooks.iter().find(|(n, _)| *n == c.endpoint) {
                 Some((_, hook)) => (
                     Target {
@@ -573,42 +625,19 @@ impl Worker {
                         headers: &hook.headers,
                         signing_secret: hook.signing_secret.as_ref(),
                     },
-                    None,
+                    &empty,
                 ),
                 None => return failed(c, "no such webhook in the config"),
             },
-            Some(t) => {
-                let Ok(t) = serde_json::from_str::<TargetRef>(t) else {
-                    return failed(c, "unreadable automation target");
-                };
-                let step = self
-                    .automations
-                    .iter()
-                    .find(|a| a.id == t.automation)
-                    .and_then(|a| a.steps.get(t.step));
-                let Some(Step::SendWebhook {
-                    url,
-                    headers,
-                    signing_secret,
-                    ..
-                }) = step
-                else {
-                    return failed(c, "the automation step is no longer in the config");
-                };
-                let Some(context) = self.run_context(t.run).await else {
-                    return failed(c, "the run is no longer in the run log");
-                };
-                (
-                    Target {
-                        url,
-                        headers,
-                        signing_secret: signing_secret.as_ref(),
-                    },
-                    Some(context),
-                )
-            }
+            Some(r) => (
+                Target {
+                    url: &r.url,
+                    headers: &r.headers,
+                    signing_secret: r.signing_secret.as_ref(),
+                },
+                &r.inputs,
+            ),
         };
-        let context = context.as_ref().unwrap_or(&empty);
         let at = time::now_ms();
         let started = tokio::time::Instant::now();
         let result = self.attempt(&target, context, &c).await;
@@ -690,7 +719,7 @@ impl Worker {
     async fn attempt(
         &self,
         hook: &Target<'_>,
-        context: &RunContext,
+        context: &RenderInputs,
         c: &Claimed,
     ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), String> {
         let ctx = context.render_context(&*self.secrets);

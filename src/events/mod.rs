@@ -6,7 +6,7 @@ pub(crate) mod outbox;
 pub mod signing;
 pub mod time;
 
-pub(crate) use bus::event_id;
+pub(crate) use bus::{event_id, DeliveryTargets, ResolvedTarget};
 pub use bus::{DeliveryLog, EventBus, EventBusBuilder, PublishError, DEFAULT_RETRY_SCHEDULE};
 pub use outbox::{AttemptRecord, DeliveryRecord, OutboxError};
 
@@ -36,22 +36,6 @@ impl Event {
         Event::new(
             EventType::Transcript,
             json!({"transcript": turns.to_value()}),
-        )
-    }
-
-    /// An action's outcome: name, status, timings and extracted values (never secrets: the
-    /// rendered request is not part of it).
-    pub fn action(outcome: &crate::exec::Outcome) -> Event {
-        Event::new(
-            EventType::Action,
-            json!({
-                "action": outcome.action,
-                "status": outcome.status.as_str(),
-                "http_status": outcome.http_status,
-                "timings": outcome.timings,
-                "values": crate::exec::values_json(&outcome.values),
-                "cache": outcome.cache.as_str(),
-            }),
         )
     }
 
@@ -102,4 +86,32 @@ impl Event {
             "payload": self.payload,
         })
     }
+}
+
+/// The post-call payload (`event_post_call_processing_completed`'s, and `payload.*` of
+/// call_completed automations): call id, numbers, duration, outcome, agent id, name and phone
+/// number, the full transcript, and the call's state variables as `custom_fields`.
+pub fn post_call_payload(
+    set: &crate::config::ActionSet,
+    call: &crate::state::Call,
+    end: &crate::state::CallEnd,
+) -> Value {
+    let agent = set.agent();
+    json!({
+        "call_id": call.info.id,
+        "from_number": call.info.from_number,
+        "to_number": call.info.to_number,
+        "is_outgoing": call.info.is_outgoing,
+        "started_at": call.info.started_at,
+        "duration_seconds": (end.duration.as_millis() as f64) / 1000.0,
+        "end_reason": end.end_reason,
+        "outcome": end.outcome,
+        "agent": {
+            "id": agent.id,
+            "name": agent.name.as_deref().unwrap_or(&agent.id),
+            "phone_number": agent.phone_number,
+        },
+        "transcript": call.transcript.to_value(),
+        "custom_fields": call.state.to_value(),
+    })
 }

@@ -3,21 +3,30 @@
 
 use std::fmt;
 
+use super::outcome::{Status, Timings};
+use crate::transport::{ConnectError, EgressRefusal, TransportError};
+
 /// Who caused a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Fault {
     /// The remote server or the network to it.
     Upstream,
-    /// midcall or its host (overload, state cap).
+    /// midcall or its host (overload, state cap, a turn budget shorter than the action's
+    /// own timeout).
     Local,
-    /// The agent config, the egress policy, or the arguments the model gave.
+    /// The agent config or the egress policy.
     Config,
+    /// Whoever called the tool: arguments that fail the schema, an unknown tool name, a
+    /// cancelled tool call.
+    Caller,
 }
 
 /// Whether trying again could help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Retry {
     /// Yes (later, or with more time).
     Yes,
@@ -42,6 +51,184 @@ pub(crate) enum Kind {
     State,
     Overloaded,
     Transport,
+    UnknownTool,
+    Cancelled,
+}
+
+impl Kind {
+    /// The one place an end state is derived from what went wrong.
+    pub(crate) fn status(self) -> Status {
+        match self {
+            Kind::Timeout => Status::TimedOut,
+            Kind::Connect | Kind::Tls | Kind::Transport => Status::TransportError,
+            Kind::HttpStatus(_) => Status::HttpError,
+            Kind::RateLimited => Status::RateLimited,
+            Kind::CircuitOpen => Status::CircuitOpen,
+            Kind::InvalidResponse | Kind::State => Status::InvalidResponse,
+            Kind::Egress
+            | Kind::InvalidArguments
+            | Kind::Render
+            | Kind::Overloaded
+            | Kind::UnknownTool => Status::Rejected,
+            Kind::Cancelled => Status::Cancelled,
+        }
+    }
+}
+
+/// A failed attempt to get values: the error and what is known of the exchange. Its status
+/// is always `error.kind.status()`.
+#[derive(Clone)]
+pub(crate) struct Failure {
+    pub(crate) error: Error,
+    pub(crate) http_status: Option<u16>,
+    pub(crate) attempts: u32,
+    pub(crate) timings: Timings,
+}
+
+impl Failure {
+    pub(crate) fn new(
+        kind: Kind,
+        fault: Fault,
+        retry: Retry,
+        message: impl Into<String>,
+    ) -> Box<Failure> {
+        Box::new(Failure {
+            error: Error::new(kind, fault, retry, message),
+            http_status: None,
+            attempts: 0,
+            timings: Timings::default(),
+        })
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        self.error.inner.kind.status()
+    }
+
+    pub(crate) fn http(mut self: Box<Self>, code: u16) -> Box<Self> {
+        self.http_status = Some(code);
+        self
+    }
+
+    pub(crate) fn after(mut self: Box<Self>, attempts: u32, timings: Timings) -> Box<Self> {
+        self.attempts = attempts;
+        self.timings = timings;
+        self
+    }
+}
+
+/// How a transport error is classified: its kind, who is at fault, whether a retry could
+/// help, whether it says the host is unhealthy (counts against its breaker), and the short
+/// stable text the model may see. The one table for every transport error.
+pub(crate) struct Classified {
+    pub(crate) kind: Kind,
+    pub(crate) fault: Fault,
+    pub(crate) retry: Retry,
+    pub(crate) host_failure: bool,
+    pub(crate) reason: &'static str,
+}
+
+/// `budget_cut`: the deadline was the turn's budget, not the action's own timeout, so a
+/// time-out is midcall's (local) and says nothing about the host.
+pub(crate) fn classify(e: &TransportError, budget_cut: bool) -> Classified {
+    let c = |kind, fault, retry, host_failure, reason| Classified {
+        kind,
+        fault,
+        retry,
+        host_failure,
+        reason,
+    };
+    match e {
+        TransportError::Timeout { .. } if budget_cut => c(
+            Kind::Timeout,
+            Fault::Local,
+            Retry::Yes,
+            false,
+            "the turn's time ran out before the service answered",
+        ),
+        TransportError::Timeout { got_headers: false } => c(
+            Kind::Timeout,
+            Fault::Upstream,
+            Retry::Yes,
+            true,
+            "the service did not answer in time",
+        ),
+        TransportError::Timeout { got_headers: true } => c(
+            Kind::Timeout,
+            Fault::Upstream,
+            Retry::Yes,
+            true,
+            "the service's answer did not arrive in time",
+        ),
+        TransportError::Connect(ConnectError::Egress(_)) => c(
+            Kind::Egress,
+            Fault::Config,
+            Retry::No,
+            false,
+            "the destination is not allowed",
+        ),
+        TransportError::Connect(ConnectError::Tls(_)) => c(
+            Kind::Tls,
+            Fault::Upstream,
+            Retry::No,
+            true,
+            "a secure connection to the service could not be made",
+        ),
+        TransportError::Connect(ConnectError::Dns(_) | ConnectError::NoAddress) => c(
+            Kind::Connect,
+            Fault::Upstream,
+            Retry::Yes,
+            true,
+            "the service's address could not be found",
+        ),
+        TransportError::Connect(ConnectError::Tcp(_)) => c(
+            Kind::Connect,
+            Fault::Upstream,
+            Retry::Yes,
+            true,
+            "the service could not be reached",
+        ),
+        TransportError::Connect(ConnectError::BadUri) => c(
+            Kind::Render,
+            Fault::Config,
+            Retry::No,
+            false,
+            "the request could not be made",
+        ),
+        TransportError::Io { .. } => c(
+            Kind::Transport,
+            Fault::Upstream,
+            Retry::IfIdempotent,
+            true,
+            "the service closed the connection without answering",
+        ),
+        TransportError::TooLarge { .. } => c(
+            Kind::InvalidResponse,
+            Fault::Upstream,
+            Retry::No,
+            false,
+            "the service's answer was too large",
+        ),
+    }
+}
+
+/// The operator's description of a transport error (logs and `Outcome::error`).
+pub(crate) fn describe_transport(e: &TransportError) -> String {
+    match e {
+        TransportError::Timeout { got_headers: false } => {
+            "timed out waiting for the response".into()
+        }
+        TransportError::Timeout { got_headers: true } => {
+            "timed out reading the response body".into()
+        }
+        TransportError::Connect(ConnectError::Egress(EgressRefusal::Address(ip))) => {
+            format!("destination {ip} is not allowed by the egress policy")
+        }
+        TransportError::Connect(c) => c.to_string(),
+        TransportError::Io { message, .. } => message.clone(),
+        TransportError::TooLarge { limit } => {
+            format!("the response body is over the {limit}-byte limit")
+        }
+    }
 }
 
 /// Why an action did not succeed. The message never contains a secret or a query string.
@@ -56,6 +243,8 @@ struct Inner {
     fault: Fault,
     retry: Retry,
     message: String,
+    /// The short, stable text the model may see instead of `message`.
+    reason: Option<&'static str>,
 }
 
 impl Error {
@@ -66,8 +255,20 @@ impl Error {
                 fault,
                 retry,
                 message: message.into(),
+                reason: None,
             }),
         }
+    }
+
+    pub(crate) fn with_reason(mut self, reason: &'static str) -> Error {
+        self.inner.reason = Some(reason);
+        self
+    }
+
+    /// What the model is told: a short, stable reason where the detail is an operator's
+    /// (transport errors), else the message (which never holds a secret or a query string).
+    pub fn model_text(&self) -> &str {
+        self.inner.reason.unwrap_or(&self.inner.message)
     }
 
     /// Who is at fault.
@@ -141,6 +342,16 @@ impl Error {
     /// A state write was refused (size cap, path conflict).
     pub fn is_state(&self) -> bool {
         self.inner.kind == Kind::State
+    }
+
+    /// The model called a tool the agent does not have.
+    pub fn is_unknown_tool(&self) -> bool {
+        self.inner.kind == Kind::UnknownTool
+    }
+
+    /// The tool call was cancelled (barge-in, a cancelled or dropped handle).
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.kind == Kind::Cancelled
     }
 }
 

@@ -1,19 +1,36 @@
 //! The executor: the path of one mid-call action, its budget, outcome, fallback, breaker and
-//! filler.
+//! filler, and the call session that drives a live call.
+//!
+//! The path, one file per step in path order:
+//! - `plan.rs` (sync, reads the call): arguments, rendered request, egress scheme, cache key;
+//! - `obtain.rs` (async, never touches the call): cache or shared fetch, send with its retry
+//!   loop, response checks, parse, extraction;
+//! - `apply.rs` (sync, writes the call): state or fallback, outcome, metrics, `action` event.
+//!
+//! Around it: `builder.rs` (configuration, once), `runtime.rs` (the process-wide runtime and
+//! the one-shot path), `session.rs` (a live call: tool handles, duplicate protection,
+//! cancellation, held side effects, the call's end).
 
+mod apply;
 mod breaker;
 mod budget;
+mod builder;
 mod dedupe;
 mod error;
 mod idempotency;
+mod obtain;
 mod outcome;
+mod plan;
 mod runtime;
+mod session;
 
 pub use crate::cache::CacheStatus;
 pub use crate::transport::parse_retry_after;
+pub use apply::action_event;
 pub use budget::Budget;
-pub(crate) use dedupe::RecentToolCalls;
+pub use builder::*;
 pub use dedupe::DEFAULT_DEDUPE_WINDOW;
 pub use error::{Error, Fault, Retry};
 pub use outcome::{values_json, Outcome, Status, Timings};
-pub use runtime::*;
+pub use runtime::{CallCompletion, Runtime, ToolCall, WarmReport, MIN_RETRY_ATTEMPT};
+pub use session::{CallSession, EndError, StartReport, ToolHandle};

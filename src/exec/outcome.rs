@@ -12,6 +12,7 @@ use crate::state::StatePath;
 /// How an action ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Status {
     /// The upstream answered 2xx and the values were extracted and applied.
     Ok,
@@ -31,8 +32,11 @@ pub enum Status {
     RateLimited,
     /// The host's circuit breaker is open.
     CircuitOpen,
-    /// Refused before sending: arguments, rendering, egress policy, or overload.
+    /// Refused before sending: arguments, rendering, egress policy, an unknown tool, or
+    /// overload.
     Rejected,
+    /// The tool call was cancelled (barge-in, `cancel()`, a dropped handle) before it ended.
+    Cancelled,
 }
 
 impl Status {
@@ -49,6 +53,7 @@ impl Status {
             Status::RateLimited => "rate_limited",
             Status::CircuitOpen => "circuit_open",
             Status::Rejected => "rejected",
+            Status::Cancelled => "cancelled",
         }
     }
 
@@ -101,9 +106,12 @@ impl Serialize for Timings {
 
 /// The result of one tool call.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Outcome {
-    /// The action.
+    /// The action (the tool name as the model sent it, for an unknown tool).
     pub action: String,
+    /// The model's id for the tool call, if it gave one.
+    pub tool_call_id: Option<String>,
     /// How it ended.
     pub status: Status,
     /// The upstream's HTTP status, if one answered.
@@ -122,6 +130,9 @@ pub struct Outcome {
     pub cache: crate::cache::CacheStatus,
     /// The earlier outcome of an identical tool call, returned without sending anything.
     pub deduplicated: bool,
+    /// Finished after its handle was cancelled (`on_interrupt = "finish"`): this is the
+    /// real end state recorded in the session; the cancelled handle itself got `cancelled`.
+    pub detached: bool,
     /// Where the time went.
     pub timings: Timings,
     /// Why it did not succeed.
@@ -129,6 +140,25 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    pub(crate) fn new(action: &str, tool_call_id: Option<String>) -> Outcome {
+        Outcome {
+            action: action.to_string(),
+            tool_call_id,
+            status: Status::Ok,
+            http_status: None,
+            attempts: 0,
+            values: Vec::new(),
+            llm_result: Value::Null,
+            say: None,
+            filler_fired: false,
+            cache: crate::cache::CacheStatus::Bypass,
+            deduplicated: false,
+            detached: false,
+            timings: Timings::default(),
+            error: None,
+        }
+    }
+
     /// The outcome as one JSON object (`error` as its message).
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
@@ -139,16 +169,20 @@ impl Serialize for Outcome {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("action", &self.action)?;
+        m.serialize_entry("tool_call_id", &self.tool_call_id)?;
         m.serialize_entry("status", &self.status)?;
         m.serialize_entry("http_status", &self.http_status)?;
         m.serialize_entry("attempts", &self.attempts)?;
-        m.serialize_entry("elapsed_ms", &(self.timings.total.as_secs_f64() * 1000.0))?;
+        // Microsecond precision: 5.457, not 5.4564699999999995.
+        let ms = (self.timings.total.as_micros() as f64) / 1000.0;
+        m.serialize_entry("elapsed_ms", &ms)?;
         m.serialize_entry("values", &values_object(&self.values))?;
         m.serialize_entry("llm_result", &self.llm_result)?;
         m.serialize_entry("say", &self.say)?;
         m.serialize_entry("filler_fired", &self.filler_fired)?;
         m.serialize_entry("cache", &self.cache)?;
         m.serialize_entry("deduplicated", &self.deduplicated)?;
+        m.serialize_entry("detached", &self.detached)?;
         m.serialize_entry("timings", &self.timings)?;
         m.serialize_entry("error", &self.error.as_ref().map(|e| e.to_string()))?;
         if let Some(e) = &self.error {
@@ -183,7 +217,9 @@ pub(crate) fn llm_result(
     limit: usize,
 ) -> Value {
     if !status.is_success() {
-        let mut msg = error.map(|e| e.to_string()).unwrap_or_default();
+        let mut msg = error
+            .map(|e| e.model_text().to_string())
+            .unwrap_or_default();
         truncate(&mut msg, limit.saturating_sub(64).max(16));
         return serde_json::json!({"error": status.as_str(), "message": msg});
     }

@@ -61,8 +61,7 @@ impl CallInfo {
     }
 }
 
-/// One live call as midcall sees it: its facts, its variables, what has been said, and the
-/// executor's memory of its recent tool calls (for duplicate protection).
+/// One call as midcall sees it: its facts, its variables, and what has been said.
 #[derive(Debug, Clone)]
 pub struct Call {
     /// The call's facts (`call.*` in templates).
@@ -71,7 +70,6 @@ pub struct Call {
     pub state: ConversationState,
     /// The turns so far (`transcript` in templates).
     pub transcript: Transcript,
-    pub(crate) recent: crate::exec::RecentToolCalls,
 }
 
 impl Call {
@@ -81,7 +79,35 @@ impl Call {
             info,
             state: ConversationState::new(),
             transcript: Transcript::default(),
-            recent: Default::default(),
         }
+    }
+}
+
+/// How a call ended: what `CallSession::end` publishes and the call_completed automations
+/// read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallEnd {
+    /// How long the call lasted.
+    pub duration: std::time::Duration,
+    /// Why it ended (`user_hangup`, `agent_hangup`, `transfer`, ...).
+    pub end_reason: String,
+    /// The call's outcome as the agent judged it (`appointment_booked`), if any.
+    pub outcome: Option<String>,
+}
+
+impl CallEnd {
+    /// A call that lasted `duration` and ended for `end_reason`, with no outcome.
+    pub fn new(duration: std::time::Duration, end_reason: impl Into<String>) -> CallEnd {
+        CallEnd {
+            duration,
+            end_reason: end_reason.into(),
+            outcome: None,
+        }
+    }
+
+    /// With an outcome.
+    pub fn outcome(mut self, outcome: impl Into<String>) -> CallEnd {
+        self.outcome = Some(outcome.into());
+        self
     }
 }

@@ -482,3 +482,48 @@ impl RenderError {
         }
     }
 }
+
+/// The owned inputs of a rendering: call facts, state, transcript and payload (what an
+/// automation run's templates read, stored with the run).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RenderInputs {
+    pub(crate) call: CallInfo,
+    pub(crate) state: ConversationState,
+    #[serde(default)]
+    pub(crate) transcript: Transcript,
+    #[serde(default)]
+    pub(crate) payload: Value,
+}
+
+impl RenderInputs {
+    /// What a run's templates read: its call, state, transcript and payload (no `args`).
+    pub(crate) fn render_context<'a>(&'a self, secrets: &'a dyn SecretSource) -> RenderContext<'a> {
+        RenderContext {
+            call: &self.call,
+            state: &self.state,
+            args: &Value::Null,
+            transcript: &self.transcript,
+            secrets,
+            payload: Some(&self.payload),
+        }
+    }
+}
+
+impl Default for RenderInputs {
+    fn default() -> Self {
+        RenderInputs {
+            call: CallInfo {
+                id: String::new(),
+                agent_id: String::new(),
+                tenant: String::new(),
+                from_number: String::new(),
+                to_number: String::new(),
+                is_outgoing: false,
+                started_at: String::new(),
+            },
+            state: ConversationState::new(),
+            transcript: Transcript::default(),
+            payload: Value::Null,
+        }
+    }
+}

@@ -626,18 +626,11 @@ async fn call_completed_automations_follow_their_agent_scope() {
     let (crm, hooks) = receivers().await;
     let set = config(&crm.origin(), &hooks.origin(), "");
     let srv = Inbound::start(set).await;
-    let runtime = Runtime::builder()
-        .egress(loopback_policy())
-        .build()
-        .unwrap();
 
     let front = finished_call("front-desk", "call_front");
     let end =
         CallEnd::new(Duration::from_millis(93_400), "user_hangup").outcome("appointment_booked");
-    let runs = runtime
-        .complete_call(&srv.automations, &front, &end)
-        .await
-        .unwrap();
+    let runs = srv.automations.complete_call(&front, &end).await.unwrap();
     assert_eq!(runs.len(), 2, "crm-sync (front-desk only) and everyone");
     let other = finished_call("billing", "call_billing");
     let runs = srv

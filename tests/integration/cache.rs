@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use midcall::exec::{Budget, CacheStatus, Status};
-use midcall::{ActionSet, Call, CallInfo, Runtime, StatePath, ToolCall};
+use midcall::{ActionSet, Call, CallInfo, CallSession, Runtime, StatePath, ToolCall};
 
 use crate::support::servers::{Reply, TestServer};
 use crate::support::{call_info, load_toml, AGENT};
@@ -421,25 +421,30 @@ fn count(server: &TestServer, prefix: &str) -> usize {
         .count()
 }
 
+async fn session(rt: &Runtime, set: &Arc<ActionSet>, tenant: &str, id: &str) -> CallSession {
+    rt.start_call(
+        set.clone(),
+        call_in(tenant, id).info,
+        Duration::from_secs(2),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn prefetch_fills_state_and_primes_the_cache() {
     let (server, set) = front_desk().await;
+    let set = Arc::new(set);
     let rt = runtime();
-    let mut c = call_in("acme", "call_1");
-    let report = rt.start_call(&set, &mut c, Duration::from_secs(2)).await;
+    let c = session(&rt, &set, "acme", "call_1").await;
+    let report = c.start_report();
     assert_eq!(report.prefetched.len(), 1);
     assert_eq!(report.prefetched[0].status, Status::Ok);
     assert_eq!(
-        c.state.get(&StatePath::parse("customer.name").unwrap()),
+        c.state().get(&StatePath::parse("customer.name").unwrap()),
         Some(&json!("Ada"))
     );
-    let o = rt
-        .execute(
-            set.action("lookup_customer").unwrap(),
-            &mut c,
-            ToolCall::new("tc_1", json!({})),
-            &long(),
-        )
+    let o = c
+        .tool("lookup_customer", ToolCall::new("tc_1", json!({})), long())
         .await;
     // The model's own call is answered from the cache the prefetch primed (it is not a
     // duplicate: the model never made the prefetch).
@@ -461,71 +466,58 @@ async fn prefetch_fills_state_and_primes_the_cache() {
 #[tokio::test]
 async fn a_reissued_booking_reaches_the_upstream_exactly_once() {
     let (server, set) = front_desk().await;
+    let set = Arc::new(set);
     let rt = runtime();
-    let mut c = call_in("acme", "call_1");
-    let book = set.action("book_appointment").unwrap();
-    let first = rt
-        .execute(
-            book,
-            &mut c,
-            ToolCall::new("tc_1", json!({"slot": "15:00"})),
-            &long(),
+    let c = session(&rt, &set, "acme", "call_1").await;
+    let base = count(&server, "/appointments");
+    let book = |id: &str, slot: &str| {
+        c.tool(
+            "book_appointment",
+            ToolCall::new(id, json!({ "slot": slot })),
+            long(),
         )
-        .await;
+    };
+    let first = book("tc_1", "15:00").await;
     assert_eq!(first.status, Status::Ok);
     assert!(!first.deduplicated);
     // The caller barged in; the model issues the same booking again with a new id.
-    let again = rt
-        .execute(
-            book,
-            &mut c,
-            ToolCall::new("tc_2", json!({"slot": "15:00"})),
-            &long(),
-        )
-        .await;
+    let again = book("tc_2", "15:00").await;
     assert!(again.deduplicated);
     assert_eq!(again.status, Status::Ok);
     assert_eq!(again.attempts, 0);
     assert_eq!(again.values, first.values);
-    assert_eq!(count(&server, "/appointments"), 1);
+    assert_eq!(again.tool_call_id.as_deref(), Some("tc_2"));
+    assert_eq!(count(&server, "/appointments"), base + 1);
     // Another slot is another booking.
-    let other = rt
-        .execute(
-            book,
-            &mut c,
-            ToolCall::new("tc_3", json!({"slot": "16:00"})),
-            &long(),
-        )
-        .await;
+    let other = book("tc_3", "16:00").await;
     assert!(!other.deduplicated);
-    assert_eq!(count(&server, "/appointments"), 2);
+    assert_eq!(count(&server, "/appointments"), base + 2);
     // Another call is never deduplicated against this one.
-    let mut c2 = call_in("acme", "call_2");
-    let o = rt
-        .execute(book, &mut c2, json!({"slot": "15:00"}), &long())
+    let c2 = session(&rt, &set, "acme", "call_2").await;
+    let o = c2
+        .tool("book_appointment", json!({"slot": "15:00"}).into(), long())
         .await;
     assert!(!o.deduplicated);
-    assert_eq!(count(&server, "/appointments"), 3);
+    assert_eq!(count(&server, "/appointments"), base + 3);
 }
 
-#[tokio::test(start_paused = false)]
+#[tokio::test]
 async fn the_dedupe_window_ends_and_dedupe_false_turns_it_off() {
     let (server, set) = front_desk().await;
+    let set = Arc::new(set);
     let rt = Runtime::builder()
         .egress(crate::support::loopback_policy())
         .dedupe_window(Duration::from_millis(100))
         .build()
         .unwrap();
-    let mut c = call_in("acme", "call_1");
-    let book = set.action("book_appointment").unwrap();
-    rt.execute(book, &mut c, json!({"slot": "15:00"}), &long())
-        .await;
+    let c = session(&rt, &set, "acme", "call_1").await;
+    let base = count(&server, "/appointments");
+    let book = || c.tool("book_appointment", json!({"slot": "15:00"}).into(), long());
+    assert!(!book().await.deduplicated);
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let o = rt
-        .execute(book, &mut c, json!({"slot": "15:00"}), &long())
-        .await;
+    let o = book().await;
     assert!(!o.deduplicated, "outside the window");
-    assert_eq!(count(&server, "/appointments"), 2);
+    assert_eq!(count(&server, "/appointments"), base + 2);
 }
 
 #[tokio::test]

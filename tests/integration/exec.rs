@@ -887,6 +887,7 @@ async fn execute_all_runs_in_parallel_and_applies_in_order() {
             ],
             &mut c,
             &long(),
+            |_, _| {},
         )
         .await;
     assert!(

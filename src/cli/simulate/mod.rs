@@ -365,31 +365,33 @@ async fn play(
     let resolver = Arc::new(MockResolver(mock.addr));
     let policy = EgressPolicy::from_config(set.egress())
         .allow_network("127.0.0.0/8".parse().map_err(|_| "loopback network")?);
-    let mut builder = Runtime::builder()
-        .egress(policy.clone())
-        .resolver(resolver.clone())
-        .secrets(secrets.clone())
-        .add_root_certificate(mock.cert_der.clone());
-    if let Some(n) = script.runtime.breaker_threshold {
-        builder = builder.breaker_threshold(n);
-    }
-    let runtime = builder.build()?;
     let tmp = tempfile_dir()?;
     let db_path = match db {
         Some(p) => PathBuf::from(p),
         None => tmp.join("outbox.db"),
     };
+    // One builder: network, secrets and the event bus (which shares the runtime's pool).
     let bus = EventBus::builder(&db_path)
         .webhooks(&set)
-        .secrets(secrets.clone())
-        .egress(policy)
-        .resolver(resolver)
-        .add_root_certificate(mock.cert_der.clone())
         .retry_schedule(vec![Duration::from_millis(200), Duration::from_millis(400)])
         .jitter(0.0)
-        .attempt_timeout(Duration::from_secs(3))
+        .attempt_timeout(Duration::from_secs(3));
+    let mut builder = Runtime::builder()
+        .egress(policy)
+        .resolver(resolver)
+        .secrets(secrets.clone())
+        .add_root_certificate(mock.cert_der.clone())
+        .event_bus(bus);
+    if let Some(n) = script.runtime.breaker_threshold {
+        builder = builder.breaker_threshold(n);
+    }
+    let runtime = builder
         .build()
         .map_err(|e| format!("{}: {e}", db_path.display()))?;
+    let bus = runtime
+        .event_bus()
+        .cloned()
+        .ok_or("the runtime has no event bus")?;
     let automations = Automations::builder(set.clone(), runtime.clone(), bus.clone()).start()?;
 
     let started_at = time::now_ms();
@@ -411,7 +413,6 @@ async fn play(
         is_outgoing: false,
         started_at: time::rfc3339_ms(started_at),
     };
-    let mut call = Call::new(info);
     let mut tl = Timeline {
         started: Instant::now(),
         entries: Vec::new(),
@@ -419,16 +420,16 @@ async fn play(
     };
     let (mut passed, mut problems) = (0usize, Vec::new());
 
-    // The call connects.
-    let _ = bus.publish(&Event::phone_call_connected(), &call.info);
-    let before = call.state.to_value();
-    let start = runtime
-        .start_call(&set, &mut call, Duration::from_millis(1500))
+    // The call connects: phone_call_connected, warm-up, prefetches.
+    let before = json!({});
+    let call = runtime
+        .start_call(set.clone(), info.clone(), Duration::from_millis(1500))
         .await;
+    let start = call.start_report();
     let mut text = format!(
         "{} from {} connected; warmed {}",
-        call.info.id,
-        call.info.from_number,
+        info.id,
+        info.from_number,
         if start.warm.warmed.is_empty() {
             "no hosts".to_string()
         } else {
@@ -440,14 +441,13 @@ async fn play(
     }
     tl.push_at(0, "call", text, None);
     for o in &start.prefetched {
-        let changes = state_changes(&before, &call.state.to_value());
+        let changes = state_changes(&before, &call.state_value());
         tl.push_at(
             0,
             "fetch",
             format!("prefetch {}", o.action),
             Some(action_report(o, None, json!({}), changes, None, Vec::new())),
         );
-        let _ = bus.publish(&Event::action(o), &call.info);
     }
 
     let budget_ms = script.runtime.turn_budget_ms.unwrap_or(2000);
@@ -455,13 +455,16 @@ async fn play(
     for (i, turn) in script.turns().into_iter().enumerate() {
         match turn {
             script::Turn::User { text, barge_in } => {
-                call.transcript
-                    .push(Turn::user(text, time::rfc3339_ms(time::now_ms())));
+                if barge_in {
+                    call.barge_in();
+                }
+                call.add_turn(Turn::user(text, time::rfc3339_ms(time::now_ms())));
                 let kind = if barge_in { "barge" } else { "user" };
                 tl.push(kind, text.to_string(), None);
             }
             script::Turn::Ai(text) => {
-                call.transcript.push(Turn::ai(
+                call.end_turn();
+                call.add_turn(Turn::ai(
                     text,
                     time::rfc3339_ms(time::now_ms()),
                     Some(step),
@@ -479,31 +482,26 @@ async fn play(
                 args,
                 expect,
             } => {
-                let Some(spec) = set.action(name).cloned() else {
-                    continue;
-                };
-                let before = call.state.to_value();
+                let before = call.state_value();
                 let called_at = tl.started.elapsed().as_millis() as u64;
                 let filler = Arc::new(Mutex::new(None::<(u64, String)>));
                 let f2 = filler.clone();
                 let t0 = tl.started;
-                let outcome = runtime
-                    .execute_with_filler(
-                        &spec,
-                        &mut call,
+                let outcome = call
+                    .tool(
+                        name,
                         ToolCall::new(id.clone(), args.clone()),
-                        &Budget::new(Duration::from_millis(budget_ms)),
-                        move |line| {
-                            if let Ok(mut f) = f2.lock() {
-                                *f = Some((t0.elapsed().as_millis() as u64, line.to_string()));
-                            }
-                        },
+                        Budget::new(Duration::from_millis(budget_ms)),
                     )
+                    .on_filler(move |line| {
+                        if let Ok(mut f) = f2.lock() {
+                            *f = Some((t0.elapsed().as_millis() as u64, line.to_string()));
+                        }
+                    })
                     .await;
-                let _ = bus.publish(&Event::action(&outcome), &call.info);
                 let filler = filler.lock().ok().and_then(|f| f.clone());
                 if let Some((at, line)) = &filler {
-                    call.transcript.push(Turn::ai(
+                    call.add_turn(Turn::ai(
                         line.clone(),
                         time::rfc3339_ms(time::now_ms()),
                         Some(step),
@@ -517,8 +515,8 @@ async fn play(
                         action: None,
                     });
                 }
-                let changes = state_changes(&before, &call.state.to_value());
-                let (n, failed) = check(expect, &outcome, &call);
+                let changes = state_changes(&before, &call.state_value());
+                let (n, failed) = check(expect, &outcome, &call.snapshot());
                 passed += n - failed.len();
                 for f in &failed {
                     problems.push(format!("turn {} ({name}): {f}", i + 1));
@@ -535,7 +533,7 @@ async fn play(
                 let say = report.fallback.clone();
                 tl.push_at(called_at, "tool", text, Some(report));
                 if let Some(line) = say {
-                    call.transcript.push(Turn::ai(
+                    call.add_turn(Turn::ai(
                         line.clone(),
                         time::rfc3339_ms(time::now_ms()),
                         Some(step),
@@ -550,15 +548,12 @@ async fn play(
 
     // The call ends.
     let duration = tl.started.elapsed();
-    let _ = bus.publish(&Event::transcript(&call.transcript), &call.info);
+    let _ = bus.publish(&Event::transcript(&call.transcript()), &info);
     let mut end = CallEnd::new(duration, script.end.reason.clone());
     if let Some(o) = &script.end.outcome {
         end = end.outcome(o.clone());
     }
-    let runs = runtime
-        .complete_call(&automations, &call, &end)
-        .await
-        .map_err(|e| e.to_string())?;
+    let runs = call.end(end).await.map_err(|e| e.to_string())?;
     tl.push(
         "call",
         format!(
@@ -574,7 +569,7 @@ async fn play(
     let log = DeliveryLog::open(&db_path)?;
     let settle = Instant::now();
     loop {
-        let pending = log.deliveries(Some(&call.info.id), Some("pending"), 1000)?;
+        let pending = log.deliveries(Some(&info.id), Some("pending"), 1000)?;
         let runs_pending = automations.log()?.runs(None, Some("queued"), 10)?.len();
         if (pending.is_empty() && runs_pending == 0) || settle.elapsed() > Duration::from_secs(8) {
             break;
@@ -689,8 +684,8 @@ async fn play(
         title: script.title.clone(),
         agent: set.agent().id.clone(),
         agent_file: agent_path.display().to_string(),
-        call_id: call.info.id.clone(),
-        from_number: call.info.from_number.clone(),
+        call_id: info.id.clone(),
+        from_number: info.from_number.clone(),
         mock_addr: mock_addr.to_string(),
         mock_hosts: hosts(&set),
         timeline: entries,

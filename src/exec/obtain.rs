@@ -1,0 +1,545 @@
+//! Step 2 of the path (async, never touches the call): a cached answer, a fetch shared with
+//! identical requests in flight, or a fetch of its own: send with its retry loop, response
+//! checks, parse and extraction.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http_body_util::Full;
+use serde_json::Value;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::error::{classify, describe_transport, Failure, Fault, Kind, Retry};
+use super::idempotency::idempotency_key;
+use super::outcome::Timings;
+use super::plan::Prepared;
+use super::runtime::{Runtime, MIN_RETRY_ATTEMPT};
+use crate::cache::{CacheStatus, Entry, Join, Lookup, ScopeId};
+use crate::config::{ActionSpec, CachePolicy, Method};
+use crate::jsonpath::Extractor;
+use crate::state::StatePath;
+use crate::transport::{parse_retry_after, ConnectError, Deadline, Exchange, TransportError};
+
+/// Values fetched and extracted, not yet applied.
+#[derive(Clone)]
+pub(crate) struct Fetched {
+    pub(crate) values: Vec<(StatePath, Value)>,
+    pub(crate) http_status: u16,
+    pub(crate) attempts: u32,
+    pub(crate) timings: Timings,
+}
+
+pub(crate) type FetchResult = Result<Fetched, Box<Failure>>;
+
+/// The deadline of one action and whether it is the turn's budget (not the action's own
+/// timeout) that sets it: a time-out then is midcall's, and never counts against the host.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ActionDeadline {
+    pub(crate) deadline: Deadline,
+    pub(crate) budget_cut: bool,
+}
+
+impl ActionDeadline {
+    /// The action's own timeout from now, with no budget above it.
+    pub(crate) fn own(p: &Prepared) -> ActionDeadline {
+        ActionDeadline {
+            deadline: Deadline::at(Instant::now() + p.timeout),
+            budget_cut: false,
+        }
+    }
+}
+
+/// A cached entry as a fetch result: values, or the remembered 404.
+fn from_entry(e: &Entry, action: &str) -> FetchResult {
+    if e.negative {
+        return Err(Failure::new(
+            Kind::HttpStatus(404),
+            Fault::Upstream,
+            Retry::No,
+            format!("action \"{action}\": upstream answered 404 Not Found (cached)"),
+        )
+        .http(404));
+    }
+    Ok(Fetched {
+        values: e.values.clone(),
+        http_status: e.http_status,
+        attempts: 0,
+        timings: Timings::default(),
+    })
+}
+
+/// What waiting for a shared fetch gave: its result, or nothing because it was abandoned
+/// (its last waiter left just before this one joined).
+enum Shared {
+    Done(FetchResult),
+    Abandoned,
+}
+
+/// Waits, until this caller's own deadline, for a shared fetch's result.
+async fn wait_shared(
+    mut rx: tokio::sync::watch::Receiver<Option<Arc<FetchResult>>>,
+    deadline: ActionDeadline,
+    action: &str,
+) -> Shared {
+    let waited = tokio::time::timeout_at(
+        deadline.deadline.timer_instant(),
+        rx.wait_for(|v| v.is_some()),
+    )
+    .await;
+    match waited {
+        Ok(Ok(v)) => match v.as_ref() {
+            Some(r) => Shared::Done((**r).clone()),
+            None => Shared::Abandoned,
+        },
+        Ok(Err(_)) => Shared::Abandoned,
+        Err(_) => Shared::Done(Err(Failure::new(
+            Kind::Timeout,
+            if deadline.budget_cut {
+                Fault::Local
+            } else {
+                Fault::Upstream
+            },
+            Retry::Yes,
+            format!("action \"{action}\": timed out waiting for the response"),
+        )
+        .with_reason("the service did not answer in time"))),
+    }
+}
+
+impl Failure {
+    fn with_reason(mut self: Box<Self>, reason: &'static str) -> Box<Self> {
+        self.error = self.error.with_reason(reason);
+        self
+    }
+}
+
+impl Runtime {
+    /// The cache step: a fresh entry, a stale one (with one refresh), a fetch shared with
+    /// identical requests in flight, or a plain fetch for actions that are not cacheable.
+    ///
+    /// A shared fetch runs on its own task for as long as anyone waits for it: when its last
+    /// waiter leaves (every tool call waiting on it was cancelled), it is dropped with its
+    /// request and connection. A stale entry's refresh has no waiter and runs to the end
+    /// within the action's timeout.
+    pub(crate) async fn obtain(
+        &self,
+        action: &ActionSpec,
+        p: Prepared,
+        deadline: ActionDeadline,
+    ) -> (FetchResult, CacheStatus) {
+        let (Some((key, scope)), Some(policy)) = (p.cache.clone(), action.cache()) else {
+            return (
+                self.fetch(&p, action.extractor(), deadline).await,
+                CacheStatus::Bypass,
+            );
+        };
+        let cache = self.cache();
+        match cache.lookup(&key).await {
+            Lookup::Fresh(e) => {
+                metrics::counter!("midcall_cache_hits_total").increment(1);
+                (from_entry(&e, &p.action), CacheStatus::Hit)
+            }
+            Lookup::Stale(e) => {
+                metrics::counter!("midcall_cache_stale_total").increment(1);
+                let r = from_entry(&e, &p.action);
+                // One refresh at a time: a refresh already in flight is left alone.
+                if let Join::Lead(flight, _) = cache.join(key) {
+                    self.spawn_shared(flight, p, action, policy.clone(), scope, false);
+                }
+                (r, CacheStatus::Stale)
+            }
+            Lookup::Missing => {
+                let name = p.action.clone();
+                let mut p = Some(p);
+                // A flight abandoned just as this call joined it is joined again once.
+                for _ in 0..2 {
+                    let (rx, status) = match cache.join(key) {
+                        Join::Lead(flight, rx) => {
+                            metrics::counter!("midcall_cache_misses_total").increment(1);
+                            let Some(p) = p.take() else { break };
+                            self.spawn_shared(
+                                flight,
+                                p,
+                                action,
+                                policy.clone(),
+                                scope.clone(),
+                                true,
+                            );
+                            (rx, CacheStatus::Miss)
+                        }
+                        Join::Wait(rx) => {
+                            metrics::counter!("midcall_cache_coalesced_total").increment(1);
+                            (rx, CacheStatus::Coalesced)
+                        }
+                    };
+                    if let Shared::Done(r) = wait_shared(rx, deadline, &name).await {
+                        let r = match status {
+                            CacheStatus::Coalesced => r.map(|mut f| {
+                                f.attempts = 0;
+                                f
+                            }),
+                            _ => r,
+                        };
+                        return (r, status);
+                    }
+                }
+                (
+                    Err(Failure::new(
+                        Kind::Transport,
+                        Fault::Upstream,
+                        Retry::Yes,
+                        format!("action \"{name}\": the shared request was abandoned"),
+                    )),
+                    CacheStatus::Miss,
+                )
+            }
+        }
+    }
+
+    /// Runs a cacheable fetch on its own task, bounded by the action's timeout, fills the cache
+    /// and hands the result to every waiter. With `while_waited`, the fetch is dropped as soon
+    /// as no waiter is left.
+    fn spawn_shared(
+        &self,
+        flight: crate::cache::Flight<FetchResult>,
+        p: Prepared,
+        action: &ActionSpec,
+        policy: CachePolicy,
+        scope: ScopeId,
+        while_waited: bool,
+    ) {
+        let this = self.clone();
+        let extractor = action.extractor_arc();
+        let fingerprint = action.fingerprint;
+        let key = p.cache.as_ref().map(|(k, _)| *k);
+        tokio::spawn(
+            async move {
+                let fetch = this.fetch(&p, &extractor, ActionDeadline::own(&p));
+                let r = if while_waited {
+                    tokio::select! {
+                        r = fetch => r,
+                        // Nobody wants it: drop the request and its connection; the flight
+                        // leaves the in-flight table as it drops.
+                        _ = flight.abandoned() => {
+                            metrics::counter!("midcall_cache_abandoned_total").increment(1);
+                            return;
+                        }
+                    }
+                } else {
+                    fetch.await
+                };
+                let entry = match &r {
+                    Ok(f) => Some(Entry::new(
+                        f.values.clone(),
+                        f.http_status,
+                        false,
+                        &policy,
+                        fingerprint,
+                        scope,
+                    )),
+                    Err(f) if f.http_status == Some(404) && policy.negative_ttl.is_some() => Some(
+                        Entry::new(Vec::new(), 404, true, &policy, fingerprint, scope),
+                    ),
+                    // A failed refresh keeps the stale entry: stale-if-error.
+                    Err(_) => None,
+                };
+                if let (Some(e), Some(k)) = (entry, key) {
+                    flight.cache().insert(k, e).await;
+                }
+                flight.finish(Arc::new(r));
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    fn request(
+        &self,
+        p: &Prepared,
+        idempotency: Option<&HeaderValue>,
+    ) -> http::Request<Full<Bytes>> {
+        let method = match p.method {
+            Method::Get => http::Method::GET,
+            Method::Head => http::Method::HEAD,
+            Method::Post => http::Method::POST,
+            Method::Put => http::Method::PUT,
+            Method::Patch => http::Method::PATCH,
+            Method::Delete => http::Method::DELETE,
+        };
+        let mut req = http::Request::new(Full::new(p.body.clone()));
+        *req.method_mut() = method;
+        *req.uri_mut() = p.uri.clone();
+        *req.headers_mut() = p.headers.clone();
+        if let (Some(name), Some(v)) = (self.idempotency_header(), idempotency) {
+            req.headers_mut().insert(name.clone(), v.clone());
+        }
+        req
+    }
+
+    /// Sends (with the two allowed retries), reads, parses and extracts. Touches no call state.
+    pub(crate) async fn fetch(
+        &self,
+        p: &Prepared,
+        extractor: &Extractor,
+        deadline: ActionDeadline,
+    ) -> FetchResult {
+        let ActionDeadline {
+            deadline,
+            budget_cut,
+        } = deadline;
+        let mut timings = Timings::default();
+        let action = &p.action;
+        if deadline.remaining().is_zero() {
+            return Err(Failure::new(
+                Kind::Timeout,
+                Fault::Local,
+                Retry::Yes,
+                format!("action \"{action}\": no time left in the budget"),
+            )
+            .with_reason("the turn's time ran out before the request could be sent"));
+        }
+        let Some(permit) = self.breakers().check(&p.host) else {
+            return Err(Failure::new(
+                Kind::CircuitOpen,
+                Fault::Upstream,
+                Retry::Yes,
+                format!(
+                    "action \"{action}\": circuit open for {} after repeated failures",
+                    p.host
+                ),
+            )
+            .with_reason("the service is failing; not trying again for a few seconds"));
+        };
+        let idempotency = p.idempotency.as_ref().and_then(|i| {
+            HeaderValue::from_str(&idempotency_key(
+                &i.call_id,
+                i.tool_id.as_deref(),
+                action,
+                &i.args,
+            ))
+            .ok()
+        });
+        let mut attempts = 0;
+        let exchange: Exchange = loop {
+            attempts += 1;
+            let attempt_start = Instant::now();
+            p.sent.store(true, Ordering::Release);
+            let sent = self
+                .transport()
+                .exchange(self.request(p, idempotency.as_ref()), deadline, p.max_bytes)
+                .await;
+            match sent {
+                Ok(ex) if ex.status == http::StatusCode::TOO_MANY_REQUESTS && attempts == 1 => {
+                    let delay = ex
+                        .headers
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                    let needed = delay.map(|d| d + attempt_start.elapsed() + MIN_RETRY_ATTEMPT);
+                    if needed.is_some_and(|n| n <= deadline.remaining()) {
+                        tokio::time::sleep(delay.unwrap_or_default()).await;
+                        continue;
+                    }
+                    permit.record(true);
+                    let message = match delay {
+                        Some(d) => format!(
+                            "action \"{action}\": rate limited (429); Retry-After {} ms does not fit the {} ms left",
+                            d.as_millis(),
+                            deadline.remaining().as_millis()
+                        ),
+                        None => format!(
+                            "action \"{action}\": rate limited (429) with no usable Retry-After"
+                        ),
+                    };
+                    return Err(Failure::new(
+                        Kind::RateLimited,
+                        Fault::Upstream,
+                        Retry::Yes,
+                        message,
+                    )
+                    .with_reason("the service is busy right now")
+                    .http(429)
+                    .after(attempts, timings));
+                }
+                Ok(ex) => break ex,
+                Err(TransportError::Io { stale: true, .. })
+                    if attempts == 1 && p.idempotent && !deadline.remaining().is_zero() =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    let c = classify(&e, budget_cut);
+                    if budget_cut && matches!(e, TransportError::Timeout { .. }) {
+                        // The turn was too short, not the host too slow: no verdict on it.
+                        drop(permit);
+                    } else {
+                        permit.record(!c.host_failure);
+                    }
+                    let attempts_made =
+                        if matches!(e, TransportError::Connect(ConnectError::Egress(_))) {
+                            attempts - 1
+                        } else {
+                            attempts
+                        };
+                    return Err(Failure::new(
+                        c.kind,
+                        c.fault,
+                        c.retry,
+                        format!("action \"{action}\": {}", describe_transport(&e)),
+                    )
+                    .with_reason(c.reason)
+                    .after(attempts_made, timings));
+                }
+            }
+        };
+        timings.connect = exchange.connect;
+        timings.tls = exchange.tls;
+        timings.ttfb = Some(exchange.ttfb);
+        timings.body = Some(exchange.body_time);
+        let code = exchange.status.as_u16();
+        if !exchange.status.is_success() {
+            permit.record(code < 500);
+            let what = if exchange.status.is_redirection() {
+                " (redirects are not followed)"
+            } else {
+                ""
+            };
+            let (kind, retry) = match code {
+                429 => (Kind::RateLimited, Retry::Yes),
+                500.. => (Kind::HttpStatus(code), Retry::Yes),
+                _ => (Kind::HttpStatus(code), Retry::No),
+            };
+            return Err(Failure::new(
+                kind,
+                Fault::Upstream,
+                retry,
+                format!(
+                    "action \"{action}\": upstream answered {}{what}",
+                    exchange.status
+                ),
+            )
+            .http(code)
+            .after(attempts, timings));
+        }
+        permit.record(true);
+        let invalid = |message: String, timings| {
+            Failure::new(
+                Kind::InvalidResponse,
+                Fault::Upstream,
+                Retry::No,
+                format!("action \"{action}\": {message}"),
+            )
+            .http(code)
+            .after(attempts, timings)
+        };
+        if extractor.is_empty() {
+            return Ok(Fetched {
+                values: Vec::new(),
+                http_status: code,
+                attempts,
+                timings,
+            });
+        }
+        if let Some(enc) = exchange.headers.get(http::header::CONTENT_ENCODING) {
+            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+                return Err(invalid(
+                    format!(
+                        "the response is compressed ({}); none was asked for",
+                        String::from_utf8_lossy(enc.as_bytes())
+                    ),
+                    timings,
+                ));
+            }
+        }
+        let ctype = exchange
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !is_json_content_type(ctype) {
+            return Err(invalid(
+                format!(
+                    "expected a JSON response, got content type \"{}\"",
+                    ctype.chars().take(64).collect::<String>()
+                ),
+                timings,
+            ));
+        }
+        let extracted = match extractor.extract_bytes(&exchange.body) {
+            Ok(x) => x,
+            Err(e) => return Err(invalid(e.to_string(), timings)),
+        };
+        timings.parse = Some(extracted.parse);
+        timings.extract = Some(extracted.extract);
+        Ok(Fetched {
+            values: extracted.values,
+            http_status: code,
+            attempts,
+            timings,
+        })
+    }
+
+    /// Starts a background action; the caller gets `accepted` or, when full, `rejected`.
+    pub(crate) fn spawn_background(&self, p: Prepared, span: &tracing::Span) -> FetchResult {
+        let Some(permit) = self.background_permit() else {
+            return Err(Failure::new(
+                Kind::Overloaded,
+                Fault::Local,
+                Retry::Yes,
+                format!(
+                    "action \"{}\": {} background actions already in flight",
+                    p.action,
+                    self.max_async_in_flight()
+                ),
+            ));
+        };
+        let this = self.clone();
+        let span = tracing::info_span!(parent: span, "background");
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let started = Instant::now();
+                let result = this
+                    .fetch(&p, &Extractor::default(), ActionDeadline::own(&p))
+                    .await;
+                let status = match &result {
+                    Ok(_) => super::Status::Ok,
+                    Err(f) => f.status(),
+                };
+                super::apply::report_metrics(&p.action, status, started.elapsed());
+                match result {
+                    Ok(f) => tracing::info!(
+                        status = "ok",
+                        http_status = f.http_status,
+                        "background action done"
+                    ),
+                    Err(f) => tracing::warn!(
+                        status = f.status().as_str(),
+                        error = %f.error,
+                        "background action failed"
+                    ),
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Fetched {
+            values: Vec::new(),
+            http_status: 0,
+            attempts: 0,
+            timings: Timings::default(),
+        })
+    }
+}
+
+fn is_json_content_type(ct: &str) -> bool {
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}

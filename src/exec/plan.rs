@@ -1,0 +1,156 @@
+//! Step 1 of the path (sync, reads the call): the model's arguments, the rendered request, the
+//! egress scheme check and the cache key, all before anything is sent.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use serde_json::Value;
+
+use super::error::{Failure, Fault, Kind, Retry};
+use super::runtime::Runtime;
+use super::ToolCall;
+use crate::cache::{CacheKey, ScopeId};
+use crate::config::{ActionSpec, Method, RenderedRequest, RequestError};
+use crate::state::Call;
+use crate::template::RenderContext;
+
+/// A rendered request ready to send, owning everything it needs.
+pub(crate) struct Prepared {
+    pub(crate) action: Arc<str>,
+    pub(crate) method: Method,
+    pub(crate) uri: http::Uri,
+    pub(crate) host: String,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) idempotent: bool,
+    pub(crate) timeout: Duration,
+    pub(crate) max_bytes: u64,
+    /// The URL without query string, secrets redacted: safe for logs.
+    pub(crate) log_url: String,
+    /// The cache key and scope, for cacheable actions.
+    pub(crate) cache: Option<(CacheKey, ScopeId)>,
+    /// What the idempotency key is made from.
+    pub(crate) idempotency: Option<Idempotency>,
+    /// Set once the request has been handed to the transport: from then on a `finish`
+    /// action completes even when its tool call is cancelled.
+    pub(crate) sent: Arc<AtomicBool>,
+}
+
+pub(crate) struct Idempotency {
+    pub(crate) call_id: String,
+    pub(crate) tool_id: Option<String>,
+    pub(crate) args: Value,
+}
+
+impl Runtime {
+    /// Validates the arguments, renders the request and checks it against the egress policy.
+    pub(crate) fn plan(
+        &self,
+        action: &ActionSpec,
+        call: &Call,
+        tool: &ToolCall,
+    ) -> Result<Prepared, Box<Failure>> {
+        let name = action.name();
+        let reject = |kind, fault, message: String| Failure::new(kind, fault, Retry::No, message);
+        let ctx = RenderContext {
+            call: &call.info,
+            state: &call.state,
+            args: &tool.args,
+            transcript: &call.transcript,
+            secrets: self.secrets(),
+            payload: None,
+        };
+        let rendered: RenderedRequest = action.render(&ctx).map_err(|e| match e {
+            RequestError::Args(a) => reject(Kind::InvalidArguments, Fault::Caller, a.to_string()),
+            RequestError::Render { .. } => reject(Kind::Render, Fault::Config, e.to_string()),
+        })?;
+        let policy = self.transport().policy();
+        if let Err(r) = policy.check_scheme(action.url().is_https()) {
+            return Err(reject(Kind::Egress, Fault::Config, r.to_string()));
+        }
+        let uri: http::Uri = rendered.url.parse().map_err(|_| {
+            reject(
+                Kind::Render,
+                Fault::Config,
+                format!("action \"{name}\": the rendered URL is not valid"),
+            )
+        })?;
+        let mut headers = http::HeaderMap::with_capacity(rendered.headers.len() + 4);
+        for (header, value) in &rendered.headers {
+            let (Ok(n), Ok(mut v)) = (
+                HeaderName::from_bytes(header.as_bytes()),
+                HeaderValue::from_bytes(value.as_bytes()),
+            ) else {
+                return Err(reject(
+                    Kind::Render,
+                    Fault::Config,
+                    format!("action \"{name}\": header \"{header}\" is not a valid header"),
+                ));
+            };
+            // Marked sensitive so hyper never logs it; checked without building a redacted copy.
+            if rendered.redactor.appears_in(value) {
+                v.set_sensitive(true);
+            }
+            headers.append(n, v);
+        }
+        headers.insert(http::header::USER_AGENT, self.user_agent().clone());
+        if !headers.contains_key(http::header::ACCEPT) {
+            headers.insert(
+                http::header::ACCEPT,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        // The idempotency key is computed when a request is actually sent (a cache hit
+        // never needs it).
+        let idempotency = self.idempotency_header().map(|_| Idempotency {
+            call_id: call.info.id.clone(),
+            tool_id: tool.id.clone(),
+            args: tool.args.clone(),
+        });
+        let path_only = rendered.url.split('?').next().unwrap_or_default();
+        let body = rendered.body.map(Bytes::from).unwrap_or_default();
+        let cache = action.cache().filter(|_| !action.is_async()).map(|policy| {
+            let scope = ScopeId::of(policy.scope, &call.info);
+            let key_headers: Vec<(&str, &[u8])> = policy
+                .key_headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.as_str(),
+                        headers
+                            .get(h.as_str())
+                            .map(|v| v.as_bytes())
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let key = CacheKey::new(
+                &scope,
+                action.fingerprint,
+                action.method().as_str(),
+                &rendered.url,
+                &key_headers,
+                &body,
+            );
+            (key, scope)
+        });
+        Ok(Prepared {
+            action: name.into(),
+            method: action.method(),
+            uri,
+            host: action.url().host().to_string(),
+            headers,
+            body,
+            idempotent: action.is_idempotent(),
+            timeout: action.timeout(),
+            max_bytes: action.max_response_bytes(),
+            log_url: rendered.redactor.redact(path_only),
+            cache,
+            idempotency,
+            sent: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}

@@ -1,0 +1,787 @@
+//! A live call as one handle: tool calls by the name the model sent, each ending in exactly
+//! one recorded end state; duplicate protection over calls done and still running;
+//! cancellation by policy; side effects held to the end of the turn; the call's end.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use super::apply::{cancelled, Applied};
+use super::budget::Budget;
+use super::dedupe::{dedupe_key, RecentToolCalls};
+use super::error::{Failure, Fault, Kind, Retry};
+use super::outcome::{Outcome, Status, Timings};
+use super::runtime::{action_span, Runtime, ToolCall, WarmReport};
+use crate::cache::CacheStatus;
+use crate::config::{ActionSet, ActionSpec, Hold, OnInterrupt};
+use crate::events::{post_call_payload, Event};
+use crate::state::{
+    Call, CallEnd, CallInfo, ConversationState, StateError, StatePath, Transcript, Turn,
+};
+
+/// What [`Runtime::start_call`] did before the first turn.
+#[derive(Debug, Clone, Default)]
+pub struct StartReport {
+    /// Connections opened ahead of the first turn (prefetched hosts count as warmed when they
+    /// answered).
+    pub warm: WarmReport,
+    /// The prefetch actions' outcomes, in file order.
+    pub prefetched: Vec<Outcome>,
+}
+
+/// Why a call's end could not be recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndError {
+    /// The call was ended before.
+    #[error("the call has already ended")]
+    AlreadyEnded,
+    /// The end events or the automation runs could not be stored.
+    #[error("the call's end could not be stored: {0}")]
+    Storage(String),
+}
+
+/// One live call. Cheap to clone, `Send + Sync`: every clone is the same call, so the agent
+/// runtime can append the caller's words and read state while tool calls run, and run several
+/// tool calls at once.
+///
+/// Every tool call ends in exactly one end state, recorded in [`CallSession::records`] (and
+/// published as an `action` event when the runtime has a bus) even when its handle is
+/// cancelled or dropped. Tool calls run on the runtime's tasks; a handle is only the way to
+/// their outcome.
+#[derive(Clone)]
+pub struct CallSession {
+    inner: Arc<Session>,
+}
+
+struct Session {
+    runtime: Runtime,
+    agent: Arc<ActionSet>,
+    live: Mutex<Live>,
+    /// Tool calls not yet ended.
+    running: watch::Sender<usize>,
+    report: OnceLock<StartReport>,
+}
+
+#[derive(Default)]
+struct Live {
+    call: Option<Call>,
+    recent: RecentToolCalls,
+    inflight: HashMap<u128, watch::Receiver<Option<Outcome>>>,
+    interrupts: HashMap<u64, Arc<Interrupt>>,
+    held: Vec<oneshot::Sender<bool>>,
+    records: Vec<Outcome>,
+    next_id: u64,
+    ended: bool,
+}
+
+/// Set once, with why, when a tool call is to stop.
+type Interrupt = watch::Sender<Option<&'static str>>;
+
+impl std::fmt::Debug for CallSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallSession")
+            .field("call_id", &self.info().id)
+            .field("running", &*self.inner.running.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// When the call connects: starts its session, publishes `phone_call_connected` (with a
+    /// bus attached), warms a connection to every action host and runs every action with
+    /// `prefetch = "call_start"` concurrently, all within `within`. Prefetched values land in
+    /// state before the first turn and prime the cache, so the model's later identical tool
+    /// call is a hit (prefetches stay out of duplicate protection: the model did not make
+    /// them). What was done is in [`CallSession::start_report`].
+    pub async fn start_call(
+        &self,
+        agent: Arc<ActionSet>,
+        info: CallInfo,
+        within: Duration,
+    ) -> CallSession {
+        if let Some(bus) = self.event_bus() {
+            if let Err(e) = bus.publish(&Event::phone_call_connected(), &info) {
+                tracing::warn!(call_id = %info.id, error = %e, "phone_call_connected not queued");
+            }
+        }
+        let session = CallSession {
+            inner: Arc::new(Session {
+                runtime: self.clone(),
+                agent: agent.clone(),
+                live: Mutex::new(Live {
+                    call: Some(Call::new(info)),
+                    ..Live::default()
+                }),
+                running: watch::channel(0).0,
+                report: OnceLock::new(),
+            }),
+        };
+        let budget = Budget::new(within);
+        let prefetch: Vec<&Arc<ActionSpec>> = agent
+            .actions()
+            .iter()
+            .filter(|a| a.prefetch().is_some())
+            .collect();
+        let prefetch_origins: Vec<&str> = prefetch.iter().map(|a| a.url().origin()).collect();
+        let mut origins: Vec<&str> = agent
+            .actions()
+            .iter()
+            .map(|a| a.url().origin())
+            .filter(|o| !prefetch_origins.contains(o))
+            .collect();
+        origins.sort_unstable();
+        origins.dedup();
+        let handles: Vec<ToolHandle> = prefetch
+            .iter()
+            .map(|a| {
+                let empty = ToolCall::from(Value::Object(Default::default()));
+                session.spawn((*a).clone(), empty, budget, false)
+            })
+            .collect();
+        let (mut warm, prefetched) = tokio::join!(
+            self.warm_origins(&origins, within),
+            futures_util::future::join_all(handles)
+        );
+        for (a, o) in prefetch.iter().zip(&prefetched) {
+            if o.http_status.is_some() || o.status.is_success() {
+                warm.warmed.push(a.url().origin().to_string());
+            }
+        }
+        warm.warmed.sort();
+        warm.warmed.dedup();
+        let _ = session.inner.report.set(StartReport { warm, prefetched });
+        session
+    }
+}
+
+impl CallSession {
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.inner.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn with_call<T>(&self, f: impl FnOnce(&mut Call) -> T) -> T {
+        let mut live = self.live();
+        f(live.call.as_mut().expect("a session always holds its call"))
+    }
+
+    /// What [`Runtime::start_call`] did: warm-up and prefetches.
+    pub fn start_report(&self) -> StartReport {
+        self.inner.report.get().cloned().unwrap_or_default()
+    }
+
+    /// The call's facts.
+    pub fn info(&self) -> CallInfo {
+        self.with_call(|c| c.info.clone())
+    }
+
+    /// A copy of the conversation variables now.
+    pub fn state(&self) -> ConversationState {
+        self.with_call(|c| c.state.clone())
+    }
+
+    /// The conversation variables now, as one nested JSON object.
+    pub fn state_value(&self) -> Value {
+        self.with_call(|c| c.state.to_value())
+    }
+
+    /// Sets one variable (the embedder's own, such as `call_outcome`).
+    pub fn set(&self, path: &StatePath, value: Value) -> Result<(), StateError> {
+        self.with_call(|c| c.state.set(path, value))
+    }
+
+    /// A copy of the transcript now.
+    pub fn transcript(&self) -> Transcript {
+        self.with_call(|c| c.transcript.clone())
+    }
+
+    /// Appends a turn (the caller's words, the agent's line); allowed while tool calls run.
+    pub fn add_turn(&self, turn: Turn) {
+        self.with_call(|c| c.transcript.push(turn));
+    }
+
+    /// A copy of the whole call: facts, variables, transcript.
+    pub fn snapshot(&self) -> Call {
+        self.with_call(|c| c.clone())
+    }
+
+    /// The end state of every tool call that has ended, in the order they ended (a detached
+    /// call's real end state, marked `detached`, where it went on after a barge-in).
+    pub fn records(&self) -> Vec<Outcome> {
+        self.live().records.clone()
+    }
+
+    /// Tool calls started and not yet ended (held, running or finishing detached).
+    pub fn running(&self) -> usize {
+        *self.inner.running.borrow()
+    }
+
+    /// Starts the tool call the model made, by the name it sent, within `budget`.
+    ///
+    /// The returned handle is a future of the [`Outcome`]; it also gives the filler line when
+    /// it fires ([`ToolHandle::on_filler`], [`ToolHandle::filler`]) and cancels
+    /// ([`ToolHandle::cancel`], or dropping it). An unknown name ends at once as `rejected`
+    /// (fault `caller`) with the known tool names in its message. An identical call (same
+    /// action, same canonical arguments, any tool-call id) made while an earlier one runs
+    /// waits for it and returns its outcome with `deduplicated: true`, and one made within
+    /// the dedupe window after an earlier success gets that success: nothing is sent twice.
+    /// An action with `hold = "end_of_turn"` is not sent before [`CallSession::end_turn`].
+    pub fn tool(&self, name: &str, tool: ToolCall, budget: Budget) -> ToolHandle {
+        match self.inner.agent.actions().iter().find(|a| a.name() == name) {
+            Some(action) => self.spawn(action.clone(), tool, budget, true),
+            None => {
+                let mut names: Vec<&str> = self
+                    .inner
+                    .agent
+                    .actions()
+                    .iter()
+                    .map(|a| a.name())
+                    .collect();
+                names.sort_unstable();
+                let message = format!(
+                    "unknown tool \"{}\"; the tools are: {}",
+                    name.chars().take(64).collect::<String>(),
+                    names.join(", ")
+                );
+                let f = Failure::new(Kind::UnknownTool, Fault::Caller, Retry::No, message);
+                self.refuse(name, tool.id, f)
+            }
+        }
+    }
+
+    /// Runs the model's parallel tool calls under one budget. Each action's filler fires as it
+    /// would alone: `on_filler` is called with the action's name and the line. Outcomes come
+    /// back in the order given.
+    pub async fn tools_parallel(
+        &self,
+        calls: Vec<(String, ToolCall)>,
+        budget: Budget,
+        on_filler: impl Fn(&str, &str) + Send + Sync + 'static,
+    ) -> Vec<Outcome> {
+        let on_filler = Arc::new(on_filler);
+        let handles = calls.into_iter().map(|(name, tool)| {
+            let f = on_filler.clone();
+            let action = name.clone();
+            self.tool(&name, tool, budget)
+                .on_filler(move |line| f(&action, line))
+        });
+        futures_util::future::join_all(handles).await
+    }
+
+    /// The agent finished speaking its turn: held side effects (`hold = "end_of_turn"`) are
+    /// sent now.
+    pub fn end_turn(&self) {
+        let held = std::mem::take(&mut self.live().held);
+        for h in held {
+            let _ = h.send(true);
+        }
+    }
+
+    /// The caller spoke over the agent: held side effects are discarded (`cancelled`, nothing
+    /// sent) and every running tool call gets its `on_interrupt` policy: `cancel` drops the
+    /// request at once, `finish` lets a request already sent complete detached (its values
+    /// are applied and the model's re-issued identical call gets its outcome).
+    pub fn barge_in(&self) {
+        let (held, interrupts) = {
+            let mut live = self.live();
+            let held = std::mem::take(&mut live.held);
+            let interrupts: Vec<Arc<Interrupt>> = live.interrupts.values().cloned().collect();
+            (held, interrupts)
+        };
+        for h in held {
+            let _ = h.send(false);
+        }
+        for i in interrupts {
+            interrupt(&i, "barge-in");
+        }
+    }
+
+    /// The call ended: held side effects are discarded and running tool calls get their
+    /// `on_interrupt` policy (as for a barge-in); once the detached ones have finished (each
+    /// within its own timeout), `phone_call_ended` and the post-call results are published
+    /// and the call_completed automations registered with the runtime are queued. Returns the
+    /// queued runs' ids. Tool calls after this are `rejected`.
+    pub async fn end(&self, end: CallEnd) -> Result<Vec<String>, EndError> {
+        {
+            let mut live = self.live();
+            if live.ended {
+                return Err(EndError::AlreadyEnded);
+            }
+            live.ended = true;
+        }
+        self.barge_in();
+        let mut running = self.inner.running.subscribe();
+        let _ = running.wait_for(|n| *n == 0).await;
+        let call = self.snapshot();
+        let runtime = &self.inner.runtime;
+        if let Some(completion) = runtime.call_completion() {
+            return completion
+                .complete(&self.inner.agent, &call, &end)
+                .await
+                .map_err(EndError::Storage);
+        }
+        if let Some(bus) = runtime.event_bus() {
+            let ended = Event::phone_call_ended(
+                end.duration.as_millis() as f64 / 1000.0,
+                &end.end_reason,
+                &call.transcript,
+            );
+            let results = Event::post_call_processing_completed(post_call_payload(
+                &self.inner.agent,
+                &call,
+                &end,
+            ));
+            for e in [ended, results] {
+                bus.publish_durable(&e, &call.info)
+                    .await
+                    .map_err(|e| EndError::Storage(e.to_string()))?;
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// A tool call that ends before it starts.
+    fn refuse(&self, name: &str, tool_call_id: Option<String>, f: Box<Failure>) -> ToolHandle {
+        let (tx, rx) = oneshot::channel();
+        let span = action_span(name, &self.info());
+        let mut o = Outcome::new(name, tool_call_id);
+        o.llm_result = super::outcome::llm_result(
+            f.status(),
+            &[],
+            Some(&f.error),
+            self.inner.runtime.llm_result_max_bytes(),
+        );
+        o.status = f.status();
+        o.error = Some(f.error);
+        {
+            let mut live = self.live();
+            live.records.push(o.clone());
+            let call = live.call.as_ref().expect("a session always holds its call");
+            self.inner.runtime.report(&o, call, &span);
+        }
+        let _ = tx.send(o);
+        ToolHandle::new(name, rx, Arc::new(watch::channel(None).0), true)
+    }
+
+    fn spawn(
+        &self,
+        action: Arc<ActionSpec>,
+        tool: ToolCall,
+        budget: Budget,
+        from_model: bool,
+    ) -> ToolHandle {
+        let (tx, rx) = oneshot::channel();
+        let stop: Arc<Interrupt> = Arc::new(watch::channel(None).0);
+        let (id, held) = {
+            let mut live = self.live();
+            if live.ended {
+                drop(live);
+                let f = Failure::new(
+                    Kind::Render,
+                    Fault::Caller,
+                    Retry::No,
+                    format!("action \"{}\": the call has ended", action.name()),
+                );
+                return self.refuse(action.name(), tool.id, f);
+            }
+            live.next_id += 1;
+            let id = live.next_id;
+            live.interrupts.insert(id, stop.clone());
+            let held = (action.hold() == Hold::EndOfTurn).then(|| {
+                let (htx, hrx) = oneshot::channel();
+                live.held.push(htx);
+                hrx
+            });
+            (id, held)
+        };
+        self.inner.running.send_modify(|n| *n += 1);
+        let handle = ToolHandle::new(action.name(), rx, stop.clone(), false);
+        let filler = handle.filler.clone();
+        let task = Task {
+            session: self.clone(),
+            id,
+            action,
+            tool,
+            budget,
+            from_model,
+            stop: stop.subscribe(),
+            held,
+            filler,
+            reply: Some(tx),
+        };
+        tokio::spawn(task.run());
+        handle
+    }
+}
+
+fn interrupt(i: &Interrupt, why: &'static str) {
+    i.send_if_modified(|v| {
+        if v.is_none() {
+            *v = Some(why);
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// Resolves with why once the tool call is to stop.
+async fn stopped(rx: &mut watch::Receiver<Option<&'static str>>) -> &'static str {
+    let why = rx
+        .wait_for(|v| v.is_some())
+        .await
+        .map(|v| v.unwrap_or("cancelled"));
+    match why {
+        Ok(why) => why,
+        // Every sender gone: nobody can cancel any more.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// One tool call's run, on its own task.
+struct Task {
+    session: CallSession,
+    id: u64,
+    action: Arc<ActionSpec>,
+    tool: ToolCall,
+    budget: Budget,
+    from_model: bool,
+    stop: watch::Receiver<Option<&'static str>>,
+    held: Option<oneshot::Receiver<bool>>,
+    filler: Arc<FillerSlot>,
+    reply: Option<oneshot::Sender<Outcome>>,
+}
+
+/// How a task's path ended, before it is applied.
+enum Ended {
+    /// A result to apply (values or a failure).
+    Result(super::obtain::FetchResult, CacheStatus, bool),
+    /// An earlier or concurrent identical call's outcome.
+    Deduplicated(Outcome),
+}
+
+impl Task {
+    async fn run(mut self) {
+        let started = Instant::now();
+        let runtime = self.session.inner.runtime.clone();
+        let action = self.action.clone();
+        let span = action_span(action.name(), &self.session.info());
+        let key = (self.from_model && action.dedupe() && !action.is_async())
+            .then(|| dedupe_key(action.name(), &self.tool.args));
+        let mut leader: Option<watch::Sender<Option<Outcome>>> = None;
+        let mut detached = false;
+        let ended = 'path: {
+            // Duplicate protection: an earlier success, or an identical call still running.
+            let planned = loop {
+                let waiting = {
+                    let mut live = self.session.live();
+                    if let Some(key) = key {
+                        if let Some(o) = live.recent.find(key, runtime.dedupe_window()) {
+                            break 'path Ended::Deduplicated(o.clone());
+                        }
+                        match live.inflight.get(&key) {
+                            Some(rx) => Some(rx.clone()),
+                            None => {
+                                let (tx, rx) = watch::channel(None);
+                                live.inflight.insert(key, rx);
+                                leader = Some(tx);
+                                None
+                            }
+                        }
+                    } else {
+                        None
+                    }
+                    .map(Ok)
+                    .unwrap_or_else(|| {
+                        let call = live.call.as_ref().expect("a session always holds its call");
+                        Err(runtime.plan(&action, call, &self.tool))
+                    })
+                };
+                match waiting {
+                    Err(planned) => break planned,
+                    Ok(mut rx) => {
+                        tokio::select! {
+                            got = rx.wait_for(|o| o.is_some()) => {
+                                if let Ok(o) = got {
+                                    if let Some(o) = o.as_ref() {
+                                        break 'path Ended::Deduplicated(o.clone());
+                                    }
+                                }
+                                // The first call was cancelled: this one goes itself.
+                                continue;
+                            }
+                            why = stopped(&mut self.stop) => {
+                                break 'path Ended::Result(Err(cancelled(action.name(), why)), CacheStatus::Bypass, false);
+                            }
+                        }
+                    }
+                }
+            };
+            let p = match planned {
+                Ok(p) => p,
+                Err(f) => break 'path Ended::Result(Err(f), CacheStatus::Bypass, false),
+            };
+            // Held to the end of the turn: nothing is sent before it.
+            let mut started = started;
+            if let Some(held) = self.held.take() {
+                tokio::select! {
+                    go = held => {
+                        if go != Ok(true) {
+                            break 'path Ended::Result(Err(cancelled(action.name(), "barge-in before the end of the turn")), CacheStatus::Bypass, false);
+                        }
+                        started = Instant::now();
+                    }
+                    why = stopped(&mut self.stop) => {
+                        break 'path Ended::Result(Err(cancelled(action.name(), why)), CacheStatus::Bypass, false);
+                    }
+                }
+            }
+            let sent = p.sent.clone();
+            let deadline = Runtime::deadline(&action, &self.budget, started);
+            let filler = self.filler.clone();
+            let obtain =
+                runtime.obtain_with_filler(&action, p, deadline, started, &span, move |line| {
+                    filler.fire(line)
+                });
+            tokio::pin!(obtain);
+            tokio::select! {
+                biased;
+                (r, c, f) = &mut obtain => Ended::Result(r, c, f),
+                why = stopped(&mut self.stop) => {
+                    if action.on_interrupt() == OnInterrupt::Finish && sent.load(Ordering::Acquire) {
+                        // The request is out: finish it detached; the handle hears `cancelled`.
+                        detached = true;
+                        let mut o = Outcome::new(action.name(), self.tool.id.clone());
+                        let f = cancelled(action.name(), why);
+                        o.status = Status::Cancelled;
+                        o.llm_result = super::outcome::llm_result(Status::Cancelled, &[], Some(&f.error), runtime.llm_result_max_bytes());
+                        o.error = Some(f.error);
+                        o.timings = Timings { total: started.elapsed(), ..Timings::default() };
+                        if let Some(reply) = self.reply.take() {
+                            let _ = reply.send(o);
+                        }
+                        let (r, c, f) = obtain.await;
+                        Ended::Result(r, c, f)
+                    } else {
+                        Ended::Result(Err(cancelled(action.name(), why)), CacheStatus::Bypass, false)
+                    }
+                }
+            }
+        };
+        self.filler.end();
+        let outcome = {
+            let mut live = self.session.live();
+            let live = &mut *live;
+            let call = live.call.as_mut().expect("a session always holds its call");
+            let outcome = match ended {
+                Ended::Deduplicated(earlier) => {
+                    let mut o = earlier;
+                    o.tool_call_id = self.tool.id.clone();
+                    o.deduplicated = true;
+                    o.detached = false;
+                    o.attempts = 0;
+                    o.filler_fired = false;
+                    o.timings = Timings {
+                        total: started.elapsed(),
+                        ..Timings::default()
+                    };
+                    metrics::counter!("midcall_deduplicated_total", "action" => o.action.clone())
+                        .increment(1);
+                    runtime.report(&o, call, &span);
+                    o
+                }
+                Ended::Result(result, cache, filler_fired) => {
+                    let how = Applied {
+                        tool_call_id: self.tool.id.clone(),
+                        cache,
+                        filler_fired,
+                        detached,
+                        started,
+                        span: &span,
+                    };
+                    runtime.apply(&action, call, result, how)
+                }
+            };
+            if let (Some(key), Some(tx)) = (key, leader.take()) {
+                live.inflight.remove(&key);
+                if matches!(outcome.status, Status::Ok | Status::CacheHit) {
+                    live.recent.remember(key, &outcome, runtime.dedupe_window());
+                }
+                // Waiters get this outcome; a cancelled one sends nothing and they go
+                // themselves.
+                if outcome.status != Status::Cancelled {
+                    let _ = tx.send(Some(outcome.clone()));
+                }
+            }
+            live.interrupts.remove(&self.id);
+            live.records.push(outcome.clone());
+            outcome
+        };
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(outcome);
+        }
+        self.session.inner.running.send_modify(|n| *n -= 1);
+    }
+}
+
+/// The filler line of one tool call: a callback and a watch, each told once.
+struct FillerSlot {
+    signal: watch::Sender<FillerSignal>,
+    callback: Mutex<Option<Box<dyn FnOnce(&str) + Send>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FillerSignal {
+    Pending,
+    Fired(String),
+    Ended,
+}
+
+impl FillerSlot {
+    fn fire(&self, line: &str) {
+        self.signal
+            .send_replace(FillerSignal::Fired(line.to_string()));
+        let callback = self
+            .callback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = callback {
+            f(line);
+        }
+    }
+
+    fn end(&self) {
+        self.signal.send_if_modified(|s| {
+            if *s == FillerSignal::Pending {
+                *s = FillerSignal::Ended;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// A running tool call: a future of its [`Outcome`], its filler line, and its cancel.
+///
+/// Dropping the handle before the outcome arrives cancels the tool call (the action's
+/// `on_interrupt` policy applies); its end state is recorded in the session either way.
+#[must_use = "a tool call is cancelled when its handle is dropped"]
+pub struct ToolHandle {
+    action: String,
+    outcome: oneshot::Receiver<Outcome>,
+    stop: Arc<Interrupt>,
+    filler: Arc<FillerSlot>,
+    done: bool,
+}
+
+impl std::fmt::Debug for ToolHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ToolHandle")
+            .field("action", &self.action)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ToolHandle {
+    fn new(
+        action: &str,
+        outcome: oneshot::Receiver<Outcome>,
+        stop: Arc<Interrupt>,
+        ended: bool,
+    ) -> ToolHandle {
+        let initial = if ended {
+            FillerSignal::Ended
+        } else {
+            FillerSignal::Pending
+        };
+        ToolHandle {
+            action: action.to_string(),
+            outcome,
+            stop,
+            filler: Arc::new(FillerSlot {
+                signal: watch::channel(initial).0,
+                callback: Mutex::new(None),
+            }),
+            done: false,
+        }
+    }
+
+    /// Calls `f` once with the filler line when the action is still running `filler.after_ms`
+    /// after it started (at once if that has already happened). `f` runs on the runtime's
+    /// task that runs the action: keep it short (hand the line to the speech pipeline).
+    pub fn on_filler(self, f: impl FnOnce(&str) + Send + 'static) -> ToolHandle {
+        let filler = self.filler.clone();
+        let mut slot = filler.callback.lock().unwrap_or_else(|e| e.into_inner());
+        let fired = match &*filler.signal.borrow() {
+            FillerSignal::Fired(line) => Some(line.clone()),
+            _ => None,
+        };
+        match fired {
+            Some(line) => {
+                drop(slot);
+                f(&line);
+            }
+            None => *slot = Some(Box::new(f)),
+        }
+        self
+    }
+
+    /// The filler line once it fires, or `None` when the tool call ended without one.
+    pub fn filler(&self) -> impl Future<Output = Option<String>> + Send + 'static {
+        let mut rx = self.filler.signal.subscribe();
+        async move {
+            let s = rx.wait_for(|s| *s != FillerSignal::Pending).await.ok()?;
+            match &*s {
+                FillerSignal::Fired(line) => Some(line.clone()),
+                _ => None,
+            }
+        }
+    }
+
+    /// Cancels the tool call: awaiting the handle gives `cancelled` at once (a `finish`
+    /// action whose request is already sent completes detached and records its own end
+    /// state). Does nothing once it has ended.
+    pub fn cancel(&self) {
+        interrupt(&self.stop, "cancelled by the caller");
+    }
+}
+
+impl Future for ToolHandle {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = &mut *self;
+        match Pin::new(&mut this.outcome).poll(cx) {
+            Poll::Ready(r) => {
+                this.done = true;
+                Poll::Ready(r.unwrap_or_else(|_| {
+                    // The task is gone without a word: its runtime is shutting down.
+                    let mut o = Outcome::new(&this.action, None);
+                    o.status = Status::Cancelled;
+                    o.error = Some(cancelled(&this.action, "the runtime stopped").error);
+                    o
+                }))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for ToolHandle {
+    fn drop(&mut self) {
+        if !self.done {
+            interrupt(&self.stop, "its handle was dropped");
+        }
+    }
+}
