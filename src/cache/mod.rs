@@ -191,10 +191,12 @@ pub(crate) enum Lookup {
 /// The result a shared fetch hands its waiters.
 pub(crate) type Shared<T> = Arc<T>;
 
+type FlightSender<T> = Arc<watch::Sender<Option<Shared<T>>>>;
+
 /// The cache and the table of fetches in flight.
 pub(crate) struct ResponseCache<T: Send + Sync + 'static> {
     entries: moka::future::Cache<CacheKey, Arc<Entry>>,
-    inflight: Mutex<HashMap<CacheKey, Arc<watch::Sender<Option<Shared<T>>>>>>,
+    inflight: Mutex<HashMap<CacheKey, FlightSender<T>>>,
 }
 
 impl<T: Send + Sync + 'static> fmt::Debug for ResponseCache<T> {
@@ -233,7 +235,7 @@ pub(crate) struct Flight<T: Send + Sync + 'static> {
     cache: Arc<ResponseCache<T>>,
     key: CacheKey,
     /// `None` once finished.
-    tx: Option<Arc<watch::Sender<Option<Shared<T>>>>>,
+    tx: Option<FlightSender<T>>,
 }
 
 /// Whether this caller leads the fetch or waits for another's.

@@ -252,7 +252,7 @@ impl CallSession {
                     names.join(", ")
                 );
                 let f = Failure::new(Kind::UnknownTool, Fault::Caller, Retry::No, message);
-                self.refuse(name, tool.id, f)
+                self.refuse(name, tool.id, *f)
             }
         }
     }
@@ -349,7 +349,7 @@ impl CallSession {
     }
 
     /// A tool call that ends before it starts.
-    fn refuse(&self, name: &str, tool_call_id: Option<String>, f: Box<Failure>) -> ToolHandle {
+    fn refuse(&self, name: &str, tool_call_id: Option<String>, f: Failure) -> ToolHandle {
         let (tx, rx) = oneshot::channel();
         let span = action_span(name, &self.info());
         let mut o = Outcome::new(name, tool_call_id);
@@ -390,7 +390,7 @@ impl CallSession {
                     Retry::No,
                     format!("action \"{}\": the call has ended", action.name()),
                 );
-                return self.refuse(action.name(), tool.id, f);
+                return self.refuse(action.name(), tool.id, *f);
             }
             live.next_id += 1;
             let id = live.next_id;
@@ -460,6 +460,12 @@ struct Task {
     reply: Option<oneshot::Sender<Outcome>>,
 }
 
+/// After the duplicate check: wait for an identical call running, or go with this plan.
+enum Next {
+    Wait(watch::Receiver<Option<Outcome>>),
+    Planned(Box<Result<super::plan::Prepared, Box<Failure>>>),
+}
+
 /// How a task's path ended, before it is applied.
 enum Ended {
     /// A result to apply (values or a failure).
@@ -481,33 +487,34 @@ impl Task {
         let ended = 'path: {
             // Duplicate protection: an earlier success, or an identical call still running.
             let planned = loop {
-                let waiting = {
+                let next = {
                     let mut live = self.session.live();
-                    if let Some(key) = key {
-                        if let Some(o) = live.recent.find(key, runtime.dedupe_window()) {
-                            break 'path Ended::Deduplicated(o.clone());
-                        }
-                        match live.inflight.get(&key) {
-                            Some(rx) => Some(rx.clone()),
-                            None => {
+                    let running = match key {
+                        Some(key) => {
+                            if let Some(o) = live.recent.find(key, runtime.dedupe_window()) {
+                                break 'path Ended::Deduplicated(o.clone());
+                            }
+                            let running = live.inflight.get(&key).cloned();
+                            if running.is_none() {
                                 let (tx, rx) = watch::channel(None);
                                 live.inflight.insert(key, rx);
                                 leader = Some(tx);
-                                None
                             }
+                            running
                         }
-                    } else {
-                        None
+                        None => None,
+                    };
+                    match running {
+                        Some(rx) => Next::Wait(rx),
+                        None => {
+                            let call = live.call.as_ref().expect("a session always holds its call");
+                            Next::Planned(Box::new(runtime.plan(&action, call, &self.tool)))
+                        }
                     }
-                    .map(Ok)
-                    .unwrap_or_else(|| {
-                        let call = live.call.as_ref().expect("a session always holds its call");
-                        Err(runtime.plan(&action, call, &self.tool))
-                    })
                 };
-                match waiting {
-                    Err(planned) => break planned,
-                    Ok(mut rx) => {
+                match next {
+                    Next::Planned(planned) => break *planned,
+                    Next::Wait(mut rx) => {
                         tokio::select! {
                             got = rx.wait_for(|o| o.is_some()) => {
                                 if let Ok(o) = got {
@@ -632,10 +639,12 @@ impl Task {
     }
 }
 
+type FillerCallback = Box<dyn FnOnce(&str) + Send>;
+
 /// The filler line of one tool call: a callback and a watch, each told once.
 struct FillerSlot {
     signal: watch::Sender<FillerSignal>,
-    callback: Mutex<Option<Box<dyn FnOnce(&str) + Send>>>,
+    callback: Mutex<Option<FillerCallback>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
