@@ -20,6 +20,7 @@ pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
 /// How an outcome related to the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum CacheStatus {
     /// Cacheable, not in the cache: fetched upstream.
     Miss,
@@ -77,8 +78,8 @@ impl ScopeId {
     }
 }
 
-/// A cache key: 128 bits of SHA-256 over scope, action fingerprint, method, URL, key headers
-/// and body.
+/// A cache key: two keyed SipHash-1-3 hashes (128 bits, keys random per process) over scope,
+/// action fingerprint, method, URL, key headers and body; every part is length-prefixed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct CacheKey(u128);
 

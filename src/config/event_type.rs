@@ -4,6 +4,7 @@ use std::fmt;
 
 /// What happened on a call. Wire name: `event_<name>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum EventType {
     /// A chat message (text) was exchanged.
     Message,

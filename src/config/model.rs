@@ -100,6 +100,7 @@ pub struct Filler {
 
 /// Who may see a cached response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum CacheScope {
     /// Only the same call (the default).
     Call,
@@ -107,7 +108,8 @@ pub enum CacheScope {
     Agent,
     /// Every agent of the same tenant.
     Tenant,
-    /// Every call of the tenant's agents for identical requests; still never across tenants.
+    /// The same as `Tenant` (an alias kept for configs that say "global"): a cache entry is
+    /// never shared across tenants.
     Global,
 }
 

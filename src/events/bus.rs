@@ -32,6 +32,7 @@ pub const DEFAULT_RETRY_SCHEDULE: [Duration; 7] = [
 
 /// Why publishing failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PublishError {
     /// The channel to the outbox writer is full: the event was not taken (and is counted).
     #[error("event bus overloaded: the outbox writer is behind; the event was not accepted")]

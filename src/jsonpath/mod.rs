@@ -97,6 +97,7 @@ impl Query {
     /// The nodes the fast path selects from a JSON body, or `None` when the query or the body
     /// is not for the fast path (the full engine then decides). Exposed for differential tests.
     #[doc(hidden)]
+    #[doc(hidden)]
     pub fn select_fast(&self, body: &[u8]) -> Option<Vec<Value>> {
         let plan = self.fast.as_ref()?;
         let mut bytes = body.to_vec();
