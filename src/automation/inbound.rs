@@ -35,8 +35,8 @@ pub const SIGNATURE_TOLERANCE_S: i64 = 300;
 /// How long a `webhook-id` is remembered to refuse replays: 10 minutes (longer than the
 /// whole window a timestamp is accepted in).
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(600);
-/// The longest a request may take to send its body.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest a request may take to send its headers, and then its body: 10 s each.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Renders the process's metrics in the Prometheus text format (the binary installs the
 /// exporter and passes its handle's `render`).
@@ -48,6 +48,8 @@ pub struct InboundServer {
     automations: Automations,
     metrics: Option<MetricsRender>,
     drain: Duration,
+    header_timeout: Duration,
+    body_timeout: Duration,
 }
 
 /// What the request handler shares: built once by [`InboundServer::serve`].
@@ -55,6 +57,7 @@ struct Server {
     automations: Automations,
     metrics: Option<MetricsRender>,
     limiter: Mutex<RateLimiter>,
+    body_timeout: Duration,
     /// Keys the constant-time comparison of bearer keys (both sides are MACed and the tags
     /// compared by ring).
     mac: ring::hmac::Key,
@@ -76,7 +79,23 @@ impl InboundServer {
             automations,
             metrics: None,
             drain: Duration::from_secs(10),
+            header_timeout: DEFAULT_READ_TIMEOUT,
+            body_timeout: DEFAULT_READ_TIMEOUT,
         }
+    }
+
+    /// How long a client may take to send its request headers before the connection is
+    /// closed. Default 10 s.
+    pub fn header_read_timeout(mut self, d: Duration) -> InboundServer {
+        self.header_timeout = d;
+        self
+    }
+
+    /// How long a client may take to send the body after its headers before it gets 408.
+    /// Default 10 s.
+    pub fn body_read_timeout(mut self, d: Duration) -> InboundServer {
+        self.body_timeout = d;
+        self
     }
 
     /// Serves `GET /metrics` with `render` (otherwise it answers 404).
@@ -102,7 +121,7 @@ impl InboundServer {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10));
+            .header_read_timeout(self.header_timeout);
         tokio::pin!(shutdown);
         let inbound = self.automations.set().inbound().clone();
         let mut seed = [0u8; 32];
@@ -111,6 +130,7 @@ impl InboundServer {
             automations: self.automations,
             metrics: self.metrics,
             limiter: Mutex::new(RateLimiter::new(inbound.rate_per_second, inbound.burst)),
+            body_timeout: self.body_timeout,
             mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed),
         });
         loop {
@@ -306,7 +326,7 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
         text("webhook-signature").map(str::to_string),
     );
     let body = match tokio::time::timeout(
-        BODY_READ_TIMEOUT,
+        s.body_timeout,
         Limited::new(req.into_body(), limit).collect(),
     )
     .await

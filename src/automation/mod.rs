@@ -13,8 +13,8 @@ mod runner;
 
 pub use crate::state::CallEnd;
 pub use inbound::{
-    check_signature, is_json, parse_payload, InboundServer, MetricsRender, REPLAY_WINDOW,
-    SIGNATURE_TOLERANCE_S,
+    check_signature, is_json, parse_payload, InboundServer, MetricsRender, DEFAULT_READ_TIMEOUT,
+    REPLAY_WINDOW, SIGNATURE_TOLERANCE_S,
 };
 pub use runlog::{RunLog, RunRecord, StepRecord};
 pub use runner::{Automations, AutomationsBuilder, StartError};

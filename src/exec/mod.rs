@@ -24,6 +24,9 @@ mod plan;
 mod runtime;
 mod session;
 
+#[cfg(test)]
+mod tests;
+
 pub use crate::cache::CacheStatus;
 pub use crate::transport::parse_retry_after;
 pub use apply::action_event;

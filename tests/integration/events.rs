@@ -138,7 +138,10 @@ async fn subscribers_get_only_their_types_signed_in_the_envelope() {
         .await
         .unwrap();
     wait_until("two deliveries", || a.request_count() == 2).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait for the event: both deliveries are recorded; none was ever made for crm.
+    let log = bus.log().unwrap();
+    wait_for_status(&log, "delivered", 2).await;
+    assert_eq!(log.deliveries(None, None, 10).unwrap().len(), 2);
     assert_eq!(b.request_count(), 0, "crm subscribed to action only");
     let reqs = a.requests.lock().unwrap().clone();
     for r in &reqs {
@@ -200,8 +203,8 @@ async fn retries_follow_the_schedule_and_are_re_signed() {
         reqs.iter().all(verify_independently),
         "each attempt is signed for its own timestamp"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let log = bus.log().unwrap();
+    wait_for_status(&log, "delivered", 1).await;
     let d = &log.deliveries(None, None, 10).unwrap()[0];
     assert_eq!((d.status.as_str(), d.attempts), ("delivered", 3));
     let attempts = log.attempts(d.id).unwrap();
@@ -307,7 +310,7 @@ async fn gone_disables_the_endpoint_later_events_are_skipped_and_replayable() {
     bus.publish_durable(&Event::error("E3", "m"), &call)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_status(&log, "skipped", 2).await;
     assert_eq!(
         server.request_count(),
         1,

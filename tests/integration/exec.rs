@@ -273,8 +273,9 @@ async fn hang_before_headers_times_out_no_later_than_the_budget() {
     assert_eq!(out.status, Status::TimedOut);
     assert!(out.error.as_ref().unwrap().is_timeout());
     assert!(took >= Duration::from_millis(195), "{took:?}");
+    // A generous bound: only a deadline that is not held exceeds it.
     assert!(
-        took < Duration::from_millis(200 + 150),
+        took < Duration::from_millis(200 + 1000),
         "timed_out arrived late: {took:?}"
     );
 }
@@ -397,7 +398,7 @@ async fn trickling_body_cannot_outlive_the_deadline() {
         .unwrap()
         .to_string()
         .contains("reading the response body"));
-    assert!(took < Duration::from_millis(300 + 150), "{took:?}");
+    assert!(took < Duration::from_millis(300 + 1000), "{took:?}");
     // The half-read connection was dropped, not returned to the pool: the next action opens a
     // new one.
     run_a(&rt, &set).await;
@@ -776,8 +777,9 @@ async fn breaker_opens_fails_fast_then_probes_and_closes() {
     assert_eq!(out.status, Status::CircuitOpen);
     assert_eq!(out.attempts, 0);
     assert_eq!(out.say.as_deref(), Some("Sorry."));
+    // Nothing was sent (below); the bound only catches a wait on the upstream.
     assert!(
-        out.timings.total < Duration::from_millis(5),
+        out.timings.total < Duration::from_millis(500),
         "fails fast: {:?}",
         out.timings.total
     );
@@ -796,9 +798,13 @@ async fn breaker_opens_fails_fast_then_probes_and_closes() {
 
 #[tokio::test]
 async fn dropping_the_future_mid_request_closes_the_connection() {
-    let server = RawServer::start(Arc::new(|mut s, _, closed, count| {
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r2 = requests.clone();
+    let server = RawServer::start(Arc::new(move |mut s, _, closed, count| {
+        let requests = r2.clone();
         Box::pin(async move {
             read_request(&mut s).await;
+            requests.fetch_add(1, Ordering::SeqCst);
             wait_closed(s, closed, count).await;
         })
     }))
@@ -811,13 +817,8 @@ async fn dropping_the_future_mid_request_closes_the_connection() {
         rt2.execute(set2.action("a").unwrap(), &mut c, json!({}), &long())
             .await
     });
-    for _ in 0..200 {
-        if server.accepted() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Wait for the event: the request is at the upstream.
+    crate::support::wait_until("the request", || requests.load(Ordering::SeqCst) == 1).await;
     task.abort(); // the caller barged in
     tokio::time::timeout(Duration::from_secs(2), server.closed.notified())
         .await
@@ -907,13 +908,13 @@ async fn execute_all_runs_in_parallel_and_applies_in_order() {
 #[tokio::test]
 async fn async_actions_start_in_the_background_and_are_bounded() {
     let server = TestServer::http(|_, _| {
-        Reply::After(Duration::from_millis(300), Box::new(Reply::ok(json!({}))))
+        Reply::After(Duration::from_millis(3000), Box::new(Reply::ok(json!({}))))
     })
     .await;
     let set = one_action(
         &server.origin(),
         "/x",
-        "method = \"POST\"\nbody = { n = \"{{args.n}}\" }\nasync = true\ntimeout_ms = 2000",
+        "method = \"POST\"\nbody = { n = \"{{args.n}}\" }\nasync = true\ntimeout_ms = 5000",
     );
     let rt = builder().max_async_in_flight(1).build().unwrap();
     let mut c = call();
@@ -922,7 +923,8 @@ async fn async_actions_start_in_the_background_and_are_bounded() {
         .execute(set.action("a").unwrap(), &mut c, json!({"n": 1}), &long())
         .await;
     assert_eq!(out.status, Status::Accepted);
-    assert!(start.elapsed() < Duration::from_millis(100));
+    // The upstream takes 3 s; returning long before that shows nobody waited for it.
+    assert!(start.elapsed() < Duration::from_millis(1500));
     let out = rt
         .execute(set.action("a").unwrap(), &mut c, json!({"n": 2}), &long())
         .await;
