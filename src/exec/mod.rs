@@ -8,8 +8,8 @@
 //! - `apply.rs` (sync, writes the call): state or fallback, outcome, metrics, `action` event.
 //!
 //! Around it: `builder.rs` (configuration, once), `runtime.rs` (the process-wide runtime and
-//! the one-shot path), `session.rs` (a live call: tool handles, duplicate protection,
-//! cancellation, held side effects, the call's end).
+//! the one-shot path), `session.rs` (a live call: duplicate protection, cancellation, held
+//! side effects, the call's end) and `handle.rs` (one tool call's future, filler and cancel).
 
 mod apply;
 mod breaker;
@@ -17,6 +17,7 @@ mod budget;
 mod builder;
 mod dedupe;
 mod error;
+mod handle;
 mod idempotency;
 mod obtain;
 mod outcome;
@@ -34,6 +35,7 @@ pub use budget::Budget;
 pub use builder::*;
 pub use dedupe::DEFAULT_DEDUPE_WINDOW;
 pub use error::{Error, Fault, Retry};
+pub use handle::ToolHandle;
 pub use outcome::{values_json, Outcome, Status, Timings};
 pub use runtime::{CallCompletion, Runtime, ToolCall, WarmReport, MIN_RETRY_ATTEMPT};
-pub use session::{CallSession, EndError, StartReport, ToolHandle};
+pub use session::{CallSession, EndError, StartReport};

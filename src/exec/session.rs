@@ -3,11 +3,8 @@
 //! cancellation by policy; side effects held to the end of the turn; the call's end.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -18,6 +15,7 @@ use super::apply::{cancelled, Applied};
 use super::budget::Budget;
 use super::dedupe::{dedupe_key, RecentToolCalls};
 use super::error::{Failure, Fault, Kind, Retry};
+use super::handle::{FillerSlot, ToolHandle};
 use super::outcome::{Outcome, Status, Timings};
 use super::runtime::{action_span, Runtime, ToolCall, WarmReport};
 use crate::cache::CacheStatus;
@@ -84,7 +82,7 @@ struct Live {
 }
 
 /// Set once, with why, when a tool call is to stop.
-type Interrupt = watch::Sender<Option<&'static str>>;
+pub(super) type Interrupt = watch::Sender<Option<&'static str>>;
 
 impl std::fmt::Debug for CallSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -422,7 +420,7 @@ impl CallSession {
     }
 }
 
-fn interrupt(i: &Interrupt, why: &'static str) {
+pub(super) fn interrupt(i: &Interrupt, why: &'static str) {
     i.send_if_modified(|v| {
         if v.is_none() {
             *v = Some(why);
@@ -636,161 +634,5 @@ impl Task {
             let _ = reply.send(outcome);
         }
         self.session.inner.running.send_modify(|n| *n -= 1);
-    }
-}
-
-type FillerCallback = Box<dyn FnOnce(&str) + Send>;
-
-/// The filler line of one tool call: a callback and a watch, each told once.
-struct FillerSlot {
-    signal: watch::Sender<FillerSignal>,
-    callback: Mutex<Option<FillerCallback>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum FillerSignal {
-    Pending,
-    Fired(String),
-    Ended,
-}
-
-impl FillerSlot {
-    fn fire(&self, line: &str) {
-        self.signal
-            .send_replace(FillerSignal::Fired(line.to_string()));
-        let callback = self
-            .callback
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(f) = callback {
-            f(line);
-        }
-    }
-
-    fn end(&self) {
-        self.signal.send_if_modified(|s| {
-            if *s == FillerSignal::Pending {
-                *s = FillerSignal::Ended;
-                true
-            } else {
-                false
-            }
-        });
-    }
-}
-
-/// A running tool call: a future of its [`Outcome`], its filler line, and its cancel.
-///
-/// Dropping the handle before the outcome arrives cancels the tool call (the action's
-/// `on_interrupt` policy applies); its end state is recorded in the session either way.
-#[must_use = "a tool call is cancelled when its handle is dropped"]
-pub struct ToolHandle {
-    action: String,
-    outcome: oneshot::Receiver<Outcome>,
-    stop: Arc<Interrupt>,
-    filler: Arc<FillerSlot>,
-    done: bool,
-}
-
-impl std::fmt::Debug for ToolHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ToolHandle")
-            .field("action", &self.action)
-            .field("done", &self.done)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ToolHandle {
-    fn new(
-        action: &str,
-        outcome: oneshot::Receiver<Outcome>,
-        stop: Arc<Interrupt>,
-        ended: bool,
-    ) -> ToolHandle {
-        let initial = if ended {
-            FillerSignal::Ended
-        } else {
-            FillerSignal::Pending
-        };
-        ToolHandle {
-            action: action.to_string(),
-            outcome,
-            stop,
-            filler: Arc::new(FillerSlot {
-                signal: watch::channel(initial).0,
-                callback: Mutex::new(None),
-            }),
-            done: false,
-        }
-    }
-
-    /// Calls `f` once with the filler line when the action is still running `filler.after_ms`
-    /// after it started (at once if that has already happened). `f` runs on the runtime's
-    /// task that runs the action: keep it short (hand the line to the speech pipeline).
-    pub fn on_filler(self, f: impl FnOnce(&str) + Send + 'static) -> ToolHandle {
-        let filler = self.filler.clone();
-        let mut slot = filler.callback.lock().unwrap_or_else(|e| e.into_inner());
-        let fired = match &*filler.signal.borrow() {
-            FillerSignal::Fired(line) => Some(line.clone()),
-            _ => None,
-        };
-        match fired {
-            Some(line) => {
-                drop(slot);
-                f(&line);
-            }
-            None => *slot = Some(Box::new(f)),
-        }
-        self
-    }
-
-    /// The filler line once it fires, or `None` when the tool call ended without one.
-    pub fn filler(&self) -> impl Future<Output = Option<String>> + Send + 'static {
-        let mut rx = self.filler.signal.subscribe();
-        async move {
-            let s = rx.wait_for(|s| *s != FillerSignal::Pending).await.ok()?;
-            match &*s {
-                FillerSignal::Fired(line) => Some(line.clone()),
-                _ => None,
-            }
-        }
-    }
-
-    /// Cancels the tool call: awaiting the handle gives `cancelled` at once (a `finish`
-    /// action whose request is already sent completes detached and records its own end
-    /// state). Does nothing once it has ended.
-    pub fn cancel(&self) {
-        interrupt(&self.stop, "cancelled by the caller");
-    }
-}
-
-impl Future for ToolHandle {
-    type Output = Outcome;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
-        let this = &mut *self;
-        match Pin::new(&mut this.outcome).poll(cx) {
-            Poll::Ready(r) => {
-                this.done = true;
-                Poll::Ready(r.unwrap_or_else(|_| {
-                    // The task is gone without a word: its runtime is shutting down.
-                    let mut o = Outcome::new(&this.action, None);
-                    o.status = Status::Cancelled;
-                    o.error = Some(cancelled(&this.action, "the runtime stopped").error);
-                    o
-                }))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl Drop for ToolHandle {
-    fn drop(&mut self) {
-        if !self.done {
-            interrupt(&self.stop, "its handle was dropped");
-        }
     }
 }
