@@ -35,6 +35,8 @@
 //! - [`automation`]: automations (call completed, inbound webhook), their durable run log
 //!   and worker, and the inbound webhook server; registers itself with the runtime (call
 //!   completion) and the bus (delivery targets).
+//! - `store` (internal): the SQLite schema the outbox, the delivery log, the run log and
+//!   inbound replay protection share, and opening the file.
 //! - `cli` (binary only): one file per command.
 //!
 //! # Example
@@ -74,6 +76,7 @@ pub mod exec;
 pub mod fuzzing;
 pub mod jsonpath;
 pub mod state;
+mod store;
 pub mod template;
 pub mod transport;
 

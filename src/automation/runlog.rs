@@ -5,7 +5,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::events::outbox::{self, OutboxError};
+use crate::events::outbox;
+use crate::store::{self, OutboxError};
 
 /// A run as the log shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -224,7 +225,7 @@ impl RunLog {
     /// Opens an outbox database (it must exist).
     pub fn open(db: impl AsRef<Path>) -> Result<RunLog, String> {
         Ok(RunLog {
-            conn: outbox::open_existing(db.as_ref())?,
+            conn: store::open_existing(db.as_ref())?,
         })
     }
 

@@ -10,7 +10,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use super::runlog::{self, ClaimedRun, NewRun, RunLog, StepRecord};
 use super::{post_call_payload, RunContext, TargetRef};
 use crate::config::{ActionSet, AutomationSpec, Step, Trigger};
-use crate::events::outbox::{self, NewEvent, OutboxError};
+use crate::events::outbox::{NewEvent, OutboxError};
 use crate::events::{time, Event, EventBus};
 use crate::exec::{Budget, CallCompletion, Runtime, ToolCall};
 use crate::state::{Call, CallEnd, CallInfo};
@@ -72,7 +72,7 @@ impl AutomationsBuilder {
     /// Opens the run log in the bus's outbox database, queues again the runs a stopped
     /// process left running, and starts the worker task (call inside a tokio runtime).
     pub fn start(self) -> Result<Automations, String> {
-        let conn = outbox::open(self.bus.db_path()).map_err(|e| e.to_string())?;
+        let conn = crate::store::open(self.bus.db_path()).map_err(|e| e.to_string())?;
         let resumed = runlog::requeue_running(&conn).map_err(|e| e.to_string())?;
         if resumed > 0 {
             tracing::info!(resumed, "automation runs resumed");

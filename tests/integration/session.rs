@@ -545,3 +545,102 @@ fn on_interrupt_and_hold_are_checked_at_load_all_together() {
     assert!(e.contains("reads are never held"), "{e}");
     assert!(e.contains("\"later\""), "{e}");
 }
+
+#[tokio::test]
+async fn the_session_publishes_connected_every_action_and_the_end_itself() {
+    use crate::support::servers::{Reply, TestServer};
+    let hooks = TestServer::http(|_, _| Reply::ok(json!({}))).await;
+    let requests = Arc::new(AtomicUsize::new(0));
+    let crm = hanging(requests.clone()).await;
+    let text = format!(
+        "{}{}[[webhooks]]\nurl = \"{}/events\"\nsubscriptions = [\"phone_call_connected\", \"action\", \"phone_call_ended\", \"post_call_processing_completed\"]\n",
+        action("lookup", &crm.origin(), "timeout_ms = 20000"),
+        action("nothing", &hooks.origin(), "method = \"POST\""),
+        hooks.origin(),
+    );
+    let agent = agent(&text);
+    let dir = tempfile::tempdir().unwrap();
+    // The bus gets the runtime's network settings: loopback is allowed only there.
+    let rt = Runtime::builder()
+        .egress(loopback_policy())
+        .event_bus(
+            midcall::EventBus::builder(dir.path().join("outbox.db"))
+                .webhooks(&agent)
+                .retry_schedule(vec![Duration::from_millis(50)]),
+        )
+        .build()
+        .unwrap();
+    let call = session(&rt, &agent).await;
+    let ok = call
+        .tool("nothing", ToolCall::new("tc_1", json!({})), long())
+        .await;
+    assert_eq!(ok.status, Status::Ok, "{ok:?}");
+    let hung = call.tool("lookup", ToolCall::new("tc_2", json!({})), long());
+    wait_until("the lookup at the CRM", || {
+        requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    drop(hung);
+    call.end(midcall::CallEnd::new(Duration::from_secs(3), "user_hangup"))
+        .await
+        .unwrap();
+    let events = || {
+        hooks
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.uri == "/events")
+            .map(|r| r.json())
+            .collect::<Vec<_>>()
+    };
+    wait_until("five event deliveries", || events().len() == 5).await;
+    let events = events();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    for kind in [
+        "event_phone_call_connected",
+        "event_phone_call_ended",
+        "event_post_call_processing_completed",
+    ] {
+        assert_eq!(kinds.iter().filter(|k| **k == kind).count(), 1, "{kinds:?}");
+    }
+    let mut actions: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e["type"] == "event_action")
+        .map(|e| {
+            (
+                e["payload"]["tool_call_id"].as_str().unwrap().to_string(),
+                e["payload"]["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    actions.sort();
+    assert_eq!(
+        actions,
+        [
+            ("tc_1".into(), "ok".into()),
+            ("tc_2".into(), "cancelled".into())
+        ]
+    );
+    rt.event_bus().unwrap().close().await;
+}
+
+#[test]
+fn building_a_bus_or_starting_automations_outside_tokio_is_an_error_not_a_panic() {
+    let agent = agent(&action("a", "https://crm.example.com", ""));
+    let dir = tempfile::tempdir().unwrap();
+    let e = midcall::EventBus::builder(dir.path().join("outbox.db"))
+        .build()
+        .unwrap_err();
+    assert!(e.contains("tokio runtime"), "{e}");
+    // A bus that does not deliver needs no runtime; the automations' worker does.
+    let bus = midcall::EventBus::builder(dir.path().join("outbox.db"))
+        .deliver(false)
+        .build()
+        .unwrap();
+    let rt = Runtime::builder().build().unwrap();
+    let e = midcall::Automations::builder(agent, rt, bus)
+        .start()
+        .unwrap_err();
+    assert!(e.contains("tokio runtime"), "{e}");
+}
