@@ -57,6 +57,23 @@ async fn hanging(requests: Arc<AtomicUsize>) -> RawServer {
     .await
 }
 
+/// A server that counts requests and answers each with `body` after `delay`.
+async fn answering(delay: Duration, body: &'static str, requests: Arc<AtomicUsize>) -> RawServer {
+    RawServer::start(Arc::new(move |mut s, _, _, _| {
+        let requests = requests.clone();
+        Box::pin(async move {
+            while read_request(&mut s).await.is_some() {
+                requests.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                if !write_all(&mut s, &json_response(body)).await {
+                    return;
+                }
+            }
+        })
+    }))
+    .await
+}
+
 /// Waits (bounded: only a hang exceeds it) for the upstream to see `n` connections closed.
 async fn closed(server: &RawServer, n: usize) {
     let waited = tokio::time::timeout(Duration::from_secs(5), async {
@@ -219,19 +236,7 @@ async fn barge_in_during_a_sent_post_finishes_it_once_and_dedupes_the_reissue() 
 #[tokio::test]
 async fn a_held_action_is_sent_at_the_end_of_the_turn_and_discarded_by_a_barge_in() {
     let requests = Arc::new(AtomicUsize::new(0));
-    let r2 = requests.clone();
-    let server = RawServer::start(Arc::new(move |mut s, _, _, _| {
-        let requests = r2.clone();
-        Box::pin(async move {
-            while read_request(&mut s).await.is_some() {
-                requests.fetch_add(1, Ordering::SeqCst);
-                if !write_all(&mut s, &json_response(r#"{"id":"n1"}"#)).await {
-                    return;
-                }
-            }
-        })
-    }))
-    .await;
+    let server = answering(Duration::ZERO, r#"{"id":"n1"}"#, requests.clone()).await;
     let agent = agent(&action(
         "note",
         &server.origin(),
@@ -259,16 +264,11 @@ async fn a_held_action_is_sent_at_the_end_of_the_turn_and_discarded_by_a_barge_i
 
 #[tokio::test]
 async fn parallel_tool_calls_fire_their_fillers() {
-    let server = RawServer::start(Arc::new(|mut s, _, _, _| {
-        Box::pin(async move {
-            while read_request(&mut s).await.is_some() {
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                if !write_all(&mut s, &json_response(r#"{"v":1}"#)).await {
-                    return;
-                }
-            }
-        })
-    }))
+    let server = answering(
+        Duration::from_millis(150),
+        r#"{"v":1}"#,
+        Arc::new(AtomicUsize::new(0)),
+    )
     .await;
     let filler = |say: &str| {
         format!("timeout_ms = 2000\nfiller = {{ after_ms = 30, say = \"{say}\" }}\nextract = {{ \"r.v\" = \"$.v\" }}")
@@ -315,16 +315,11 @@ async fn parallel_tool_calls_fire_their_fillers() {
 
 #[tokio::test]
 async fn the_filler_line_is_also_a_future() {
-    let server = RawServer::start(Arc::new(|mut s, _, _, _| {
-        Box::pin(async move {
-            while read_request(&mut s).await.is_some() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if !write_all(&mut s, &json_response(r#"{"v":1}"#)).await {
-                    return;
-                }
-            }
-        })
-    }))
+    let server = answering(
+        Duration::from_millis(100),
+        r#"{"v":1}"#,
+        Arc::new(AtomicUsize::new(0)),
+    )
     .await;
     let agent = agent(&action(
         "slow",
@@ -379,16 +374,11 @@ async fn arguments_that_fail_the_schema_are_the_callers_fault() {
 
 #[tokio::test]
 async fn tight_turn_budgets_never_open_a_healthy_hosts_breaker() {
-    let server = RawServer::start(Arc::new(|mut s, _, _, _| {
-        Box::pin(async move {
-            while read_request(&mut s).await.is_some() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if !write_all(&mut s, &json_response(r#"{"v":1}"#)).await {
-                    return;
-                }
-            }
-        })
-    }))
+    let server = answering(
+        Duration::from_millis(100),
+        r#"{"v":1}"#,
+        Arc::new(AtomicUsize::new(0)),
+    )
     .await;
     let agent = agent(&action(
         "lookup",
