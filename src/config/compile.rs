@@ -388,6 +388,11 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         }
     }
     let global_auth = inbound.auth.is_some();
+    // A webhook-started run has no call, so the actions it runs may not read `call.*`.
+    let call_uses: HashMap<String, (String, String)> = actions
+        .iter()
+        .filter_map(|a| first_call_use(a).map(|u| (a.name.clone(), u)))
+        .collect();
 
     let mut automations = Vec::new();
     let mut automation_ids: HashMap<String, usize> = HashMap::new();
@@ -410,7 +415,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         } else {
             automation_ids.insert(def.id.clone(), i);
         }
-        if let Some(a) = compile_automation(&mut s, def, &names, global_auth) {
+        if let Some(a) = compile_automation(&mut s, def, &names, &call_uses, global_auth) {
             automations.push(a);
         }
     }
@@ -893,10 +898,28 @@ fn compile_auth(s: &mut Scope<'_>, a: &raw::AuthDef, path: Vec<Seg>) -> Option<I
     })
 }
 
+/// Where an action first reads `call.*`: the field and the placeholder.
+fn first_call_use(a: &ActionSpec) -> Option<(String, String)> {
+    let is_call = |p: &&crate::template::Placeholder| p.root == Root::Call;
+    if let Some(p) = a.url.placeholders().find(is_call) {
+        return Some(("url".into(), p.name.to_string()));
+    }
+    for (h, t) in &a.headers {
+        if let Some(p) = t.placeholders().find(is_call) {
+            return Some((format!("headers.{h}"), p.name.to_string()));
+        }
+    }
+    let body = a.body.as_ref()?.templates();
+    body.iter()
+        .find_map(|t| t.placeholders().find(is_call))
+        .map(|p| ("body".to_string(), p.name.to_string()))
+}
+
 fn compile_automation(
     s: &mut Scope<'_>,
     def: raw::AutomationDef,
     names: &[String],
+    call_uses: &HashMap<String, (String, String)>,
     global_auth: bool,
 ) -> Option<AutomationSpec> {
     let before = s.problems.len();
@@ -1011,6 +1034,17 @@ fn compile_automation(
                         format!("unknown action \"{}\"", r.action),
                     );
                     continue;
+                }
+                if let (Some(Trigger::Webhook), Some((field, var))) =
+                    (&trigger, call_uses.get(&r.action))
+                {
+                    s.err(
+                        at!["steps", i, "run_action", "action"],
+                        format!(
+                            "action \"{}\" reads {{{{{var}}}}} in its {field}, but a run started by a webhook has no call; pass the value from the payload as an argument instead (args = {{ name = \"{{{{payload.name}}}}\" }}, read as {{{{args.name}}}})",
+                            r.action
+                        ),
+                    );
                 }
                 let args = match &r.args {
                     None => None,

@@ -6,6 +6,7 @@ use super::compile::compile;
 use super::error::{ConfigError, LoadError, Problem, Seg};
 use super::model::ActionSet;
 use super::raw::AgentFile;
+use super::structure::{deserialize_all, read};
 
 /// The syntax of a config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,65 +56,68 @@ impl ActionSet {
 
     /// Loads and compiles an agent file held in memory. `name` is used in error messages.
     pub fn from_str(name: &str, text: &str, syntax: Syntax) -> Result<ActionSet, LoadError> {
-        match syntax {
-            Syntax::Toml => load_toml(name, text),
-            Syntax::Json => load_json(name, text),
-        }
+        load_any(name, text, syntax)
     }
 }
 
-fn load_toml(name: &str, text: &str) -> Result<ActionSet, LoadError> {
-    let file: AgentFile = match toml::from_str(text) {
-        Ok(f) => f,
-        Err(e) => {
-            let location = e.span().map(|s| line_col(text, s.start));
-            let context = e.span().and_then(|s| context_at(text, s.start));
-            return Err(LoadError {
-                errors: vec![ConfigError {
-                    file: name.to_string(),
-                    location,
-                    context,
-                    field: None,
-                    message: e.message().trim().to_string(),
-                }],
-            });
+/// Every problem of the file in one report: structural ones (unknown fields, wrong types),
+/// then, when the file could still be read, the semantic ones; each at its line and column.
+fn load_any(name: &str, text: &str, syntax: Syntax) -> Result<ActionSet, LoadError> {
+    if syntax == Syntax::Json {
+        // A JSON value keeps the last of duplicate keys; only the typed reader sees them.
+        if let Err(e) = serde_json::from_str::<AgentFile>(text) {
+            if e.to_string().starts_with("duplicate key") {
+                let msg = e.to_string();
+                let msg = msg
+                    .rfind(" at line ")
+                    .map_or(msg.clone(), |i| msg[..i].to_string());
+                return Err(LoadError::one(name, Some((e.line(), e.column())), msg));
+            }
         }
-    };
-    compile(file, name).map_err(|problems| {
-        let doc = toml_edit::ImDocument::parse(text).ok();
-        let mut errors: Vec<ConfigError> = problems
-            .into_iter()
-            .map(|p| {
-                let location = doc
-                    .as_ref()
-                    .and_then(|d| span_of(d.as_item(), &p.path))
-                    .map(|start| line_col(text, start));
-                to_error(name, location, p)
-            })
-            .collect();
-        errors.sort_by_key(|e| e.location.unwrap_or((usize::MAX, 0)));
-        LoadError { errors }
-    })
+    }
+    let (value, locator) = read(name, text, syntax)?;
+    let (file, mut errors) = deserialize_all::<AgentFile>(name, value, &locator, entry_context);
+    if let Some(file) = file {
+        match compile(file, name) {
+            Ok(set) if errors.is_empty() => return Ok(set),
+            Ok(_) => {}
+            Err(problems) => errors.extend(
+                problems
+                    .into_iter()
+                    .map(|p| to_error(name, locator.locate(&p.path), p)),
+            ),
+        }
+    }
+    errors.sort_by_key(|e| e.location.unwrap_or((usize::MAX, 0)));
+    Err(LoadError { errors })
 }
 
-fn load_json(name: &str, text: &str) -> Result<ActionSet, LoadError> {
-    let file: AgentFile = match serde_json::from_str(text) {
-        Ok(f) => f,
-        Err(e) => {
-            let msg = e.to_string();
-            let msg = match msg.rfind(" at line ") {
-                Some(i) => msg[..i].to_string(),
-                None => msg,
-            };
-            return Err(LoadError::one(name, Some((e.line(), e.column())), msg));
-        }
+/// What a path is in: `action "book"`, `webhook 1`, `automation "crm-sync"`, `[agent]`; and
+/// how many path steps that takes.
+fn entry_context(file: &serde_json::Value, path: &[Seg]) -> (Option<String>, usize) {
+    let (Some(Seg::Key(top)), rest) = (path.first(), path.get(1)) else {
+        return (None, 0);
     };
-    compile(file, name).map_err(|problems| LoadError {
-        errors: problems
-            .into_iter()
-            .map(|p| to_error(name, None, p))
-            .collect(),
-    })
+    let entry = |label: &str, id_key: &str| match rest {
+        Some(Seg::Index(i)) => {
+            let id = file[top.as_str()][*i][id_key].as_str();
+            (
+                Some(match id {
+                    Some(id) => format!("{label} \"{id}\""),
+                    None => format!("{label} {}", i + 1),
+                }),
+                2,
+            )
+        }
+        _ => (None, 0),
+    };
+    match top.as_str() {
+        "actions" => entry("action", "name"),
+        "webhooks" => entry("webhook", "label"),
+        "automations" => entry("automation", "id"),
+        "agent" | "egress" | "inbound" if path.len() > 1 => (Some(format!("[{top}]")), 1),
+        _ => (None, 0),
+    }
 }
 
 fn to_error(name: &str, location: Option<(usize, usize)>, p: Problem) -> ConfigError {
@@ -127,7 +131,7 @@ fn to_error(name: &str, location: Option<(usize, usize)>, p: Problem) -> ConfigE
 }
 
 /// The start of the value at `path`, or of its nearest ancestor that has a span.
-fn span_of(root: &toml_edit::Item, path: &[Seg]) -> Option<usize> {
+pub(crate) fn span_of(root: &toml_edit::Item, path: &[Seg]) -> Option<usize> {
     let mut best = None;
     let mut item = Some(root);
     let mut value: Option<&toml_edit::Value> = None;
@@ -168,39 +172,10 @@ fn span_of(root: &toml_edit::Item, path: &[Seg]) -> Option<usize> {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     (line, text[line_start..offset].chars().count() + 1)
-}
-
-/// Names the `[[actions]]`, `[[webhooks]]` or `[[automations]]` entry a serde error falls in.
-fn context_at(text: &str, offset: usize) -> Option<String> {
-    let doc = toml_edit::ImDocument::parse(text).ok()?;
-    let mut found: Option<(usize, String)> = None;
-    for (key, label, id_key) in [
-        ("actions", "action", "name"),
-        ("webhooks", "webhook", "label"),
-        ("automations", "automation", "id"),
-    ] {
-        let Some(toml_edit::Item::ArrayOfTables(tables)) = doc.get(key) else {
-            continue;
-        };
-        for (i, t) in tables.iter().enumerate() {
-            let Some(start) = t.span().map(|s| s.start) else {
-                continue;
-            };
-            if start <= offset && found.as_ref().is_none_or(|(s, _)| start > *s) {
-                let name = t
-                    .get(id_key)
-                    .and_then(|v| v.as_str())
-                    .map(|n| format!("{label} \"{n}\""))
-                    .unwrap_or_else(|| format!("{label} {}", i + 1));
-                found = Some((start, name));
-            }
-        }
-    }
-    found.map(|(_, n)| n)
 }

@@ -8,6 +8,7 @@ mod load;
 mod model;
 mod raw;
 mod render;
+mod structure;
 mod tools;
 
 pub use error::{ConfigError, LoadError};
@@ -15,4 +16,5 @@ pub use event_type::EventType;
 pub use load::{Syntax, MAX_CONFIG_BYTES};
 pub use model::*;
 pub use render::{RenderedRequest, RequestError};
+pub use structure::from_str_all;
 pub use tools::{ArgSchema, ArgsError, Format};

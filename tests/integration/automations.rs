@@ -48,7 +48,7 @@ method = "POST"
 url = "{crm}/appointments"
 headers = {{ Authorization = "Bearer {{{{secrets.CRM_TOKEN}}}}" }}
 parameters = {{ type = "object", required = ["slot"], properties = {{ slot = {{ type = "string" }} }} }}
-body = {{ slot = "{{{{args.slot}}}}", phone = "{{{{call.from_number}}}}" }}
+body = {{ slot = "{{{{args.slot}}}}" }}
 extract = {{ "appointment.id" = "$.id" }}
 
 [[automations]]
@@ -75,6 +75,25 @@ trigger = {{ on = "call_completed", agents = "all" }}
 steps = [ {{ send_webhook = {{ url = "{hooks}/everyone", body = {{ call = "{{{{call.id}}}}", outcome = "{{{{payload.outcome | default: null}}}}", turns = "{{{{transcript}}}}" }} }} }} ]
 {inbound}"#
     ))
+}
+
+#[test]
+fn a_webhook_run_may_not_run_an_action_that_reads_the_call() {
+    let text = format!(
+        "{}[[actions]]\nname = \"book\"\ndescription = \"d\"\nmethod = \"POST\"\nurl = \"https://s.example.com/a\"\nbody = {{ phone = \"{{{{call.from_number}}}}\" }}\n[[automations]]\nid = \"cb\"\ntrigger = {{ on = \"webhook\" }}\nauth = {{ bearer = \"{{{{secrets.K}}}}\" }}\nsteps = [ {{ run_action = {{ action = \"book\" }} }} ]\n",
+        crate::support::AGENT
+    );
+    let e = crate::support::load_toml(&text).unwrap_err().to_string();
+    assert!(
+        e.contains("automation \"cb\": steps[0].run_action.action: action \"book\" reads {{call.from_number}} in its body, but a run started by a webhook has no call"),
+        "{e}"
+    );
+    // The same action from a call_completed automation is fine: that run has its call.
+    let ok = text.replace(
+        "trigger = { on = \"webhook\" }\nauth = { bearer = \"{{secrets.K}}\" }",
+        "trigger = { on = \"call_completed\", agents = \"all\" }",
+    );
+    crate::support::load_toml(&ok).unwrap();
 }
 
 #[derive(Clone, Copy)]

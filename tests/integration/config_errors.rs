@@ -62,7 +62,7 @@ fn unknown_field_in_an_action() {
     expect(
         &format!("{GOOD}urll = \"x\"\n"),
         "8:1",
-        "action \"lookup\": unknown field `urll`",
+        "action \"lookup\": unknown field `urll`; did you mean `url`?",
     );
 }
 
@@ -352,7 +352,7 @@ fn wrong_type_names_the_action() {
     expect(
         &format!("{GOOD}timeout_ms = \"fast\"\n"),
         "8:14",
-        "action \"lookup\": invalid type: string \"fast\", expected i64",
+        "action \"lookup\": timeout_ms: expected a whole number, got string \"fast\"",
     );
 }
 
@@ -373,9 +373,10 @@ fn json_config_errors_name_action_and_field() {
     let json = r#"{"agent": {"id": "a", "tenant": "t"},
       "actions": [{"name": "x", "description": "d", "url": "https://e.example.com/{{nope.v}}"}]}"#;
     let err = ActionSet::from_str("agent.json", json, Syntax::Json).unwrap_err();
+    // Semantic errors in JSON files are placed too: line 2, the url's value.
     assert_eq!(
         err.errors[0].to_string(),
-        "agent.json: action \"x\": url: unknown template root \"nope\" (expected call, state, args, secrets, transcript) (placeholder at character 23)"
+        "agent.json:2:60: action \"x\": url: unknown template root \"nope\" (expected call, state, args, secrets, transcript) (placeholder at character 23)"
     );
 }
 
@@ -398,5 +399,62 @@ fn a_config_over_four_mib_is_refused_before_parsing() {
     assert!(
         e.contains("over the 4194304-byte limit for a config file"),
         "{e}"
+    );
+}
+
+#[test]
+fn every_structural_and_semantic_problem_at_once_with_suggestions() {
+    let text = "[agent]\nid = \"front-desk\"\ntenent = \"acme\"\n\
+        [[actions]]\nname = \"a\"\ndescription = \"d\"\nurl = \"https://s.example.com/\"\ntimout_ms = 5\n\
+        [[actions]]\nname = \"b\"\ndescription = \"d\"\nurl = \"ftp://s.example.com/\"\ntimeot_ms = \"fast\"\nmethod = \"FETCH\"\n";
+    let errs: Vec<String> = load_toml(text)
+        .unwrap_err()
+        .errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let want = [
+        "test.toml:3:1: [agent]: unknown field `tenent`; did you mean `tenant`?",
+        "test.toml:8:1: action \"a\": unknown field `timout_ms`; did you mean `timeout_ms`?",
+        "test.toml:13:1: action \"b\": unknown field `timeot_ms`; did you mean `timeout_ms`?",
+    ];
+    for w in want {
+        assert!(
+            errs.iter().any(|e| e == w),
+            "missing {w:?} in:\n{}",
+            errs.join("\n")
+        );
+    }
+    // The missing tenant cannot be repaired, so the file stops there: no semantic pass over
+    // a half-read file. Without it, the semantic problems come in the same report.
+    let text = text.replace("tenent", "tenant");
+    let errs = load_toml(&text).unwrap_err().to_string();
+    for w in [
+        "unknown field `timout_ms`; did you mean `timeout_ms`?",
+        "unknown field `timeot_ms`; did you mean `timeout_ms`?",
+        "action \"b\": url: the URL must start with http:// or https://",
+        "action \"b\": method: bad method \"FETCH\"",
+    ] {
+        assert!(errs.contains(w), "missing {w:?} in:\n{errs}");
+    }
+}
+
+#[test]
+fn json_unknown_fields_name_the_action_and_the_place() {
+    let json = "{\"agent\": {\"id\": \"a\", \"tenant\": \"t\"},\n \"actions\": [{\"name\": \"x\", \"description\": \"d\",\n  \"url\": \"https://e.example.com/\", \"timout_ms\": 5}]}";
+    let err = ActionSet::from_str("agent.json", json, Syntax::Json).unwrap_err();
+    assert_eq!(
+        err.errors[0].to_string(),
+        "agent.json:3:36: action \"x\": unknown field `timout_ms`; did you mean `timeout_ms`?"
+    );
+}
+
+#[test]
+fn a_far_off_unknown_field_lists_the_fields_instead() {
+    let errs = errors(&format!("{GOOD}zzzzzz = 1\n"));
+    assert!(
+        errs.iter().any(|e| e
+            .contains("unknown field `zzzzzz` (the fields here are: name, description, method")),
+        "{errs:?}"
     );
 }

@@ -227,11 +227,11 @@ fn a_missed_expectation_exits_1_and_a_bad_script_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("turns[0]: agent \"front-desk\" has no action \"no_such_tool\""),
+        err.contains("turn 1: agent \"front-desk\" has no action \"no_such_tool\""),
         "{err}"
     );
     assert!(
-        err.contains("turns[1]: give exactly one of user, ai, tool, pause_ms"),
+        err.contains("turn 2: give exactly one of user, ai, tool, pause_ms"),
         "{err}"
     );
 }
@@ -280,4 +280,53 @@ fn a_kept_outbox_reports_only_this_simulation() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 8);
+}
+
+#[test]
+fn script_problems_are_said_plainly() {
+    // An agent file where a script belongs.
+    let out = simulate(&["examples/front-desk/agent.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("examples/front-desk/agent.toml is an agent file, not a call script"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // A script whose agent path is wrong: the resolved path, and that it came from the script.
+    let lost = dir.path().join("lost.toml");
+    std::fs::write(&lost, "agent = \"agnt.toml\"\n[[turns]]\nuser = \"hi\"\n").unwrap();
+    let out = simulate(&[lost.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let resolved = dir.path().join("agnt.toml");
+    assert!(
+        err.contains(&format!(
+            "agent = \"agnt.toml\" (relative to the script) is {}, which does not exist",
+            resolved.display()
+        )),
+        "{err}"
+    );
+    // Typos in a script: every one, placed, with a suggestion.
+    let typo = dir.path().join("typo.toml");
+    let agent = root().join("examples/front-desk/agent.toml");
+    std::fs::write(
+        &typo,
+        format!(
+            "agent = \"{}\"\n[[turns]]\nusr = \"hi\"\n[[turns]]\ntool = \"check_slots\"\nexpct = {{ status = \"ok\" }}\n",
+            agent.display()
+        ),
+    )
+    .unwrap();
+    let out = simulate(&[typo.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":3:1: turn 1: unknown field `usr`; did you mean `user`?"),
+        "{err}"
+    );
+    assert!(
+        err.contains(":6:1: turn 2: unknown field `expct`; did you mean `expect`?"),
+        "{err}"
+    );
 }

@@ -377,6 +377,11 @@ fn route(
                 json!({"id": format!("apt_{}", 1000 + n), "status": "booked", "slot": req["slot"]}),
             )
         }
+        ("POST", "scheduling.example.com", "/callbacks") => (
+            40,
+            201,
+            json!({"id": format!("cb_{}", 500 + n), "status": "scheduled"}),
+        ),
         // Failing on purpose: the fallback plays.
         ("GET", "insurance.example.com", _) => (
             120,

@@ -181,8 +181,30 @@ pub(crate) enum Turn<'a> {
 pub(crate) fn load(path: &Path) -> Result<(Script, ActionSet, PathBuf), String> {
     let shown = path.display();
     let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
-    let script: Script = toml::from_str(&text).map_err(|e| format!("{shown}: {e}"))?;
+    if let Ok(v) = toml::from_str::<Value>(&text) {
+        if v.get("agent").is_some_and(Value::is_object) || v.get("actions").is_some() {
+            return Err(format!(
+                "{shown} is an agent file, not a call script; a script names its agent \
+                 (agent = \"agent.toml\") and lists [[turns]]: try examples/front-desk/call.toml"
+            ));
+        }
+    }
+    let name = shown.to_string();
+    let script: Script = midcall::config::from_str_all(
+        &name,
+        &text,
+        midcall::Syntax::Toml,
+        &[("turns", "turn"), ("mock", "mock")],
+    )
+    .map_err(|e| e.to_string())?;
     let agent_path = path.parent().unwrap_or(Path::new(".")).join(&script.agent);
+    if !agent_path.exists() {
+        return Err(format!(
+            "{shown}: agent = \"{}\" (relative to the script) is {}, which does not exist",
+            script.agent,
+            agent_path.display()
+        ));
+    }
     let set = ActionSet::load(&agent_path).map_err(|e| e.to_string())?;
     let mut problems = Vec::new();
     for (i, t) in script.turns.iter().enumerate() {
@@ -197,30 +219,37 @@ pub(crate) fn load(path: &Path) -> Result<(Script, ActionSet, PathBuf), String> 
         .count();
         if kinds != 1 {
             problems.push(format!(
-                "{shown}: turns[{i}]: give exactly one of user, ai, tool, pause_ms"
+                "{shown}: turn {}: give exactly one of user, ai, tool, pause_ms",
+                i + 1
             ));
         }
         if let Some(name) = &t.tool {
             if set.action(name).is_none() {
                 problems.push(format!(
-                    "{shown}: turns[{i}]: agent \"{}\" has no action \"{name}\"",
+                    "{shown}: turn {}: agent \"{}\" has no action \"{name}\"",
+                    i + 1,
                     set.agent().id
                 ));
             }
         } else if t.args.is_some() || t.expect.is_some() || t.id.is_some() {
             problems.push(format!(
-                "{shown}: turns[{i}]: args, id and expect belong to tool turns"
+                "{shown}: turn {}: args, id and expect belong to tool turns",
+                i + 1
             ));
         }
         if t.barge_in && t.user.is_none() {
             problems.push(format!(
-                "{shown}: turns[{i}]: barge_in belongs to user turns"
+                "{shown}: turn {}: barge_in belongs to user turns",
+                i + 1
             ));
         }
         if let Some(e) = &t.expect {
             for p in e.state.keys() {
                 if let Err(why) = midcall::StatePath::parse(p) {
-                    problems.push(format!("{shown}: turns[{i}]: expect.state.\"{p}\": {why}"));
+                    problems.push(format!(
+                        "{shown}: turn {}: expect.state.\"{p}\": {why}",
+                        i + 1
+                    ));
                 }
             }
         }
@@ -228,7 +257,8 @@ pub(crate) fn load(path: &Path) -> Result<(Script, ActionSet, PathBuf), String> 
     for (i, r) in script.mock.iter().enumerate() {
         if parse_route(&r.route).is_none() {
             problems.push(format!(
-                "{shown}: mock[{i}]: route \"{}\" is not \"METHOD host/path\"",
+                "{shown}: mock {}: route \"{}\" is not \"METHOD host/path\"",
+                i + 1,
                 r.route
             ));
         }
