@@ -229,7 +229,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("call ended; {} automation run(s) queued", runs.len());
+    let plural = if runs.len() == 1 { "run" } else { "runs" };
+    println!("call ended; {} automation {plural} queued", runs.len());
     for d in log.deliveries(None, None, 10)? {
         println!("  delivery to {:<40} {}", d.endpoint, d.status);
     }

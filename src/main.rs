@@ -57,7 +57,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(message) => {
-            eprintln!("error: {message}");
+            // Every line of it, so several problems read as several errors.
+            for line in message.lines() {
+                eprintln!("error: {line}");
+            }
             ExitCode::from(2)
         }
     }

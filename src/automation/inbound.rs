@@ -150,7 +150,23 @@ impl InboundServer {
             let ip = peer.ip();
             let svc = hyper::service::service_fn(move |req| {
                 let inner = inner.clone();
-                async move { Ok::<_, Infallible>(handle(&inner, ip, req).await) }
+                async move {
+                    let started = tokio::time::Instant::now();
+                    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                    let resp = handle(&inner, ip, req).await;
+                    // One line per request for the operator; the path holds no secret (the
+                    // query string is not logged).
+                    tracing::info!(
+                        target: "midcall::inbound",
+                        %method,
+                        path = %path.chars().take(200).collect::<String>(),
+                        status = resp.status().as_u16(),
+                        ms = started.elapsed().as_millis() as u64,
+                        peer = %ip,
+                        "inbound request"
+                    );
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = http.serve_connection(TokioIo::new(stream), svc);
             let watched = graceful.watch(conn);

@@ -580,10 +580,11 @@ async fn execute(inner: &Inner, run: ClaimedRun) {
         async move {
             let now = time::now_ms();
             if let Some(e) = &error {
-                tracing::warn!(run = %id, error = %e, "automation run failed");
+                tracing::warn!(target: "midcall::automation", run = %id, error = %e, "automation run failed");
                 metrics::counter!("midcall_automation_runs_total", "status" => "failed")
                     .increment(1);
             } else {
+                tracing::info!(target: "midcall::automation", run = %id, "automation run succeeded");
                 metrics::counter!("midcall_automation_runs_total", "status" => "succeeded")
                     .increment(1);
             }
@@ -596,6 +597,12 @@ async fn execute(inner: &Inner, run: ClaimedRun) {
             }
         }
     };
+    tracing::info!(
+        target: "midcall::automation",
+        run = %run.id,
+        automation = %run.automation,
+        "automation run started"
+    );
     let Some(a) = inner.set.automation(&run.automation) else {
         return finish(Some(format!(
             "automation \"{}\" is no longer in the config",

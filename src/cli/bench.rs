@@ -40,22 +40,22 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "FILE", requires = "action")]
     actions: Option<String>,
     /// The action to bench (with --actions).
-    #[arg(long)]
+    #[arg(long, requires = "actions")]
     action: Option<String>,
-    /// Concurrent tool calls (with --actions).
-    #[arg(long, default_value_t = 1)]
-    concurrency: usize,
-    /// Total tool calls (with --actions).
-    #[arg(long, default_value_t = 1000)]
-    requests: usize,
+    /// Concurrent tool calls (with --actions), at least 1.
+    #[arg(long, default_value_t = 1, requires = "actions", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    concurrency: u32,
+    /// Total tool calls (with --actions), at least 1.
+    #[arg(long, default_value_t = 1000, requires = "actions", value_parser = clap::value_parser!(u32).range(1..))]
+    requests: u32,
     /// Arguments for every tool call (with --actions).
-    #[arg(long, default_value = "{}")]
+    #[arg(long, default_value = "{}", requires = "actions")]
     args: String,
     /// Allow plain http:// (with --actions; extends the file's [egress]).
-    #[arg(long)]
+    #[arg(long, requires = "actions")]
     allow_http: bool,
     /// Exempt a network from the private-address block (with --actions; repeatable).
-    #[arg(long = "allow-network", value_name = "CIDR")]
+    #[arg(long = "allow-network", value_name = "CIDR", requires = "actions")]
     allow_network: Vec<String>,
 }
 
@@ -827,7 +827,7 @@ async fn user_action(a: &BenchArgs, file: &str) -> Result<ExitCode, String> {
     let policy = super::egress_policy(&set, a.allow_http, &a.allow_network)?;
     let runtime = Runtime::builder()
         .egress(policy)
-        .pool_max_idle_per_host(a.concurrency.max(32))
+        .pool_max_idle_per_host((a.concurrency as usize).max(32))
         .dedupe_window(Duration::ZERO)
         .build()?;
     runtime.warm(&set, Duration::from_secs(5)).await;
@@ -836,8 +836,8 @@ async fn user_action(a: &BenchArgs, file: &str) -> Result<ExitCode, String> {
         usize,
     >::new()));
     let (st, rt2) = (statuses.clone(), runtime.clone());
-    let conc = a.concurrency.max(1);
-    let (lat, busy) = batch(conc, a.requests, move |i| {
+    let conc = a.concurrency as usize;
+    let (lat, busy) = batch(conc, a.requests as usize, move |i| {
         let (rt, action, args, st) = (rt2.clone(), action.clone(), args.clone(), st.clone());
         async move {
             // One call, many distinct tool calls: the cache applies, replays do not.

@@ -40,7 +40,7 @@ pub(crate) fn run(args: CheckArgs) -> Result<ExitCode, String> {
                     println!("{}", json!({"file": file, "ok": false, "errors": errors}));
                 } else {
                     for err in &e.errors {
-                        eprintln!("{err}");
+                        eprintln!("error: {err}");
                     }
                 }
             }
@@ -79,12 +79,12 @@ fn traits(a: &ActionSpec) -> Vec<String> {
 fn print_summary(file: &str, set: &ActionSet) {
     let agent = set.agent();
     println!(
-        "{file}: ok, agent \"{}\" (tenant \"{}\"): {} actions, {} webhooks, {} automations",
+        "{file}: ok, agent \"{}\" (tenant \"{}\"): {}, {}, {}",
         agent.id,
         agent.tenant,
-        set.actions().len(),
-        set.webhooks().len(),
-        set.automations().len()
+        super::count(set.actions().len(), "action", "actions"),
+        super::count(set.webhooks().len(), "webhook", "webhooks"),
+        super::count(set.automations().len(), "automation", "automations")
     );
     let width = set
         .actions()

@@ -83,11 +83,19 @@ pub(crate) fn run(a: DeliveriesArgs) -> Result<ExitCode, String> {
     if let Some(ReplayCommand::Replay(r)) = a.command {
         let mut log = DeliveryLog::open(&r.db)?;
         let n = match (r.id, r.since, r.status) {
-            (Some(id), _, _) => log.replay_id(id)?,
+            (Some(id), _, _) => {
+                if !log.contains(id)? {
+                    return Err(format!("{}: no delivery {id}", r.db));
+                }
+                log.replay_id(id)?
+            }
             (None, Some(since), Some(status)) => log.replay_since(since_ms(&since)?, &status)?,
             _ => return Err("give --id, or --since with --status".into()),
         };
-        println!("{n} deliveries scheduled again; a running midcall delivers them now, or at its next start");
+        println!(
+            "{} scheduled again; a running midcall delivers them now, or at its next start",
+            super::count(n, "delivery", "deliveries")
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let db = a.db.ok_or("--db FILE is required")?;
@@ -100,24 +108,32 @@ pub(crate) fn run(a: DeliveriesArgs) -> Result<ExitCode, String> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "{:>6}  {:<24}  {:<32}  {:<18}  {:<9}  {:>8}  last error",
-        "id", "published", "event", "call", "status", "attempts"
-    );
-    for r in &rows {
-        println!(
-            "{:>6}  {:<24}  {:<32}  {:<18}  {:<9}  {:>8}  {}",
-            r.id,
-            time::rfc3339_ms(r.created_ms),
-            r.event_type,
-            r.call_id,
-            r.status,
-            r.attempts,
-            r.last_error.as_deref().unwrap_or("")
-        );
-    }
     if rows.is_empty() {
         println!("(no deliveries)");
+        return Ok(ExitCode::SUCCESS);
     }
+    let mut t = super::Table::new(&[
+        ("id", true),
+        ("published", false),
+        ("endpoint", false),
+        ("event", false),
+        ("call", false),
+        ("status", false),
+        ("attempts", true),
+        ("last error", false),
+    ]);
+    for r in &rows {
+        t.row(vec![
+            r.id.to_string(),
+            time::rfc3339_ms(r.created_ms),
+            r.endpoint.clone(),
+            r.event_type.clone(),
+            r.call_id.clone(),
+            r.status.clone(),
+            r.attempts.to_string(),
+            r.last_error.clone().unwrap_or_default(),
+        ]);
+    }
+    println!("{}", t.render());
     Ok(ExitCode::SUCCESS)
 }

@@ -153,6 +153,11 @@ fn print_human(i: u32, o: &Outcome, call: &Call) {
     }
     if let Some(e) = &o.error {
         println!("      error: {e}");
+        if e.is_egress() {
+            println!(
+                "      hint: to reach a local test server, pass --allow-http --allow-network 127.0.0.0/8"
+            );
+        }
     }
     if let Some(say) = &o.say {
         println!("      say: \"{say}\"");

@@ -5,9 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 use serde_json::Value;
 
-use midcall::{
-    CallInfo, ConversationState, EnvSecrets, RenderContext, Secret, SecretSource, Transcript,
-};
+use midcall::{CallInfo, ConversationState, EnvSecrets, Secret, SecretSource, Transcript};
 
 /// Print the exact request an action would send (method, URL, headers, body), secrets as ***.
 /// Secrets come from MIDCALL_SECRET_<NAME> environment variables.
@@ -93,20 +91,25 @@ pub(crate) fn run(a: RenderArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("--state: {e}"))?;
     let call = call_from_flag(&a.call, &set.agent().id, &set.agent().tenant)?;
     let transcript = Transcript::default();
-    let secrets: &dyn SecretSource = if a.fake_secrets {
-        &FakeMissing
+    let secrets: std::sync::Arc<dyn SecretSource> = if a.fake_secrets {
+        std::sync::Arc::new(FakeMissing)
     } else {
-        &EnvSecrets
+        std::sync::Arc::new(EnvSecrets)
     };
-    let ctx = RenderContext {
-        call: &call,
-        state: &state,
-        args: &args,
-        transcript: &transcript,
-        secrets,
-        payload: None,
-    };
-    let req = action.render(&ctx).map_err(|e| e.to_string())?;
+    // Through the executor's own planning, so the headers it adds are shown too; the
+    // default egress policy would refuse http:// or loopback URLs that `exec` may reach with
+    // flags, and rendering sends nothing, so the file's scheme is taken as it is.
+    let policy = midcall::EgressPolicy::from_config(set.egress()).allow_http(true);
+    let runtime = midcall::Runtime::builder()
+        .egress(policy)
+        .secrets(secrets)
+        .build()?;
+    let mut live = midcall::Call::new(call);
+    live.state = state;
+    live.transcript = transcript;
+    let req = runtime
+        .render_request(action, &live, &midcall::ToolCall::from(args))
+        .map_err(|e| e.to_string())?;
     if a.json {
         println!("{}", req.redacted_json());
     } else {

@@ -40,29 +40,46 @@ pub(crate) fn run(a: RunsArgs) -> Result<ExitCode, String> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "{:<34}  {:<24}  {:<20}  {:<14}  {:<9}  detail",
-        "run", "queued", "automation", "trigger", "status"
-    );
+    if runs.is_empty() {
+        println!("(no runs)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = super::Table::new(&[
+        ("run", false),
+        ("queued", false),
+        ("automation", false),
+        ("trigger", false),
+        ("status", false),
+        ("detail", false),
+    ]);
     for r in &runs {
         let detail = r
             .error
             .clone()
             .or_else(|| r.call_id.as_ref().map(|c| format!("call {c}")))
             .unwrap_or_default();
-        println!(
-            "{:<34}  {:<24}  {:<20}  {:<14}  {:<9}  {}",
-            r.id,
+        t.row(vec![
+            r.id.clone(),
             time::rfc3339_ms(r.created_ms),
-            r.automation,
-            r.trigger,
-            r.status,
-            detail
-        );
+            r.automation.clone(),
+            r.trigger.clone(),
+            r.status.clone(),
+            detail,
+        ]);
+    }
+    // Each run's row, then its steps indented under it.
+    let rendered = t.render();
+    let mut lines = rendered.lines();
+    if let Some(head) = lines.next() {
+        println!("{head}");
+    }
+    for (line, r) in lines.zip(&runs) {
+        println!("{line}");
+        let kind_w = r.steps.iter().map(|s| s.kind.len()).max().unwrap_or(0);
+        let status_w = r.steps.iter().map(|s| s.status.len()).max().unwrap_or(0);
         for s in &r.steps {
             println!(
-                "{:<34}    step {} {:<12} {:<6} {:>5} ms  {}",
-                "",
+                "    step {} {:<kind_w$}  {:<status_w$}  {:>6} ms  {}",
                 s.index + 1,
                 s.kind,
                 s.status,
@@ -70,9 +87,6 @@ pub(crate) fn run(a: RunsArgs) -> Result<ExitCode, String> {
                 s.detail
             );
         }
-    }
-    if runs.is_empty() {
-        println!("(no runs)");
     }
     Ok(ExitCode::SUCCESS)
 }

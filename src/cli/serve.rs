@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use midcall::automation::MetricsRender;
-use midcall::{Automations, EventBus, InboundServer, Runtime};
+use midcall::{Automations, EventBus, InboundServer, Runtime, SecretSource};
 
 /// Serve an agent's automations: `POST /v1/automations/{id}/webhook` starts a webhook
 /// automation (202 with its run id), `GET /healthz`, `GET /metrics` (Prometheus). Runs and
@@ -29,6 +29,9 @@ pub(crate) struct ServeArgs {
     /// How long shutdown waits for requests and runs in progress, in seconds.
     #[arg(long, default_value_t = 10)]
     grace_s: u64,
+    /// How the log on stderr is written: one readable line per event, or one JSON object.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
     #[command(flatten)]
     net: super::NetworkArgs,
 }
@@ -44,30 +47,47 @@ macro_rules! say {
 pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCode, String> {
     let set = Arc::new(super::load(&a.file)?);
     let policy = a.net.policy(&set)?;
+    // The log: inbound requests, runs, delivery attempts, one line each on stderr. It is
+    // written by the subscriber, never waited for by a request.
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .with_target(false);
+    if a.log_format == "json" {
+        let _ = tracing::subscriber::set_global_default(subscriber.json().finish());
+    } else {
+        let _ = tracing::subscriber::set_global_default(subscriber.compact().finish());
+    }
+    // Tell the operator now which secrets are missing (a run that needs one fails naming it).
+    let missing: Vec<String> = set
+        .secret_names()
+        .iter()
+        .filter(|n| midcall::EnvSecrets.secret(n).is_none())
+        .cloned()
+        .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let runtime = a
-            .net
-            .with_ca(Runtime::builder().egress(policy.clone()), |b, pem| {
-                b.add_root_certificates_pem(pem)
-            })?
-            .build()?;
-        let bus = a
-            .net
-            .with_ca(
-                EventBus::builder(&a.db).webhooks(&set).egress(policy),
-                |b, pem| b.add_root_certificates_pem(pem),
-            )?
-            .build()
-            .map_err(|e| format!("--db {}: {e}", a.db))?;
-        let automations = Automations::builder(set.clone(), runtime, bus.clone()).start()?;
+        // The port first: a server that cannot listen creates no database.
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
             .map_err(|e| format!("--listen {}: {e}", a.listen))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let bus = a.net.with_ca(EventBus::builder(&a.db).webhooks(&set), |b, pem| {
+            b.add_root_certificates_pem(pem)
+        })?;
+        let runtime = a
+            .net
+            .with_ca(
+                Runtime::builder().egress(policy).event_bus(bus),
+                |b, pem| b.add_root_certificates_pem(pem),
+            )?
+            .build()
+            .map_err(|e| format!("--db {}: {e}", a.db))?;
+        let bus = runtime.event_bus().cloned().ok_or("no event bus")?;
+        let automations = Automations::builder(set.clone(), runtime, bus.clone()).start()?;
         let grace = Duration::from_secs(a.grace_s);
         let mut server = InboundServer::new(automations.clone()).drain_timeout(grace);
         if let Some(m) = metrics {
@@ -89,6 +109,13 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         say!("  GET  http://{local}/healthz");
         say!("  GET  http://{local}/metrics");
         say!("  outbox: {}", a.db);
+        if !missing.is_empty() {
+            say!(
+                "  warning: {} not set: {} (set MIDCALL_SECRET_<NAME>; what needs one fails naming it)",
+                super::count(missing.len(), "secret is", "secrets are"),
+                missing.join(", ")
+            );
+        }
         server
             .serve(listener, shutdown_signal())
             .await

@@ -453,6 +453,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         automations,
         egress,
         inbound,
+        secret_names: Vec::new(),
     })
 }
 

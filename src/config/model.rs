@@ -469,9 +469,16 @@ pub struct ActionSet {
     pub(crate) automations: Vec<AutomationSpec>,
     pub(crate) egress: EgressConfig,
     pub(crate) inbound: InboundConfig,
+    pub(crate) secret_names: Vec<String>,
 }
 
 impl ActionSet {
+    /// Every secret the file's templates name (`{{secrets.NAME}}`), sorted, each once: what
+    /// a process serving it should have (`serve` warns at start about those not set).
+    pub fn secret_names(&self) -> &[String] {
+        &self.secret_names
+    }
+
     /// The file (or name) it was loaded from.
     pub fn source(&self) -> &str {
         &self.source

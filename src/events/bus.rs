@@ -494,6 +494,14 @@ impl DeliveryLog {
             .map_err(|e| e.to_string())
     }
 
+    /// Whether a delivery with this id is in the log.
+    pub fn contains(&self, id: i64) -> Result<bool, String> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM deliveries WHERE id = ?1")
+            .and_then(|mut s| s.exists([id]))
+            .map_err(|e| e.to_string())
+    }
+
     /// Deletes delivered deliveries finished before `before_ms` (with their attempts and
     /// events), and automation runs finished before it that no delivery refers to, at most
     /// `batch` of each. The delivery task does this for the retention window.
@@ -586,6 +594,13 @@ impl Worker {
 
     async fn deliver(&self, c: Claimed) -> (Claimed, Attempt, Next) {
         let failed = |c: Claimed, why: &str| {
+            tracing::warn!(
+                target: "midcall::delivery",
+                delivery = c.id,
+                endpoint = %c.endpoint,
+                error = %why,
+                "delivery failed"
+            );
             let a = Attempt {
                 at_ms: time::now_ms(),
                 duration_ms: 0,
@@ -643,6 +658,35 @@ impl Worker {
         let started = tokio::time::Instant::now();
         let result = self.attempt(&target, context, &c).await;
         let duration_ms = started.elapsed().as_millis() as i64;
+        match &result {
+            Ok((status, _, _)) if status.is_success() => tracing::info!(
+                target: "midcall::delivery",
+                delivery = c.id,
+                endpoint = %c.endpoint,
+                attempt = c.attempts + 1,
+                status = status.as_u16(),
+                ms = duration_ms,
+                "delivered"
+            ),
+            Ok((status, _, _)) => tracing::warn!(
+                target: "midcall::delivery",
+                delivery = c.id,
+                endpoint = %c.endpoint,
+                attempt = c.attempts + 1,
+                status = status.as_u16(),
+                ms = duration_ms,
+                "delivery attempt failed"
+            ),
+            Err(error) => tracing::warn!(
+                target: "midcall::delivery",
+                delivery = c.id,
+                endpoint = %c.endpoint,
+                attempt = c.attempts + 1,
+                ms = duration_ms,
+                %error,
+                "delivery attempt failed"
+            ),
+        }
         let (attempt, next) = match result {
             Ok((status, headers, body)) => {
                 let code = status.as_u16();

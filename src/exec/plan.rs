@@ -37,6 +37,8 @@ pub(crate) struct Prepared {
     /// Set once the request has been handed to the transport: from then on a `finish`
     /// action completes even when its tool call is cancelled.
     pub(crate) sent: Arc<AtomicBool>,
+    /// The secrets rendered into it, to redact them wherever it is shown.
+    pub(crate) redactor: crate::template::Redactor,
 }
 
 pub(crate) struct Idempotency {
@@ -151,6 +153,48 @@ impl Runtime {
             cache,
             idempotency,
             sent: Arc::new(AtomicBool::new(false)),
+            redactor: rendered.redactor,
+        })
+    }
+
+    /// The request `action` would send for `tool` in `call`, exactly, with every header
+    /// midcall adds (`host`, `user-agent`, `accept`, `content-length`, the idempotency key)
+    /// and secrets redacted by the returned request's `redacted_*` methods. Sends nothing.
+    pub fn render_request(
+        &self,
+        action: &ActionSpec,
+        call: &Call,
+        tool: &ToolCall,
+    ) -> Result<RenderedRequest, crate::Error> {
+        let p = self.plan(action, call, tool).map_err(|f| f.error)?;
+        let mut headers: Vec<(String, String)> = Vec::with_capacity(p.headers.len() + 3);
+        if let Some(host) = p.uri.authority() {
+            headers.push(("host".into(), host.to_string()));
+        }
+        for (name, value) in &p.headers {
+            headers.push((
+                name.as_str().to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            ));
+        }
+        if !p.body.is_empty() {
+            headers.push(("content-length".into(), p.body.len().to_string()));
+        }
+        if let (Some(name), Some(i)) = (self.idempotency_header(), &p.idempotency) {
+            let key = super::idempotency::idempotency_key(
+                &i.call_id,
+                i.tool_id.as_deref(),
+                &p.action,
+                &i.args,
+            );
+            headers.push((name.as_str().to_string(), key));
+        }
+        Ok(RenderedRequest {
+            method: p.method,
+            url: p.uri.to_string(),
+            headers,
+            body: (!p.body.is_empty()).then(|| p.body.to_vec()),
+            redactor: p.redactor,
         })
     }
 }

@@ -76,9 +76,26 @@ impl Query {
                     .rev()
                     .find(|b| text.is_char_boundary(*b))
                     .unwrap_or(0);
+                let message = match e.message() {
+                    // The parser's catch-all says nothing of what it wanted: say what may
+                    // stand at that point.
+                    "parser error" => match text[byte..].chars().next() {
+                        None => "the query ends too early: expected a name, an index, a \
+                                 slice, '*' or a filter, and then ']' to close a bracket"
+                            .to_string(),
+                        Some('[') => "expected a selector after '[' (a quoted name, an \
+                                      index, a slice, '*' or a '?' filter) and a closing ']'"
+                            .to_string(),
+                        Some(c) => format!(
+                            "unexpected '{c}': expected '.name', '..name', '[...]' (a quoted \
+                             name, an index, a slice, '*' or a '?' filter) or the end"
+                        ),
+                    },
+                    other => other.to_string(),
+                };
                 Err(QueryError {
                     position: text[..byte].chars().count() + 1,
-                    message: e.message().to_string(),
+                    message,
                 })
             }
         }

@@ -93,6 +93,20 @@ CREATE TABLE IF NOT EXISTS endpoints (
 
 /// Opens (and creates) an outbox database with WAL and synchronous=FULL.
 pub(crate) fn open(path: &Path) -> Result<Connection, OutboxError> {
+    open_at(path).map_err(|e| {
+        let why = e.0.strip_prefix("outbox: ").unwrap_or(&e.0).to_string();
+        if why.contains("not a database") {
+            OutboxError(format!(
+                "{} is not an outbox database (a SQLite file midcall made): {why}",
+                path.display()
+            ))
+        } else {
+            OutboxError(format!("{}: {why}", path.display()))
+        }
+    })
+}
+
+fn open_at(path: &Path) -> Result<Connection, OutboxError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;

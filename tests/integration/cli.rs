@@ -457,3 +457,144 @@ async fn bench_measures_a_users_own_action() {
     );
     assert_eq!(server.request_count(), 50);
 }
+
+#[test]
+fn render_shows_every_header_midcall_sends() {
+    let o = midcall(&[
+        "render",
+        "examples/front-desk/agent.toml",
+        "--action",
+        "book_appointment",
+        "--args",
+        r#"{"slot": "2025-11-04T15:00"}"#,
+        "--fake-secrets",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    for h in [
+        "host: scheduling.example.com\n",
+        "content-type: application/json\n",
+        "user-agent: midcall/",
+        "accept: application/json\n",
+        "content-length: ",
+        "idempotency-key: ",
+    ] {
+        assert!(text.contains(h), "{h:?} missing:\n{text}");
+    }
+    assert!(!text.contains("fake-"), "secrets are redacted:\n{text}");
+}
+
+#[test]
+fn bad_flags_and_inputs_are_refused_with_exit_2_and_one_error_prefix() {
+    // An id that is not in the outbox.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let made = midcall(&["deliveries", "--db", db.to_str().unwrap()]);
+    assert!(!made.status.success(), "the logs never create a database");
+    // A real (empty) outbox, made by the library.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let b = midcall::EventBus::builder(&db)
+            .deliver(false)
+            .build()
+            .unwrap();
+        b.close().await;
+    });
+    let o = midcall(&[
+        "deliveries",
+        "replay",
+        "--db",
+        db.to_str().unwrap(),
+        "--id",
+        "999",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("error: ") && stderr(&o).contains("no delivery 999"),
+        "{}",
+        stderr(&o)
+    );
+    // Not a SQLite file: named.
+    let o = midcall(&["deliveries", "--db", "README.md"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("README.md is not an outbox database"),
+        "{}",
+        stderr(&o)
+    );
+    // bench: --action needs --actions; --concurrency 0 is refused, not changed.
+    let o = midcall(&["bench", "--action", "lookup_customer"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--actions"), "{}", stderr(&o));
+    let o = midcall(&[
+        "bench",
+        "--actions",
+        "examples/front-desk/agent.toml",
+        "--action",
+        "lookup_customer",
+        "--concurrency",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("0 is not in 1..=4096"),
+        "{}",
+        stderr(&o)
+    );
+    // check: every problem line has the prefix.
+    let (_d, bad) = temp_file(
+        "bad.toml",
+        "[agent]\nid = \"a\"\ntenant = \"t\"\ntypo = 1\n[egres]\n",
+    );
+    let o = midcall(&["check", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 2, "{err}");
+    assert!(err.lines().all(|l| l.starts_with("error: ")), "{err}");
+}
+
+#[test]
+fn a_bad_jsonpath_says_what_was_expected() {
+    let run = |q: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_midcall"))
+            .args(["jsonpath", q])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"{\"a\": 1}")
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        stderr(&o)
+    };
+    let e = run("$.a[");
+    assert!(!e.contains("parser error"), "{e}");
+    assert!(e.contains("expected a selector after '['"), "{e}");
+    let e = run("$.a]");
+    assert!(e.contains("unexpected ']'"), "{e}");
+}
+
+#[test]
+fn exec_refused_for_a_loopback_url_hints_at_the_flags() {
+    let (_d, file) = temp_file(
+        "lo.toml",
+        "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"x\"\ndescription = \"d\"\nurl = \"http://127.0.0.1:9/x\"\n",
+    );
+    let o = midcall(&["exec", file.to_str().unwrap(), "--action", "x"]);
+    let out = stdout(&o);
+    assert!(
+        out.contains(
+            "hint: to reach a local test server, pass --allow-http --allow-network 127.0.0.0/8"
+        ),
+        "{out}"
+    );
+}

@@ -557,9 +557,9 @@ async fn play(
     tl.push(
         "call",
         format!(
-            "ended ({}); phone_call_ended and post-call results published; {} automation run(s) queued",
+            "ended ({}); phone_call_ended and post-call results published; {} queued",
             script.end.reason,
-            runs.len()
+            super::count(runs.len(), "automation run", "automation runs")
         ),
         None,
     );
@@ -832,22 +832,29 @@ fn print_report(r: &Report) {
     );
     println!();
     println!(
-        "Webhook deliveries ({} delivered of {}, {} signatures verified)",
-        s.delivered, s.deliveries, s.signatures_verified
+        "Webhook deliveries ({} delivered of {}, {} verified)",
+        s.delivered,
+        s.deliveries,
+        super::count(s.signatures_verified, "signature", "signatures")
     );
-    println!(
-        "  {:<44}  {:<40}  {:<9}  {:>8}  signature",
-        "endpoint", "event", "status", "attempts"
-    );
+    let mut t = super::Table::new(&[
+        ("endpoint", false),
+        ("event", false),
+        ("status", false),
+        ("attempts", true),
+        ("signature", false),
+    ]);
     for d in &r.deliveries {
-        println!(
-            "  {:<44}  {:<40}  {:<9}  {:>8}  {}",
-            truncate(&d.endpoint, 44),
-            truncate(&d.event, 40),
-            d.status,
-            d.attempts,
-            d.signature
-        );
+        t.row(vec![
+            d.endpoint.clone(),
+            d.event.clone(),
+            d.status.clone(),
+            d.attempts.to_string(),
+            d.signature.clone(),
+        ]);
+    }
+    for line in t.render().lines() {
+        println!("  {line}");
     }
     for run in &r.runs {
         if let Some(e) = &run.error {
