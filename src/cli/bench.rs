@@ -19,6 +19,8 @@ use midcall::exec::Budget;
 use midcall::transport::EgressPolicy;
 use midcall::{ActionSet, ActionSpec, Call, CallInfo, Runtime, Syntax, ToolCall, Transcript, Turn};
 
+/// Measure the action path against raw hyper on this machine.
+///
 /// Measure the action path against raw hyper in one run: p50/p90/p99/p999 latency, throughput
 /// and ratios, plus deadline precision and memory per live call. With --actions, bench your own
 /// action against its real endpoint instead.

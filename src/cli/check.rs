@@ -7,6 +7,8 @@ use serde_json::json;
 
 use midcall::{ActionSet, ActionSpec};
 
+/// Validate agent files and report every problem at once.
+///
 /// Validate agent config files: exit 0 with one summary line per action, or exit 2 with every
 /// error (file:line:column: action: field: message).
 #[derive(Debug, Args)]

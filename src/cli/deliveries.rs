@@ -7,6 +7,8 @@ use serde_json::json;
 
 use midcall::events::{time, DeliveryLog};
 
+/// List webhook deliveries (newest first), or replay them.
+///
 /// List webhook deliveries from an outbox database (newest first), or replay them.
 #[derive(Debug, Args)]
 #[command(

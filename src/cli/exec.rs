@@ -9,6 +9,8 @@ use serde_json::json;
 use midcall::exec::Budget;
 use midcall::{ActionSet, Call, ConversationState, Outcome, Runtime, ToolCall};
 
+/// Run an action against its real endpoint and print the outcome.
+///
 /// Execute an action against its real endpoint and print the outcome: status, latency,
 /// values written to state, the result for the model, the fallback line. Exit 0 whenever an
 /// outcome was produced, whatever its status; 2 for bad config or flags.

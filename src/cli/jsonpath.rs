@@ -6,6 +6,8 @@ use clap::Args;
 
 use midcall::Query;
 
+/// Run a JSONPath (RFC 9535) query on a JSON document.
+///
 /// Run a JSONPath (RFC 9535) query on a JSON document from FILE or stdin and print the node
 /// list as a JSON array (or the normalized paths with --paths).
 #[derive(Debug, Args)]

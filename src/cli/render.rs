@@ -7,6 +7,8 @@ use serde_json::Value;
 
 use midcall::{CallInfo, ConversationState, EnvSecrets, Secret, SecretSource, Transcript};
 
+/// Print the exact request an action would send, secrets as ***.
+///
 /// Print the exact request an action would send (method, URL, headers, body), secrets as ***.
 /// Secrets come from MIDCALL_SECRET_<NAME> environment variables.
 #[derive(Debug, Args)]

@@ -7,6 +7,8 @@ use clap::Args;
 use midcall::events::time;
 use midcall::RunLog;
 
+/// List automation runs and what each step did.
+///
 /// List automation runs from an outbox database (newest first), each with its steps: what
 /// each did, or why the run failed.
 #[derive(Debug, Args)]

@@ -9,6 +9,11 @@ use clap::Args;
 use midcall::automation::MetricsRender;
 use midcall::{Automations, EventBus, InboundServer, Runtime, SecretSource};
 
+use super::simulate::hosts;
+use super::simulate::mock::{DemoSecrets, Mock, MockResolver};
+
+/// Serve an agent's automations: inbound webhooks, runs and event delivery.
+///
 /// Serve an agent's automations: `POST /v1/automations/{id}/webhook` starts a webhook
 /// automation (202 with its run id), `GET /healthz`, `GET /metrics` (Prometheus). Runs and
 /// webhook deliveries are stored in the outbox database and survive restarts. SIGTERM or
@@ -29,6 +34,11 @@ pub(crate) struct ServeArgs {
     /// How long shutdown waits for requests and runs in progress, in seconds.
     #[arg(long, default_value_t = 10)]
     grace_s: u64,
+    /// Route every host the agent calls to the bundled mock CRM on 127.0.0.1 (the one
+    /// `simulate` uses, HTTPS with a certificate made at start), to try an agent with no
+    /// outside service; secrets not set in the environment get demo values.
+    #[arg(long)]
+    mock: bool,
     /// How the log on stderr is written: one readable line per event, or one JSON object.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
@@ -65,6 +75,10 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         .filter(|n| midcall::EnvSecrets.secret(n).is_none())
         .cloned()
         .collect();
+    let mut policy = policy;
+    if a.mock {
+        policy = policy.allow_network("127.0.0.0/8".parse().map_err(|_| "loopback")?);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,12 +92,21 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         let bus = a.net.with_ca(EventBus::builder(&a.db).webhooks(&set), |b, pem| {
             b.add_root_certificates_pem(pem)
         })?;
+        let mut builder = Runtime::builder().egress(policy).event_bus(bus);
+        // Kept for the server's life: the stand-in for every host the agent calls.
+        let mut _mock = None;
+        if a.mock {
+            let secrets = Arc::new(DemoSecrets::env_first());
+            let mock = Mock::start(&hosts(&set), &[], secrets.clone()).await?;
+            builder = builder
+                .resolver(Arc::new(MockResolver(mock.addr)))
+                .add_root_certificate(mock.cert_der.clone())
+                .secrets(secrets);
+            _mock = Some(mock);
+        }
         let runtime = a
             .net
-            .with_ca(
-                Runtime::builder().egress(policy).event_bus(bus),
-                |b, pem| b.add_root_certificates_pem(pem),
-            )?
+            .with_ca(builder, |b, pem| b.add_root_certificates_pem(pem))?
             .build()
             .map_err(|e| format!("--db {}: {e}", a.db))?;
         let bus = runtime.event_bus().cloned().ok_or("no event bus")?;
@@ -108,14 +131,24 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         }
         say!("  GET  http://{local}/healthz");
         say!("  GET  http://{local}/metrics");
-        say!("  outbox: {}", a.db);
-        if !missing.is_empty() {
+        if let Some(m) = &_mock {
+            say!(
+                "  mock CRM on https://{} answering for {}",
+                m.addr,
+                hosts(&set).join(", ")
+            );
+            if !missing.is_empty() {
+                say!("  demo values for the secrets not set: {}", missing.join(", "));
+            }
+        } else if !missing.is_empty() {
             say!(
                 "  warning: {} not set: {} (set MIDCALL_SECRET_<NAME>; what needs one fails naming it)",
                 super::count(missing.len(), "secret is", "secrets are"),
                 missing.join(", ")
             );
         }
+        // Last line of the banner: what comes after it is the server at work.
+        say!("  outbox: {}", a.db);
         server
             .serve(listener, shutdown_signal())
             .await

@@ -58,3 +58,57 @@ async fn a_success_is_remembered_for_the_dedupe_window_only() {
     tokio::time::advance(Duration::from_millis(1)).await;
     assert!(recent.find(key, window).is_none(), "the window has ended");
 }
+
+/// Every transport error kind, as the transport makes them.
+fn every_transport_error() -> Vec<crate::transport::TransportError> {
+    use crate::transport::{ConnectError, EgressRefusal, TransportError};
+    let io = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "os error 104");
+    vec![
+        TransportError::Timeout { got_headers: false },
+        TransportError::Timeout { got_headers: true },
+        TransportError::Connect(ConnectError::Egress(EgressRefusal::PlainHttp)),
+        TransportError::Connect(ConnectError::Egress(EgressRefusal::Address(
+            "10.0.0.1".parse().unwrap(),
+        ))),
+        TransportError::Connect(ConnectError::Dns(io())),
+        TransportError::Connect(ConnectError::NoAddress),
+        TransportError::Connect(ConnectError::Tcp(io())),
+        TransportError::Connect(ConnectError::Tls(std::io::Error::other(
+            "invalid peer certificate: UnknownIssuer; see https://docs.rs/rustls",
+        ))),
+        TransportError::Connect(ConnectError::BadUri),
+        TransportError::Io {
+            stale: false,
+            message: "client error (SendRequest): connection error: peer closed connection without sending TLS close_notify: https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof".into(),
+        },
+        TransportError::TooLarge { limit: 1024 },
+    ]
+}
+
+#[test]
+fn the_model_gets_a_short_stable_reason_for_every_transport_error() {
+    use super::error::{classify, describe_transport, Failure};
+    use super::outcome::llm_result;
+    for budget_cut in [false, true] {
+        for e in every_transport_error() {
+            let c = classify(&e, budget_cut);
+            let detail = describe_transport(&e);
+            let f = Failure::new(c.kind, c.fault, c.retry, format!("action \"a\": {detail}"));
+            let mut err = f.error.clone();
+            err = err.with_reason(c.reason);
+            let shown = llm_result(c.kind.status(), &[], Some(&err), 2048);
+            let message = shown["message"].as_str().unwrap();
+            assert_eq!(message, c.reason, "{e:?}");
+            assert!(
+                !message.contains("://")
+                    && !message.contains("error (")
+                    && !message.contains("os error")
+                    && !message.contains("rustls")
+                    && message.len() < 80,
+                "{e:?}: {message}"
+            );
+            // The operator keeps the detail.
+            assert!(err.to_string().contains(&detail), "{e:?}");
+        }
+    }
+}

@@ -62,7 +62,9 @@ impl std::fmt::Display for ConnectError {
             ConnectError::Dns(e) => write!(f, "DNS lookup failed: {e}"),
             ConnectError::NoAddress => f.write_str("DNS lookup returned no address"),
             ConnectError::Tcp(e) => write!(f, "connect failed: {e}"),
-            ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+            ConnectError::Tls(e) => {
+                write!(f, "TLS handshake failed: {}", super::plain(&e.to_string()))
+            }
             ConnectError::BadUri => f.write_str("the URL has no host"),
         }
     }

@@ -170,7 +170,7 @@ impl Transport {
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| TransportError::Io {
                     stale: false,
-                    message: format!("reading the response body failed: {e}"),
+                    message: plain(&format!("reading the response body failed: {e}")),
                 })?;
                 if let Ok(data) = frame.into_data() {
                     if buf.len() as u64 + data.len() as u64 > max_body {
@@ -230,13 +230,40 @@ fn classify(e: hyper_util::client::legacy::Error) -> TransportError {
             ext.get::<ConnInfo>().is_some_and(|i| i.0.stale_reuse())
         })
         .unwrap_or(false);
-    let mut message = e.to_string();
+    // hyper-util's own "client error (SendRequest)" says nothing an operator can use; the
+    // causes under it do.
+    let mut parts = Vec::new();
+    let top = e.to_string();
+    if !top.starts_with("client error") {
+        parts.push(top);
+    }
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
-        message = format!("{message}: {s}");
+        parts.push(s.to_string());
         source = s.source();
     }
-    TransportError::Io { stale, message }
+    let message = plain(&parts.join(": "));
+    TransportError::Io {
+        stale,
+        message: if message.is_empty() {
+            "the connection failed".into()
+        } else {
+            message
+        },
+    }
+}
+
+/// A library's error text without the documentation links some of them carry.
+pub(crate) fn plain(text: &str) -> String {
+    let kept: Vec<&str> = text
+        .split(' ')
+        .filter(|w| !w.starts_with("http://") && !w.starts_with("https://"))
+        .collect();
+    let mut out = kept.join(" ");
+    while out.ends_with(':') || out.ends_with(' ') || out.ends_with(';') {
+        out.pop();
+    }
+    out.replace(": :", ":").replace(":  ", ": ")
 }
 
 /// How much earlier than the deadline the outer timer is armed: 1 ms, tokio's timer tick.

@@ -429,6 +429,16 @@ async fn reset_and_refused_are_transport_errors() {
     let out = run_a(&rt, &set).await;
     assert_eq!(out.status, Status::TransportError, "{:?}", out.error);
     assert_eq!(out.attempts, 1, "a fresh connection is not retried");
+    // The model gets a short reason it can act on; nobody gets a library's wrapper or URLs.
+    assert_eq!(
+        out.llm_result["message"],
+        "the service closed the connection without answering"
+    );
+    let detail = out.error.as_ref().unwrap().to_string();
+    assert!(
+        !detail.contains("client error") && !detail.contains("://"),
+        "{detail}"
+    );
 
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -16,6 +16,7 @@ mod fast_path;
 mod fuzz_corpus;
 mod hostile;
 mod observability;
+mod serve;
 mod session;
 mod simulate;
 mod templates;

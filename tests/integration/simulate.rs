@@ -176,6 +176,13 @@ fn outage_script_shows_rate_limit_retry_failures_breaker_and_webhook_retry() {
     assert_eq!(a[1]["attempts"], 2, "the 429 was retried after Retry-After");
     assert_eq!(a[1]["state_changes"]["outage.crew_status"], "en_route");
     assert_eq!(a[2]["state_changes"]["ticket.manual_followup"], true);
+    // The reset connection reads plainly: no library wrapper, no documentation URL.
+    let why = a[2]["error"].as_str().unwrap();
+    assert!(why.contains("peer closed connection"), "{why}");
+    assert!(
+        !why.contains("client error") && !why.contains("://"),
+        "{why}"
+    );
     assert!(a[4]["fallback"]
         .as_str()
         .unwrap()

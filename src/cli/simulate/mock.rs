@@ -26,9 +26,19 @@ use super::script::{parse_route, MockRule};
 #[derive(Debug, Default)]
 pub(crate) struct DemoSecrets {
     issued: Mutex<BTreeMap<String, String>>,
+    /// Take a secret from the environment (`MIDCALL_SECRET_<NAME>`) when it is set.
+    prefer_env: bool,
 }
 
 impl DemoSecrets {
+    /// Secrets from the environment where set, demo values for the rest (`serve --mock`).
+    pub(crate) fn env_first() -> DemoSecrets {
+        DemoSecrets {
+            prefer_env: true,
+            ..DemoSecrets::default()
+        }
+    }
+
     fn value(name: &str) -> String {
         if name.contains("WHSEC") || name.contains("SECRET") {
             let key = format!("midcall-demo-signing-key-{name}");
@@ -57,7 +67,11 @@ impl DemoSecrets {
 
 impl SecretSource for DemoSecrets {
     fn secret(&self, name: &str) -> Option<Secret> {
-        let v = Self::value(name);
+        let from_env = self
+            .prefer_env
+            .then(|| std::env::var(format!("MIDCALL_SECRET_{name}")).ok())
+            .flatten();
+        let v = from_env.unwrap_or_else(|| Self::value(name));
         if let Ok(mut m) = self.issued.lock() {
             m.insert(name.to_string(), v.clone());
         }

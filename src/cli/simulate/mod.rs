@@ -1,6 +1,6 @@
 //! `midcall simulate`: plays a scripted call end to end against the bundled mock CRM.
 
-mod mock;
+pub(crate) mod mock;
 mod script;
 
 use std::collections::BTreeMap;
@@ -27,6 +27,8 @@ use script::{Expect, Script};
 /// The script `simulate` plays when none is given.
 const DEFAULT_SCRIPT: &str = "examples/front-desk/call.toml";
 
+/// Play a scripted phone call against the bundled mock CRM and print its timeline.
+///
 /// Play a scripted phone call end to end: the bundled mock CRM starts on 127.0.0.1 (HTTPS,
 /// every host the agent calls routed to it), the call connects (warm-up, prefetch,
 /// phone_call_connected), the script's turns play (utterances, tool calls as the model emits
@@ -175,7 +177,7 @@ pub(crate) fn run(a: SimulateArgs) -> Result<ExitCode, String> {
 }
 
 /// Every host the agent sends to: actions, webhooks, automation steps.
-fn hosts(set: &ActionSet) -> Vec<String> {
+pub(crate) fn hosts(set: &ActionSet) -> Vec<String> {
     let mut out: Vec<String> = set
         .actions()
         .iter()
