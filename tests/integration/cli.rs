@@ -290,6 +290,9 @@ async fn exec_runs_an_action_against_a_local_server() {
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["status"], "rejected");
     assert_eq!(server.accepted(), 0);
+    // Times are rounded to the microsecond: 5.457, not 5.4564699999999995.
+    let ms = v["elapsed_ms"].to_string();
+    assert!(ms.split('.').nth(1).is_none_or(|f| f.len() <= 3), "{ms}");
 
     let o = run(vec![
         "--allow-http",
@@ -597,4 +600,74 @@ fn exec_refused_for_a_loopback_url_hints_at_the_flags() {
         ),
         "{out}"
     );
+}
+
+#[test]
+fn the_top_level_help_is_one_short_line_per_command() {
+    let o = midcall(&["--help"]);
+    assert!(o.status.success());
+    let text = stdout(&o);
+    let commands: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert!(commands.len() >= 10, "{text}");
+    for l in commands {
+        assert!(l.chars().count() <= 100, "too long for a summary: {l}");
+    }
+}
+
+#[test]
+fn counts_read_as_english_and_tables_stay_aligned() {
+    let (_d, file) = temp_file(
+        "one.toml",
+        "[agent]\nid = \"a\"\ntenant = \"t\"\n[[actions]]\nname = \"x\"\ndescription = \"d\"\nurl = \"https://s.example.com/x\"\n",
+    );
+    let o = midcall(&["check", file.to_str().unwrap()]);
+    assert!(
+        stdout(&o).contains("1 action, 0 webhooks, 0 automations"),
+        "{}",
+        stdout(&o)
+    );
+    // A long endpoint label does not push its row out of line with the header.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let label = "A very long webhook label that is wider than any fixed column would be";
+    let set = midcall::ActionSet::from_str(
+        "t.toml",
+        &format!("[agent]\nid = \"a\"\ntenant = \"t\"\n[[webhooks]]\nlabel = \"{label}\"\nurl = \"https://hooks.example.com/x\"\nsubscriptions = [\"error\"]\n"),
+        midcall::Syntax::Toml,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let bus = midcall::EventBus::builder(&db)
+            .webhooks(&set)
+            .deliver(false)
+            .build()
+            .unwrap();
+        bus.publish_durable(
+            &midcall::Event::error("E1", "m"),
+            &crate::support::call_info(),
+        )
+        .await
+        .unwrap();
+        bus.close().await;
+    });
+    let o = midcall(&["deliveries", "--db", db.to_str().unwrap()]);
+    let text = stdout(&o);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let col = |l: &str, word: &str| l.find(word).unwrap();
+    assert_eq!(
+        col(lines[0], "event"),
+        col(lines[1], "event_error"),
+        "{text}"
+    );
+    assert_eq!(col(lines[0], "status"), col(lines[1], "pending"), "{text}");
 }
