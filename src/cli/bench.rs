@@ -59,6 +59,13 @@ pub(crate) struct BenchArgs {
     /// Exempt a network from the private-address block (with --actions; repeatable).
     #[arg(long = "allow-network", value_name = "CIDR", requires = "actions")]
     allow_network: Vec<String>,
+    /// Run the local upstreams in a separate process (this binary again), so the upstream's
+    /// work does not share the bench's runtime and threads.
+    #[arg(long, conflicts_with = "actions")]
+    upstream_process: bool,
+    /// Internal: serve the bench upstreams and print their ports; stop when stdin closes.
+    #[arg(long, hide = true)]
+    serve_upstreams: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -298,6 +305,9 @@ pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
+        if a.serve_upstreams {
+            return serve_upstreams(a.body_bytes).await;
+        }
         if let Some(file) = a.actions.clone() {
             return user_action(&a, &file).await;
         }
@@ -305,14 +315,81 @@ pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
     })
 }
 
-async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
-    // Memory first, while the heap holds nothing freed that new calls could reuse unseen.
-    let memory = memory_per_call(if a.quick { 2000 } else { 10_000 });
-    let body = Arc::new(crm_response(a.body_bytes));
+/// The ports of the plain, TLS and hanging upstreams, and the TLS certificate (DER) to trust.
+type Upstreams = (u16, u16, u16, Vec<u8>);
+
+/// The three bench upstreams (plain, TLS, hanging) in this process.
+async fn start_upstreams(body_bytes: usize) -> Result<Upstreams, String> {
+    let body = Arc::new(crm_response(body_bytes));
     let (acceptor, ca) = tls_pair()?;
     let http_port = upstream(body.clone(), None, false).await;
     let https_port = upstream(body.clone(), Some(acceptor), false).await;
-    let hang_port = upstream(body.clone(), None, true).await;
+    let hang_port = upstream(body, None, true).await;
+    Ok((http_port, https_port, hang_port, ca))
+}
+
+/// `--serve-upstreams`: one line `ports HTTP HTTPS HANG CERT_BASE64`, then serve until stdin
+/// closes (the bench that started this process is gone).
+async fn serve_upstreams(body_bytes: usize) -> Result<ExitCode, String> {
+    use base64::Engine;
+    let (h, s, g, ca) = start_upstreams(body_bytes).await?;
+    println!(
+        "ports {h} {s} {g} {}",
+        base64::engine::general_purpose::STANDARD.encode(&ca)
+    );
+    let _ = tokio::task::spawn_blocking(|| {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+    })
+    .await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The upstreams in a child process; the child lives as long as the returned handle.
+fn spawn_upstreams(body_bytes: usize) -> Result<(std::process::Child, Upstreams), String> {
+    use base64::Engine;
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .args([
+            "bench",
+            "--serve-upstreams",
+            "--body-bytes",
+            &body_bytes.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting the upstream process: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let port = |i: usize| -> Result<u16, String> {
+        parts
+            .get(i)
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| format!("the upstream process said {line:?}"))
+    };
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(parts.get(4).copied().unwrap_or_default())
+        .map_err(|_| "the upstream process sent no certificate")?;
+    Ok((child, (port(1)?, port(2)?, port(3)?, ca)))
+}
+
+async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
+    // Memory first, while the heap holds nothing freed that new calls could reuse unseen.
+    let memory = memory_per_call(if a.quick { 2000 } else { 10_000 });
+    let (_upstream_child, (http_port, https_port, hang_port, ca)) = if a.upstream_process {
+        let (c, u) = spawn_upstreams(a.body_bytes)?;
+        (Some(c), u)
+    } else {
+        (None, start_upstreams(a.body_bytes).await?)
+    };
     let http = format!("http://127.0.0.1:{http_port}");
     let https = format!("https://localhost:{https_port}");
     let set = Arc::new(agent(
@@ -326,9 +403,14 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
     // One runtime for steady-state scenarios; the pool holds as many idle connections as the
     // highest concurrency, like the raw client.
     let runtime = local_runtime(Some(&ca), 1024)?;
+    // The fair baseline: hyper-util's client with TCP_NODELAY, as midcall's connector sets it,
+    // and a pool as large as midcall's.
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
     let raw = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build_http::<Empty<Bytes>>();
+        .pool_max_idle_per_host(1024)
+        .build::<_, Empty<Bytes>>(connector);
     // Warm everything: pools, cache, TLS.
     runtime.warm(&set, Duration::from_secs(5)).await;
     let miss = set.action("miss").cloned().ok_or("no miss action")?;
@@ -338,10 +420,28 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
     let mut c = Call::new(call_info(0));
     runtime.execute(&hit, &mut c, json!({}), &budget).await;
 
+    // One session per concurrent caller, as an agent runtime holds them. The pool is warm
+    // already: no warm-up per session (it would open connections to the hanging upstream).
+    let mut sessions = Vec::new();
+    for i in 0..*concurrencies.iter().max().unwrap_or(&1) {
+        sessions.push(
+            runtime
+                .start_call(set.clone(), call_info(i), Duration::ZERO)
+                .await,
+        );
+    }
+    let sessions = Arc::new(sessions);
+    sessions[0]
+        .tool("hit", ToolCall::new("warm", json!({})), budget)
+        .await;
+
     let scenarios = [
-        "raw_hyper",
+        "raw_serde",
+        "raw_simd",
         "exec_miss",
         "exec_hit",
+        "session_miss",
+        "session_hit",
         "exec_miss_tls",
         "first_action_cold",
         "first_action_warm",
@@ -374,8 +474,9 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
         for s in series.iter_mut() {
             let conc = s.concurrency;
             let (lat, busy) = match s.name.as_str() {
-                "raw_hyper" => {
+                "raw_serde" | "raw_simd" => {
                     let (raw, uri) = (raw.clone(), raw_uri.clone());
+                    let simd = s.name == "raw_simd";
                     batch(conc, per_batch.max(conc), move |_| {
                         let (raw, uri) = (raw.clone(), uri.clone());
                         async move {
@@ -385,10 +486,46 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
                             let Ok(body) = resp.into_body().collect().await else {
                                 return false;
                             };
-                            let Ok(doc) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
-                                return false;
-                            };
-                            doc.pointer("/data/customer/name").is_some()
+                            let body = body.to_bytes();
+                            if simd {
+                                // The parser midcall uses, over an owned copy as midcall's is.
+                                use simd_json::prelude::*;
+                                let mut owned = body.to_vec();
+                                let Ok(doc) = simd_json::to_borrowed_value(&mut owned) else {
+                                    return false;
+                                };
+                                doc.get("data")
+                                    .and_then(|d| d.get("customer"))
+                                    .and_then(|c| c.get("name"))
+                                    .is_some()
+                            } else {
+                                let Ok(doc) = serde_json::from_slice::<Value>(&body) else {
+                                    return false;
+                                };
+                                doc.pointer("/data/customer/name").is_some()
+                            }
+                        }
+                    })
+                    .await
+                }
+                "session_miss" | "session_hit" => {
+                    let (name, want) = if s.name == "session_hit" {
+                        ("hit", "cache_hit")
+                    } else {
+                        ("miss", "ok")
+                    };
+                    let sessions = sessions.clone();
+                    batch(conc, per_batch.max(conc), move |i| {
+                        let sessions = sessions.clone();
+                        async move {
+                            let o = sessions[i % conc]
+                                .tool(
+                                    name,
+                                    ToolCall::new(format!("s{i}"), json!({})),
+                                    Budget::new(Duration::from_secs(60)),
+                                )
+                                .await;
+                            o.status.as_str() == want
                         }
                     })
                     .await
@@ -746,13 +883,15 @@ fn report(
     json_file: Option<&str>,
     body_bytes: usize,
 ) -> Result<(), String> {
-    let raw = |conc: usize| {
+    let base = |name: &str, conc: usize| {
         series
             .iter()
-            .find(|s| s.name == "raw_hyper" && s.concurrency == conc)
+            .find(|s| s.name == name && s.concurrency == conc)
     };
+    // Two ratios: against raw hyper parsing with serde_json (what a hand-written tool does) and
+    // with simd-json (the parser midcall uses: what is left is midcall's own cost).
     println!(
-        "{:<18} {:>5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "{:<18} {:>5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
         "scenario",
         "conc",
         "requests",
@@ -761,21 +900,35 @@ fn report(
         "p99 µs",
         "p999 µs",
         "req/s",
-        "x p50",
-        "x p99"
+        "xserde50",
+        "xserde99",
+        "xsimd50",
+        "xsimd99"
     );
     let mut rows = Vec::new();
     for s in series {
-        let (r50, r99) = match (s.name.as_str(), raw(s.concurrency)) {
-            ("raw_hyper", _) | (_, None) => (None, None),
-            (_, Some(r)) => (
+        let ratio = |b: &str| match (s.name.starts_with("raw_"), base(b, s.concurrency)) {
+            (true, _) | (_, None) => (None, None),
+            (false, Some(r)) => (
                 Some(s.pct(0.5) / r.pct(0.5).max(1e-9)),
                 Some(s.pct(0.99) / r.pct(0.99).max(1e-9)),
             ),
         };
+        let (r50, r99) = ratio("raw_serde");
+        let (q50, q99) = ratio("raw_simd");
         let f = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-        println!("{} {:>8} {:>8}", s.row(), f(r50), f(r99));
-        rows.push(s.to_json(r50, r99));
+        println!(
+            "{} {:>8} {:>8} {:>8} {:>8}",
+            s.row(),
+            f(r50),
+            f(r99),
+            f(q50),
+            f(q99)
+        );
+        let mut row = s.to_json(r50, r99);
+        row["ratio_simd_p50"] = json!(q50);
+        row["ratio_simd_p99"] = json!(q99);
+        rows.push(row);
     }
     let steady = series
         .iter()

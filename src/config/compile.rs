@@ -782,6 +782,13 @@ fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> O
             );
             Hold::No
         }
+        Some("end_of_turn") if prefetch.is_some() => {
+            s.err(
+                at!["hold"],
+                "a prefetched action runs when the call connects, before any turn; it cannot be held",
+            );
+            Hold::No
+        }
         Some("end_of_turn") => Hold::EndOfTurn,
         Some(other) => {
             s.err(

@@ -17,6 +17,8 @@ type FillerCallback = Box<dyn FnOnce(&str) + Send>;
 pub(crate) struct FillerSlot {
     signal: watch::Sender<FillerSignal>,
     callback: Mutex<Option<FillerCallback>>,
+    /// Set when the tool call went on detached: its filler is nobody's any more.
+    disarmed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +29,16 @@ enum FillerSignal {
 }
 
 impl FillerSlot {
+    pub(crate) fn disarm(&self) {
+        self.disarmed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.end();
+    }
+
     pub(crate) fn fire(&self, line: &str) {
+        if self.disarmed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         self.signal
             .send_replace(FillerSignal::Fired(line.to_string()));
         let callback = self
@@ -93,6 +104,7 @@ impl ToolHandle {
             filler: Arc::new(FillerSlot {
                 signal: watch::channel(initial).0,
                 callback: Mutex::new(None),
+                disarmed: Default::default(),
             }),
             done: false,
         }

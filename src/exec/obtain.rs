@@ -340,6 +340,8 @@ impl Runtime {
                         .and_then(|v| parse_retry_after(v, SystemTime::now()));
                     let needed = delay.map(|d| d + attempt_start.elapsed() + MIN_RETRY_ATTEMPT);
                     if needed.is_some_and(|n| n <= deadline.remaining()) {
+                        // Nothing is out while it waits: a barge-in now cancels the retry.
+                        p.sent.store(false, Ordering::Release);
                         tokio::time::sleep(delay.unwrap_or_default()).await;
                         continue;
                     }
@@ -372,8 +374,11 @@ impl Runtime {
                 }
                 Err(e) => {
                     let c = classify(&e, budget_cut);
-                    if budget_cut && matches!(e, TransportError::Timeout { .. }) {
-                        // The turn was too short, not the host too slow: no verdict on it.
+                    if (budget_cut && matches!(e, TransportError::Timeout { .. }))
+                        || c.fault == Fault::Config
+                    {
+                        // The turn was too short, or the request never reached the host
+                        // (egress, a bad URL): no verdict on the host.
                         drop(permit);
                     } else {
                         permit.record(!c.host_failure);

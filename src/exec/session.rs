@@ -393,14 +393,17 @@ impl CallSession {
             live.next_id += 1;
             let id = live.next_id;
             live.interrupts.insert(id, stop.clone());
-            let held = (action.hold() == Hold::EndOfTurn).then(|| {
+            // Prefetches are never held: nobody could end a turn before the call starts.
+            let held = (from_model && action.hold() == Hold::EndOfTurn).then(|| {
                 let (htx, hrx) = oneshot::channel();
                 live.held.push(htx);
                 hrx
             });
+            // Counted under the same lock `end()` takes to mark the call ended, so an end
+            // never misses a call that was registered before it.
+            self.inner.running.send_modify(|n| *n += 1);
             (id, held)
         };
-        self.inner.running.send_modify(|n| *n += 1);
         let handle = ToolHandle::new(action.name(), rx, stop.clone(), false);
         let filler = handle.filler.clone();
         let task = Task {
@@ -474,14 +477,25 @@ enum Ended {
 
 impl Task {
     async fn run(mut self) {
-        let started = Instant::now();
+        let mut started = Instant::now();
         let runtime = self.session.inner.runtime.clone();
         let action = self.action.clone();
         let span = action_span(action.name(), &self.session.info());
         let key = (self.from_model && action.dedupe() && !action.is_async())
             .then(|| dedupe_key(action.name(), &self.tool.args));
+        // Whatever happens below (a panicking filler callback included), the call ends once.
+        let mut guard = Guard {
+            session: self.session.clone(),
+            id: self.id,
+            key,
+            leader: false,
+            action: action.name().to_string(),
+            tool_call_id: self.tool.id.clone(),
+            armed: true,
+        };
         let mut leader: Option<watch::Sender<Option<Outcome>>> = None;
         let mut detached = false;
+        let wait_until = Runtime::deadline(&action, &self.budget, started);
         let ended = 'path: {
             // Duplicate protection: an earlier success, or an identical call still running.
             let planned = loop {
@@ -497,6 +511,7 @@ impl Task {
                                 let (tx, rx) = watch::channel(None);
                                 live.inflight.insert(key, rx);
                                 leader = Some(tx);
+                                guard.leader = true;
                             }
                             running
                         }
@@ -513,20 +528,35 @@ impl Task {
                 match next {
                     Next::Planned(planned) => break *planned,
                     Next::Wait(mut rx) => {
-                        tokio::select! {
-                            got = rx.wait_for(|o| o.is_some()) => {
-                                if let Ok(o) = got {
-                                    if let Some(o) = o.as_ref() {
-                                        break 'path Ended::Deduplicated(o.clone());
-                                    }
-                                }
-                                // The first call was cancelled: this one goes itself.
-                                continue;
-                            }
+                        let got = tokio::select! {
+                            biased;
                             why = stopped(&mut self.stop) => {
                                 break 'path Ended::Result(Err(cancelled(action.name(), why)), CacheStatus::Bypass, false);
                             }
+                            // Waiting on another call never runs past this call's own budget.
+                            _ = tokio::time::sleep_until(wait_until.deadline.timer_instant()) => {
+                                let f = Failure::new(
+                                    Kind::Timeout,
+                                    Fault::Local,
+                                    Retry::Yes,
+                                    format!("action \"{}\": timed out waiting for the identical call already running", action.name()),
+                                );
+                                break 'path Ended::Result(Err(f), CacheStatus::Bypass, false);
+                            }
+                            got = rx.wait_for(|o| o.is_some()) => got.ok().and_then(|o| o.clone()),
+                        };
+                        if let Some(o) = got {
+                            break 'path Ended::Deduplicated(o);
                         }
+                        // The first call was cancelled (or its task is gone): this one goes
+                        // itself, after clearing a dead entry so nobody waits on it again.
+                        if let Some(key) = key {
+                            let mut live = self.session.live();
+                            if live.inflight.get(&key).is_some_and(|r| r.same_channel(&rx)) {
+                                live.inflight.remove(&key);
+                            }
+                        }
+                        continue;
                     }
                 }
             };
@@ -535,19 +565,28 @@ impl Task {
                 Err(f) => break 'path Ended::Result(Err(f), CacheStatus::Bypass, false),
             };
             // Held to the end of the turn: nothing is sent before it.
-            let mut started = started;
             if let Some(held) = self.held.take() {
                 tokio::select! {
+                    biased;
+                    why = stopped(&mut self.stop) => {
+                        break 'path Ended::Result(Err(cancelled(action.name(), why)), CacheStatus::Bypass, false);
+                    }
                     go = held => {
                         if go != Ok(true) {
                             break 'path Ended::Result(Err(cancelled(action.name(), "barge-in before the end of the turn")), CacheStatus::Bypass, false);
                         }
                         started = Instant::now();
                     }
-                    why = stopped(&mut self.stop) => {
-                        break 'path Ended::Result(Err(cancelled(action.name(), why)), CacheStatus::Bypass, false);
-                    }
                 }
+            }
+            // Stopped before anything was handed to the transport: nothing is sent at all.
+            let stopped_already = *self.stop.borrow();
+            if let Some(why) = stopped_already {
+                break 'path Ended::Result(
+                    Err(cancelled(action.name(), why)),
+                    CacheStatus::Bypass,
+                    false,
+                );
             }
             let sent = p.sent.clone();
             let deadline = Runtime::deadline(&action, &self.budget, started);
@@ -562,8 +601,10 @@ impl Task {
                 (r, c, f) = &mut obtain => Ended::Result(r, c, f),
                 why = stopped(&mut self.stop) => {
                     if action.on_interrupt() == OnInterrupt::Finish && sent.load(Ordering::Acquire) {
-                        // The request is out: finish it detached; the handle hears `cancelled`.
+                        // The request is out: finish it detached; the handle hears `cancelled`
+                        // and no filler line is spoken for it any more.
                         detached = true;
+                        self.filler.disarm();
                         let mut o = Outcome::new(action.name(), self.tool.id.clone());
                         let f = cancelled(action.name(), why);
                         o.status = Status::Cancelled;
@@ -628,11 +669,47 @@ impl Task {
             }
             live.interrupts.remove(&self.id);
             live.records.push(outcome.clone());
+            guard.armed = false;
             outcome
         };
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(outcome);
         }
         self.session.inner.running.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Ends a tool call that stopped without reaching its end (a panic on its task): it leaves
+/// the in-flight table and the running count and is recorded `cancelled`.
+struct Guard {
+    session: CallSession,
+    id: u64,
+    key: Option<u128>,
+    leader: bool,
+    action: String,
+    tool_call_id: Option<String>,
+    armed: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        {
+            let mut live = self.session.live();
+            if let (true, Some(key)) = (self.leader, self.key) {
+                live.inflight.remove(&key);
+            }
+            live.interrupts.remove(&self.id);
+            let mut o = Outcome::new(&self.action, self.tool_call_id.take());
+            o.status = Status::Cancelled;
+            o.error = Some(cancelled(&self.action, "its task stopped").error);
+            live.records.push(o);
+        }
+        self.session
+            .inner
+            .running
+            .send_modify(|n| *n = n.saturating_sub(1));
     }
 }

@@ -634,3 +634,94 @@ fn building_a_bus_or_starting_automations_outside_tokio_is_an_error_not_a_panic(
         .unwrap_err();
     assert!(e.contains("tokio runtime"), "{e}");
 }
+
+#[tokio::test]
+async fn a_call_stopped_before_its_first_poll_sends_nothing_even_with_finish() {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let server = answering(Duration::ZERO, r#"{"id":"x"}"#, requests.clone()).await;
+    let agent = agent(&action(
+        "book",
+        &server.origin(),
+        "method = \"POST\"\ndedupe = false",
+    ));
+    let rt = runtime();
+    let call = session(&rt, &agent).await;
+    // On this single-threaded test runtime the tool's task has not run yet.
+    let h = call.tool("book", json!({}).into(), long());
+    call.barge_in();
+    assert_eq!(h.await.status, Status::Cancelled);
+    wait_until("the end state", || call.running() == 0).await;
+    assert_eq!(requests.load(Ordering::SeqCst), 0, "nothing was sent");
+    assert!(!call.records()[0].detached);
+}
+
+#[tokio::test]
+async fn a_reissued_call_waits_for_the_first_only_within_its_own_budget() {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let server = answering(
+        Duration::from_millis(1500),
+        r#"{"id":"apt_1"}"#,
+        requests.clone(),
+    )
+    .await;
+    let agent = agent(&action(
+        "book",
+        &server.origin(),
+        "method = \"POST\"\ntimeout_ms = 5000\nextract = { \"appointment.id\" = \"$.id\" }",
+    ));
+    let rt = runtime();
+    let call = session(&rt, &agent).await;
+    let first = call.tool("book", ToolCall::new("tc_1", json!({})), long());
+    wait_until("the booking", || requests.load(Ordering::SeqCst) == 1).await;
+    call.barge_in();
+    assert_eq!(first.await.status, Status::Cancelled);
+    // The first goes on detached for 1.5 s; this turn has 100 ms.
+    let again = call
+        .tool(
+            "book",
+            ToolCall::new("tc_2", json!({})),
+            Budget::new(Duration::from_millis(100)),
+        )
+        .await;
+    assert_eq!(again.status, Status::TimedOut, "{again:?}");
+    assert_eq!(again.error.unwrap().fault(), Fault::Local);
+    wait_until("the detached booking", || call.running() == 0).await;
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "still booked once");
+}
+
+#[tokio::test]
+async fn a_panicking_filler_callback_still_ends_the_call_once() {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let server = answering(Duration::from_millis(100), r#"{"v":1}"#, requests.clone()).await;
+    let agent = agent(&action(
+        "slow",
+        &server.origin(),
+        "filler = { after_ms = 10, say = \"One moment.\" }",
+    ));
+    let rt = runtime();
+    let call = session(&rt, &agent).await;
+    let o = call
+        .tool("slow", json!({}).into(), long())
+        .on_filler(|_| panic!("the embedder's callback panicked"))
+        .await;
+    assert_eq!(o.status, Status::Cancelled);
+    wait_until("the end state", || call.running() == 0).await;
+    assert_eq!(call.records().len(), 1);
+    // The in-flight entry was cleared: the same call runs (and ends) normally.
+    let o = call.tool("slow", json!({}).into(), long()).await;
+    assert_eq!(o.status, Status::Ok, "{o:?}");
+}
+
+#[test]
+fn a_prefetched_action_cannot_be_held() {
+    let text = format!(
+        "{AGENT}{}",
+        action(
+            "p",
+            "https://crm.example.com",
+            "method = \"POST\"\nprefetch = \"call_start\"\nhold = \"end_of_turn\""
+        ),
+    );
+    let e = load_toml(&text).unwrap_err().to_string();
+    assert!(e.contains("it cannot be held"), "{e}");
+}
