@@ -54,7 +54,7 @@ impl ActionDeadline {
 }
 
 /// A cached entry as a fetch result: values, or the remembered 404.
-fn from_entry(e: &Entry, action: &str) -> FetchResult {
+pub(crate) fn from_entry(e: &Entry, action: &str) -> FetchResult {
     if e.negative {
         return Err(Failure::new(
             Kind::HttpStatus(404),

@@ -369,6 +369,68 @@ impl CallSession {
         ToolHandle::new(name, rx, Arc::new(watch::channel(None).0), true)
     }
 
+    /// A fresh cache hit, answered on the caller's own task when the cache answers without
+    /// waiting: no task of its own, no wake-up. Anything else (a duplicate to check, a held or
+    /// async action, a miss, a stale entry) takes the task path.
+    fn try_hit(
+        &self,
+        action: &ActionSpec,
+        tool: &ToolCall,
+        from_model: bool,
+    ) -> Option<ToolHandle> {
+        use futures_util::FutureExt;
+        if action.cache().is_none() || action.is_async() || action.hold() == Hold::EndOfTurn {
+            return None;
+        }
+        let started = Instant::now();
+        let runtime = &self.inner.runtime;
+        let key = (from_model && action.dedupe()).then(|| dedupe_key(action.name(), &tool.args));
+        let mut live = self.live();
+        if live.ended {
+            return None;
+        }
+        if let Some(k) = key {
+            if live.inflight.contains_key(&k)
+                || live.recent.find(k, runtime.dedupe_window()).is_some()
+            {
+                return None;
+            }
+        }
+        let p = runtime.plan(action, live.call.as_ref()?, tool).ok()?;
+        let (cache_key, _) = p.cache.as_ref()?;
+        let entry = match runtime.cache().lookup(cache_key).now_or_never()? {
+            crate::cache::Lookup::Fresh(e) => e,
+            _ => return None,
+        };
+        metrics::counter!("midcall_cache_hits_total").increment(1);
+        let result = super::obtain::from_entry(&entry, &p.action);
+        let span = action_span(action.name(), &live.call.as_ref()?.info);
+        let how = Applied {
+            tool_call_id: tool.id.clone(),
+            cache: CacheStatus::Hit,
+            filler_fired: false,
+            detached: false,
+            started,
+            span: &span,
+        };
+        let live = &mut *live;
+        let outcome = runtime.apply(action, live.call.as_mut()?, result, how);
+        if let Some(k) = key {
+            if matches!(outcome.status, Status::Ok | Status::CacheHit) {
+                live.recent.remember(k, &outcome, runtime.dedupe_window());
+            }
+        }
+        live.records.push(outcome.clone());
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(outcome);
+        Some(ToolHandle::new(
+            action.name(),
+            rx,
+            Arc::new(watch::channel(None).0),
+            true,
+        ))
+    }
+
     fn spawn(
         &self,
         action: Arc<ActionSpec>,
@@ -376,6 +438,9 @@ impl CallSession {
         budget: Budget,
         from_model: bool,
     ) -> ToolHandle {
+        if let Some(h) = self.try_hit(&action, &tool, from_model) {
+            return h;
+        }
         let (tx, rx) = oneshot::channel();
         let stop: Arc<Interrupt> = Arc::new(watch::channel(None).0);
         let (id, held) = {

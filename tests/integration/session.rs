@@ -725,3 +725,33 @@ fn a_prefetched_action_cannot_be_held() {
     let e = load_toml(&text).unwrap_err().to_string();
     assert!(e.contains("it cannot be held"), "{e}");
 }
+
+#[tokio::test]
+async fn a_fresh_cache_hit_is_answered_at_once_and_recorded() {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let server = answering(Duration::ZERO, r#"{"v":1}"#, requests.clone()).await;
+    let agent = agent(&action(
+        "lookup",
+        &server.origin(),
+        "cache = { ttl_s = 60 }\ndedupe = false\nextract = { \"r.v\" = \"$.v\" }",
+    ));
+    let rt = runtime();
+    let call = session(&rt, &agent).await;
+    let first = call.tool("lookup", json!({}).into(), long()).await;
+    assert_eq!(first.status, Status::Ok);
+    // No task and no wait: the handle is ready when tool() returns.
+    let hit = futures_util::FutureExt::now_or_never(call.tool(
+        "lookup",
+        ToolCall::new("tc_2", json!({})),
+        long(),
+    ))
+    .expect("answered without a wait");
+    assert_eq!(hit.status, Status::CacheHit);
+    assert_eq!(hit.tool_call_id.as_deref(), Some("tc_2"));
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    assert_eq!(call.records().len(), 2);
+    assert_eq!(
+        call.state().get(&StatePath::parse("r.v").unwrap()),
+        Some(&json!(1))
+    );
+}
