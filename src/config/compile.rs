@@ -308,6 +308,31 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
             })
             .collect();
     }
+    // The cap is the host's: every action to an origin shares the one an action sets there.
+    let mut caps: HashMap<String, (u32, String)> = HashMap::new();
+    for (i, a) in actions.iter().enumerate() {
+        let Some(n) = a.max_in_flight else { continue };
+        match caps.get(a.url.origin()) {
+            Some((m, first)) if *m != n => problems.push(Problem {
+                path: at!["actions", i, "max_in_flight"],
+                context: Some(format!("action \"{}\"", a.name)),
+                field: Some("max_in_flight".into()),
+                message: format!(
+                    "{n} differs from the {m} that action \"{first}\" sets for {}; the cap is the host's, give one value",
+                    a.url.origin()
+                ),
+            }),
+            Some(_) => {}
+            None => {
+                caps.insert(a.url.origin().to_string(), (n, a.name.clone()));
+            }
+        }
+    }
+    for a in &mut actions {
+        if let Some((n, _)) = caps.get(a.url.origin()) {
+            a.max_in_flight = Some(*n);
+        }
+    }
     let actions: Vec<Arc<ActionSpec>> = actions.into_iter().map(Arc::new).collect();
 
     let mut webhooks = Vec::new();
@@ -798,6 +823,17 @@ fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> O
             Hold::No
         }
     };
+    let max_in_flight = match def.max_in_flight {
+        None => None,
+        Some(n) if (1..=100_000).contains(&n) => Some(n as u32),
+        Some(n) => {
+            s.err(
+                at!["max_in_flight"],
+                format!("{n} is out of range (1 to 100000 requests at once)"),
+            );
+            None
+        }
+    };
     if s.problems.len() != before {
         return None;
     }
@@ -822,6 +858,7 @@ fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> O
         dedupe: def.dedupe.unwrap_or(true),
         on_interrupt,
         hold,
+        max_in_flight,
         invalidates: def.invalidates,
         max_response_bytes: max as u64,
     })

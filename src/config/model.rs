@@ -218,6 +218,7 @@ pub struct ActionSpec {
     pub(crate) dedupe: bool,
     pub(crate) on_interrupt: OnInterrupt,
     pub(crate) hold: Hold,
+    pub(crate) max_in_flight: Option<u32>,
     pub(crate) invalidates: Vec<String>,
     pub(crate) max_response_bytes: u64,
 }
@@ -299,6 +300,12 @@ impl ActionSpec {
     /// When its request may be sent.
     pub fn hold(&self) -> Hold {
         self.hold
+    }
+
+    /// The most requests in flight to this action's origin at once (`max_in_flight`), if
+    /// capped. Unlimited unless set.
+    pub fn max_in_flight(&self) -> Option<u32> {
+        self.max_in_flight
     }
     /// Actions whose cache entries this one drops after it succeeds.
     pub fn invalidates(&self) -> &[String] {

@@ -71,6 +71,8 @@ pub(crate) struct ActionDef {
     #[serde(default)]
     pub(crate) hold: Option<String>,
     #[serde(default)]
+    pub(crate) max_in_flight: Option<i64>,
+    #[serde(default)]
     pub(crate) invalidates: Vec<String>,
     #[serde(default)]
     pub(crate) max_response_bytes: Option<i64>,

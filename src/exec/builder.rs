@@ -207,6 +207,7 @@ impl RuntimeBuilder {
             cache: Arc::new(ResponseCache::new(self.cache_capacity_bytes)),
             dedupe_window: self.dedupe_window,
             event_bus,
+            gates: Default::default(),
         }))
     }
 }

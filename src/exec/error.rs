@@ -53,6 +53,7 @@ pub(crate) enum Kind {
     Transport,
     UnknownTool,
     Cancelled,
+    HostBusy,
 }
 
 impl Kind {
@@ -69,6 +70,7 @@ impl Kind {
             | Kind::InvalidArguments
             | Kind::Render
             | Kind::Overloaded
+            | Kind::HostBusy
             | Kind::UnknownTool => Status::Rejected,
             Kind::Cancelled => Status::Cancelled,
         }
@@ -342,6 +344,11 @@ impl Error {
     /// A state write was refused (size cap, path conflict).
     pub fn is_state(&self) -> bool {
         self.inner.kind == Kind::State
+    }
+
+    /// The host already had its `max_in_flight` requests and no slot opened within the budget.
+    pub fn is_host_busy(&self) -> bool {
+        self.inner.kind == Kind::HostBusy
     }
 
     /// The model called a tool the agent does not have.

@@ -17,6 +17,7 @@ mod budget;
 mod builder;
 mod dedupe;
 mod error;
+mod gate;
 mod handle;
 mod idempotency;
 mod obtain;

@@ -313,6 +313,28 @@ impl Runtime {
             )
             .with_reason("the service is failing; not trying again for a few seconds"));
         };
+        // The host's cap: wait for a slot within the budget, or be refused, never time out.
+        let slot = match p.max_in_flight {
+            None => None,
+            Some(cap) => match self.gates().enter(&p.host, cap, deadline).await {
+                Ok(s) => Some(s),
+                Err(busy) => {
+                    drop(permit);
+                    return Err(Failure::new(
+                        Kind::HostBusy,
+                        Fault::Local,
+                        Retry::Yes,
+                        format!(
+                            "action \"{action}\": host_busy: {} already has its {} requests in flight (max_in_flight) and no slot opened in time (waited {} ms)",
+                            p.host,
+                            busy.cap,
+                            busy.waited.as_millis()
+                        ),
+                    )
+                    .with_reason("the service is busy right now"));
+                }
+            },
+        };
         let idempotency = p.idempotency.as_ref().and_then(|i| {
             HeaderValue::from_str(&idempotency_key(
                 &i.call_id,
@@ -400,6 +422,9 @@ impl Runtime {
                 }
             }
         };
+        if let Some(s) = slot {
+            s.done();
+        }
         timings.connect = exchange.connect;
         timings.tls = exchange.tls;
         timings.ttfb = Some(exchange.ttfb);

@@ -28,6 +28,8 @@ pub(crate) struct Prepared {
     pub(crate) idempotent: bool,
     pub(crate) timeout: Duration,
     pub(crate) max_bytes: u64,
+    /// The host's cap on requests in flight, if any.
+    pub(crate) max_in_flight: Option<u32>,
     /// The URL without query string, secrets redacted: safe for logs.
     pub(crate) log_url: String,
     /// The cache key and scope, for cacheable actions.
@@ -149,6 +151,7 @@ impl Runtime {
             idempotent: action.is_idempotent(),
             timeout: action.timeout(),
             max_bytes: action.max_response_bytes(),
+            max_in_flight: action.max_in_flight(),
             log_url: rendered.redactor.redact(path_only),
             cache,
             idempotency,

@@ -62,6 +62,7 @@ pub(crate) struct Parts {
     pub(crate) cache: Arc<ResponseCache<FetchResult>>,
     pub(crate) dedupe_window: Duration,
     pub(crate) event_bus: Option<EventBus>,
+    pub(crate) gates: super::gate::HostGates,
 }
 
 struct Inner {
@@ -165,6 +166,9 @@ impl Runtime {
     }
     pub(crate) fn max_async_in_flight(&self) -> usize {
         self.inner.parts.max_async_in_flight
+    }
+    pub(crate) fn gates(&self) -> &super::gate::HostGates {
+        &self.inner.parts.gates
     }
     pub(crate) fn background_permit(&self) -> Option<OwnedSemaphorePermit> {
         self.inner.parts.background.clone().try_acquire_owned().ok()

@@ -755,3 +755,110 @@ async fn a_fresh_cache_hit_is_answered_at_once_and_recorded() {
         Some(&json!(1))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_caps_the_host_and_refuses_what_cannot_fit() {
+    // A server that serves 8 at a time (each in 200 ms) and counts how many it held at once.
+    let now = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (n2, m2) = (now.clone(), most.clone());
+    let server = RawServer::start(Arc::new(move |mut s, _, _, _| {
+        let (now, most) = (n2.clone(), m2.clone());
+        Box::pin(async move {
+            while read_request(&mut s).await.is_some() {
+                let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(at_once, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                if !write_all(&mut s, &json_response(r#"{"v":1}"#)).await {
+                    return;
+                }
+            }
+        })
+    }))
+    .await;
+    let agent = agent(&action(
+        "lookup",
+        &server.origin(),
+        "timeout_ms = 5000\nmax_in_flight = 8\ndedupe = false\non_failure = { say = \"The system is busy.\" }",
+    ));
+    let rt = runtime();
+    let call = session(&rt, &agent).await;
+    let calls = |n: usize| -> Vec<(String, ToolCall)> {
+        (0..n)
+            .map(|i| {
+                (
+                    "lookup".to_string(),
+                    ToolCall::new(format!("tc_{i}"), json!({"i": i})),
+                )
+            })
+            .collect()
+    };
+    // Enough budget for two rounds: everyone is served, never more than 8 at once.
+    let outs = call
+        .tools_parallel(calls(16), Budget::new(Duration::from_secs(3)), |_, _| {})
+        .await;
+    assert!(outs.iter().all(|o| o.status == Status::Ok), "{outs:?}");
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        8,
+        "the host never held more than 8"
+    );
+    // A budget for one round only: the second eight cannot fit and are refused, not timed out.
+    let outs = call
+        .tools_parallel(
+            calls(16),
+            Budget::new(Duration::from_millis(300)),
+            |_, _| {},
+        )
+        .await;
+    let ok = outs.iter().filter(|o| o.status == Status::Ok).count();
+    let busy: Vec<_> = outs
+        .iter()
+        .filter(|o| o.error.as_ref().is_some_and(|e| e.is_host_busy()))
+        .collect();
+    assert_eq!(ok, 8, "{outs:?}");
+    assert_eq!(busy.len(), 8, "{outs:?}");
+    for o in busy {
+        assert_eq!(o.status, Status::Rejected);
+        assert_eq!(o.error.as_ref().unwrap().fault(), Fault::Local);
+        assert!(o.error.as_ref().unwrap().to_string().contains("host_busy"));
+        assert_eq!(o.say.as_deref(), Some("The system is busy."));
+        // Refused well before the turn's end (a generous bound: only waiting it out exceeds it).
+        assert!(
+            o.timings.total < Duration::from_millis(290),
+            "{:?}",
+            o.timings.total
+        );
+    }
+    assert!(most.load(Ordering::SeqCst) <= 8);
+}
+
+#[test]
+fn max_in_flight_is_the_hosts_and_checked_at_load() {
+    let text = format!(
+        "{AGENT}{}{}",
+        action("a", "https://crm.example.com", "max_in_flight = 8"),
+        action("b", "https://crm.example.com", "max_in_flight = 4"),
+    );
+    let e = load_toml(&text).unwrap_err().to_string();
+    assert!(
+        e.contains("differs from the 8 that action \"a\" sets"),
+        "{e}"
+    );
+    let e = load_toml(&format!(
+        "{AGENT}{}",
+        action("a", "https://x.example.com", "max_in_flight = 0")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("out of range"), "{e}");
+    // One action's cap covers every action to the same origin.
+    let set = load_toml(&format!(
+        "{AGENT}{}{}",
+        action("a", "https://crm.example.com", "max_in_flight = 8"),
+        action("b", "https://crm.example.com", ""),
+    ))
+    .unwrap();
+    assert_eq!(set.action("b").unwrap().max_in_flight(), Some(8));
+}

@@ -1,0 +1,114 @@
+//! A cap on requests in flight per host (`max_in_flight`): further requests queue within
+//! their own budget, and one whose wait cannot leave time for the request itself is refused
+//! (`rejected`, `host_busy`) instead of being left to time out.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::transport::Deadline;
+
+/// The gates of every capped host.
+#[derive(Debug, Default)]
+pub(crate) struct HostGates {
+    hosts: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+#[derive(Debug)]
+struct Gate {
+    slots: Arc<Semaphore>,
+    cap: u32,
+    waiting: AtomicUsize,
+    /// A running mean of how long a request to the host takes, in µs (0: none seen yet).
+    typical_us: AtomicU64,
+}
+
+/// A slot at a capped host; report how long the request took with [`Slot::done`].
+#[derive(Debug)]
+pub(crate) struct Slot {
+    gate: Arc<Gate>,
+    _permit: OwnedSemaphorePermit,
+    since: Instant,
+}
+
+/// Why no slot was had.
+#[derive(Debug)]
+pub(crate) struct Busy {
+    pub(crate) cap: u32,
+    pub(crate) waited: Duration,
+}
+
+impl HostGates {
+    /// A slot at `host` (capped at `cap`), waiting no later than leaves the host's typical
+    /// request time before `deadline`.
+    pub(crate) async fn enter(
+        &self,
+        host: &str,
+        cap: u32,
+        deadline: Deadline,
+    ) -> Result<Slot, Busy> {
+        let gate = {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            hosts
+                .entry(host.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Gate {
+                        slots: Arc::new(Semaphore::new(cap as usize)),
+                        cap,
+                        waiting: AtomicUsize::new(0),
+                        typical_us: AtomicU64::new(0),
+                    })
+                })
+                .clone()
+        };
+        let started = Instant::now();
+        if let Ok(permit) = gate.slots.clone().try_acquire_owned() {
+            return Ok(Slot {
+                gate,
+                _permit: permit,
+                since: Instant::now(),
+            });
+        }
+        let typical = Duration::from_micros(gate.typical_us.load(Ordering::Relaxed));
+        let wait_until = deadline
+            .timer_instant()
+            .checked_sub(typical)
+            .unwrap_or(started);
+        let busy = |started: Instant| Busy {
+            cap: gate.cap,
+            waited: started.elapsed(),
+        };
+        if wait_until <= started {
+            return Err(busy(started));
+        }
+        let queued = gate.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!("midcall_host_queue_length", "host" => host.to_string()).set(queued as f64);
+        let got = tokio::time::timeout_at(wait_until, gate.slots.clone().acquire_owned()).await;
+        let left = gate.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("midcall_host_queue_length", "host" => host.to_string()).set(left as f64);
+        metrics::histogram!("midcall_host_wait_seconds").record(started.elapsed().as_secs_f64());
+        match got {
+            Ok(Ok(permit)) => Ok(Slot {
+                gate: gate.clone(),
+                _permit: permit,
+                since: Instant::now(),
+            }),
+            _ => Err(busy(started)),
+        }
+    }
+}
+
+impl Slot {
+    /// The request is over: its duration feeds the host's typical time (a mean over the last
+    /// few, weight 1/8).
+    pub(crate) fn done(self) {
+        let us = self.since.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        let old = self.gate.typical_us.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { old - old / 8 + us / 8 };
+        self.gate.typical_us.store(new, Ordering::Relaxed);
+    }
+}
