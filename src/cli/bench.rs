@@ -130,9 +130,24 @@ fn call_info(i: usize) -> CallInfo {
     }
 }
 
+/// How an upstream answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// At once.
+    Now,
+    /// Never.
+    Hang,
+    /// 50 ms late for a random 5 % of requests, at once otherwise: a tail to hedge against.
+    Tail,
+}
+
 /// A minimal HTTP/1.1 keep-alive upstream (TCP_NODELAY) answering every request with `body`;
-/// with `tls`, behind rustls. `hang` answers nothing.
-async fn upstream(body: Arc<Vec<u8>>, tls: Option<tokio_rustls::TlsAcceptor>, hang: bool) -> u16 {
+/// with `tls`, behind rustls.
+async fn upstream(
+    body: Arc<Vec<u8>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    answer: Answer,
+) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1");
@@ -155,10 +170,10 @@ async fn upstream(body: Arc<Vec<u8>>, tls: Option<tokio_rustls::TlsAcceptor>, ha
                 match tls {
                     Some(a) => {
                         if let Ok(t) = a.accept(s).await {
-                            serve(t, &resp, hang).await
+                            serve(t, &resp, answer).await
                         }
                     }
-                    None => serve(s, &resp, hang).await,
+                    None => serve(s, &resp, answer).await,
                 }
             });
         }
@@ -169,8 +184,9 @@ async fn upstream(body: Arc<Vec<u8>>, tls: Option<tokio_rustls::TlsAcceptor>, ha
 async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut s: S,
     resp: &[u8],
-    hang: bool,
+    answer: Answer,
 ) {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
@@ -183,8 +199,19 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         buf.extend_from_slice(&chunk[..n]);
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             buf.drain(..end + 4);
-            if hang {
-                continue;
+            match answer {
+                Answer::Hang => continue,
+                Answer::Tail => {
+                    // splitmix64 of a request counter: 5 % late, spread evenly.
+                    let mut z = (SEQ.fetch_add(1, Ordering::Relaxed) as u64)
+                        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    if (z ^ (z >> 31)) % 100 < 5 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                Answer::Now => {}
             }
             if s.write_all(resp).await.is_err() {
                 return;
@@ -207,7 +234,7 @@ fn bench_action(name: &str, url: &str, extra: &str) -> String {
 const EXTRACT_NAME: &str = "extract = { \"customer.name\" = \"$.data.customer.name\" }";
 const LOOKUP: &str = "/v1/customers?phone={{call.from_number}}";
 
-fn agent(http: &str, https: &str, hang: &str) -> Result<ActionSet, String> {
+fn agent(http: &str, https: &str, hang: &str, tail: &str) -> Result<ActionSet, String> {
     let text = [
         "[agent]\nid = \"bench\"\ntenant = \"bench\"\n".to_string(),
         bench_action("miss", &format!("{http}{LOOKUP}"), EXTRACT_NAME),
@@ -218,6 +245,11 @@ fn agent(http: &str, https: &str, hang: &str) -> Result<ActionSet, String> {
         ),
         bench_action("tls", &format!("{https}{LOOKUP}"), EXTRACT_NAME),
         bench_action("hang", &format!("{hang}/hang"), ""),
+        bench_action(
+            "hedged",
+            &format!("{tail}{LOOKUP}"),
+            &format!("hedge_after_ms = \"auto\"\n{EXTRACT_NAME}"),
+        ),
     ]
     .concat();
     ActionSet::from_str("bench.toml", &text, Syntax::Toml).map_err(|e| e.to_string())
@@ -315,26 +347,27 @@ pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
     })
 }
 
-/// The ports of the plain, TLS and hanging upstreams, and the TLS certificate (DER) to trust.
-type Upstreams = (u16, u16, u16, Vec<u8>);
+/// The ports of the plain, TLS, hanging and tail upstreams, and the TLS certificate (DER).
+type Upstreams = (u16, u16, u16, u16, Vec<u8>);
 
 /// The three bench upstreams (plain, TLS, hanging) in this process.
 async fn start_upstreams(body_bytes: usize) -> Result<Upstreams, String> {
     let body = Arc::new(crm_response(body_bytes));
     let (acceptor, ca) = tls_pair()?;
-    let http_port = upstream(body.clone(), None, false).await;
-    let https_port = upstream(body.clone(), Some(acceptor), false).await;
-    let hang_port = upstream(body, None, true).await;
-    Ok((http_port, https_port, hang_port, ca))
+    let http_port = upstream(body.clone(), None, Answer::Now).await;
+    let https_port = upstream(body.clone(), Some(acceptor), Answer::Now).await;
+    let hang_port = upstream(body.clone(), None, Answer::Hang).await;
+    let tail_port = upstream(body, None, Answer::Tail).await;
+    Ok((http_port, https_port, hang_port, tail_port, ca))
 }
 
 /// `--serve-upstreams`: one line `ports HTTP HTTPS HANG CERT_BASE64`, then serve until stdin
 /// closes (the bench that started this process is gone).
 async fn serve_upstreams(body_bytes: usize) -> Result<ExitCode, String> {
     use base64::Engine;
-    let (h, s, g, ca) = start_upstreams(body_bytes).await?;
+    let (h, s, g, t, ca) = start_upstreams(body_bytes).await?;
     println!(
-        "ports {h} {s} {g} {}",
+        "ports {h} {s} {g} {t} {}",
         base64::engine::general_purpose::STANDARD.encode(&ca)
     );
     let _ = tokio::task::spawn_blocking(|| {
@@ -376,15 +409,16 @@ fn spawn_upstreams(body_bytes: usize) -> Result<(std::process::Child, Upstreams)
             .ok_or_else(|| format!("the upstream process said {line:?}"))
     };
     let ca = base64::engine::general_purpose::STANDARD
-        .decode(parts.get(4).copied().unwrap_or_default())
+        .decode(parts.get(5).copied().unwrap_or_default())
         .map_err(|_| "the upstream process sent no certificate")?;
-    Ok((child, (port(1)?, port(2)?, port(3)?, ca)))
+    Ok((child, (port(1)?, port(2)?, port(3)?, port(4)?, ca)))
 }
 
 async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
     // Memory first, while the heap holds nothing freed that new calls could reuse unseen.
     let memory = memory_per_call(if a.quick { 2000 } else { 10_000 });
-    let (_upstream_child, (http_port, https_port, hang_port, ca)) = if a.upstream_process {
+    let (_upstream_child, (http_port, https_port, hang_port, tail_port, ca)) = if a.upstream_process
+    {
         let (c, u) = spawn_upstreams(a.body_bytes)?;
         (Some(c), u)
     } else {
@@ -392,11 +426,18 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
     };
     let http = format!("http://127.0.0.1:{http_port}");
     let https = format!("https://localhost:{https_port}");
+    let tail = format!("http://127.0.0.1:{tail_port}");
     let set = Arc::new(agent(
         &http,
         &https,
         &format!("http://127.0.0.1:{hang_port}"),
+        &tail,
     )?);
+    let tail_uri: http::Uri = format!("{tail}/v1/customers?phone=%2B15551234567")
+        .parse()
+        .map_err(|_| "uri")?;
+    let hedged = set.action("hedged").cloned().ok_or("no hedged action")?;
+    let extra_requests = Arc::new(AtomicUsize::new(0));
     let concurrencies: &[usize] = &[1, 64, 512];
     let (rounds, per_batch) = if a.quick { (2, 200) } else { (5, 2000) };
 
@@ -442,6 +483,8 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
         "exec_hit",
         "session_miss",
         "session_hit",
+        "raw_tail",
+        "exec_hedged",
         "exec_miss_tls",
         "first_action_cold",
         "first_action_warm",
@@ -474,9 +517,14 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
         for s in series.iter_mut() {
             let conc = s.concurrency;
             let (lat, busy) = match s.name.as_str() {
-                "raw_serde" | "raw_simd" => {
-                    let (raw, uri) = (raw.clone(), raw_uri.clone());
-                    let simd = s.name == "raw_simd";
+                "raw_serde" | "raw_simd" | "raw_tail" => {
+                    let uri = if s.name == "raw_tail" {
+                        &tail_uri
+                    } else {
+                        &raw_uri
+                    };
+                    let (raw, uri) = (raw.clone(), uri.clone());
+                    let simd = s.name != "raw_serde";
                     batch(conc, per_batch.max(conc), move |_| {
                         let (raw, uri) = (raw.clone(), uri.clone());
                         async move {
@@ -504,6 +552,31 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
                                 };
                                 doc.pointer("/data/customer/name").is_some()
                             }
+                        }
+                    })
+                    .await
+                }
+                "exec_hedged" => {
+                    let (runtime, action, extra) =
+                        (runtime.clone(), hedged.clone(), extra_requests.clone());
+                    batch(conc, per_batch.max(conc), move |i| {
+                        let (runtime, action, extra) =
+                            (runtime.clone(), action.clone(), extra.clone());
+                        async move {
+                            let mut call = Call::new(call_info(i));
+                            let o = runtime
+                                .execute(
+                                    &action,
+                                    &mut call,
+                                    ToolCall::new(format!("h{i}"), json!({})),
+                                    &Budget::new(Duration::from_secs(60)),
+                                )
+                                .await;
+                            extra.fetch_add(
+                                o.attempts.saturating_sub(1) as usize,
+                                Ordering::Relaxed,
+                            );
+                            o.status.as_str() == "ok"
                         }
                     })
                     .await
@@ -587,11 +660,18 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
     for s in series.iter_mut() {
         s.lat_ns.sort_unstable();
     }
+    let hedged_requests: usize = series
+        .iter()
+        .filter(|s| s.name == "exec_hedged")
+        .map(|s| s.lat_ns.len())
+        .sum();
+    let hedge_extra = extra_requests.load(Ordering::Relaxed) as f64 / hedged_requests.max(1) as f64;
     report(
         &series,
         &overshoot,
         memory,
         &events,
+        hedge_extra,
         a.json.as_deref(),
         a.body_bytes,
     )?;
@@ -880,6 +960,7 @@ fn report(
     over: &Overshoot,
     memory: f64,
     events: &EventNumbers,
+    hedge_extra: f64,
     json_file: Option<&str>,
     body_bytes: usize,
 ) -> Result<(), String> {
@@ -947,6 +1028,22 @@ fn report(
         over.actions, over.p50_us, over.p99_us, over.max_us, over.timed_out
     );
     println!("memory: {memory:.0} bytes per live call (20 state variables, 20-turn transcript; RSS delta)");
+    let mut hedge_rows = Vec::new();
+    for conc in [1usize, 64] {
+        if let (Some(h), Some(t)) = (base("exec_hedged", conc), base("raw_tail", conc)) {
+            let ratio = h.pct(0.99) / t.pct(0.99).max(1e-9);
+            println!(
+                "hedging (5 % of answers 50 ms late), concurrency {conc}: exec_hedged p99 {:.0} µs vs raw_tail p99 {:.0} µs: {ratio:.2}x",
+                h.pct(0.99),
+                t.pct(0.99)
+            );
+            hedge_rows.push(json!({"concurrency": conc, "hedged_p99_us": h.pct(0.99), "raw_tail_p99_us": t.pct(0.99), "ratio_p99": ratio}));
+        }
+    }
+    println!(
+        "hedging: {:.1} % extra upstream requests",
+        hedge_extra * 100.0
+    );
     println!(
         "events: publish p50 {:.1} µs, p99 {:.1} µs; durable throughput {:.0} events/s ({} events)",
         events.publish_p50_us, events.publish_p99_us, events.durable_events_per_s, events.events
@@ -957,6 +1054,7 @@ fn report(
             "first_action_warm_vs_steady_p50": warm_ratio,
             "deadline": {"actions": over.actions, "budget_ms": 100, "overshoot_p50_us": over.p50_us, "overshoot_p99_us": over.p99_us, "overshoot_max_us": over.max_us, "timed_out": over.timed_out},
             "memory": {"bytes_per_call": memory},
+            "hedge": {"extra_requests_share": hedge_extra, "rows": hedge_rows},
             "events": {"publish_p50_us": events.publish_p50_us, "publish_p99_us": events.publish_p99_us, "durable_events_per_s": events.durable_events_per_s, "events": events.events},
             "body_bytes": body_bytes,
             "machine": machine(),

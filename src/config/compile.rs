@@ -834,6 +834,34 @@ fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> O
             None
         }
     };
+    let hedge = match &def.hedge_after_ms {
+        None => None,
+        Some(_) if !safe => {
+            s.err(
+                at!["hedge_after_ms"],
+                "only reads are hedged: a second request of a non-idempotent action could do it twice",
+            );
+            None
+        }
+        Some(Value::String(a)) if a == "auto" => Some(Hedge::Auto),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(v) if v >= 1 && v < timeout_ms => Some(Hedge::After(ms(v))),
+            _ => {
+                s.err(
+                    at!["hedge_after_ms"],
+                    format!("{n} must be a whole number of milliseconds from 1 to below timeout_ms ({timeout_ms})"),
+                );
+                None
+            }
+        },
+        Some(other) => {
+            s.err(
+                at!["hedge_after_ms"],
+                format!("expected a whole number of milliseconds or \"auto\", got {other}"),
+            );
+            None
+        }
+    };
     if s.problems.len() != before {
         return None;
     }
@@ -859,6 +887,7 @@ fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> O
         on_interrupt,
         hold,
         max_in_flight,
+        hedge,
         invalidates: def.invalidates,
         max_response_bytes: max as u64,
     })

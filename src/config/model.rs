@@ -171,6 +171,18 @@ pub enum OnInterrupt {
     Finish,
 }
 
+/// When a read sends a second, identical request if the first has not answered
+/// (`hedge_after_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Hedge {
+    /// After this long.
+    After(Duration),
+    /// After the host's running p95 (bounded: 5 ms to half the action's timeout; no hedge
+    /// before 20 requests to the host have been seen).
+    Auto,
+}
+
 /// When an action's request may be sent (`hold`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -219,6 +231,7 @@ pub struct ActionSpec {
     pub(crate) on_interrupt: OnInterrupt,
     pub(crate) hold: Hold,
     pub(crate) max_in_flight: Option<u32>,
+    pub(crate) hedge: Option<Hedge>,
     pub(crate) invalidates: Vec<String>,
     pub(crate) max_response_bytes: u64,
 }
@@ -300,6 +313,11 @@ impl ActionSpec {
     /// When its request may be sent.
     pub fn hold(&self) -> Hold {
         self.hold
+    }
+
+    /// When a second identical request is sent if the first has not answered, if ever.
+    pub fn hedge(&self) -> Option<Hedge> {
+        self.hedge
     }
 
     /// The most requests in flight to this action's origin at once (`max_in_flight`), if

@@ -73,6 +73,8 @@ pub(crate) struct ActionDef {
     #[serde(default)]
     pub(crate) max_in_flight: Option<i64>,
     #[serde(default)]
+    pub(crate) hedge_after_ms: Option<Value>,
+    #[serde(default)]
     pub(crate) invalidates: Vec<String>,
     #[serde(default)]
     pub(crate) max_response_bytes: Option<i64>,

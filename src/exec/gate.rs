@@ -12,11 +12,17 @@ use tokio::time::Instant;
 
 use crate::transport::Deadline;
 
-/// The gates of every capped host.
+/// The gates of every capped host, and the recent latencies of hosts whose reads hedge.
 #[derive(Debug, Default)]
 pub(crate) struct HostGates {
     hosts: Mutex<HashMap<String, Arc<Gate>>>,
+    latencies: Mutex<HashMap<String, std::collections::VecDeque<u32>>>,
 }
+
+/// Latencies kept per host for the running p95 of `hedge_after_ms = "auto"`.
+const LATENCY_SAMPLES: usize = 128;
+/// Samples before an automatic hedge is used at all.
+const LATENCY_MIN_SAMPLES: usize = 20;
 
 #[derive(Debug)]
 struct Gate {
@@ -43,6 +49,30 @@ pub(crate) struct Busy {
 }
 
 impl HostGates {
+    /// A request to `host` took `d` (hosts whose reads hedge automatically).
+    pub(crate) fn observe(&self, host: &str, d: Duration) {
+        let mut all = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = all.entry(host.to_string()).or_default();
+        if ring.len() == LATENCY_SAMPLES {
+            ring.pop_front();
+        }
+        ring.push_back(d.as_micros().min(u32::MAX as u128) as u32);
+    }
+
+    /// The running p95 of `host`'s latency, once enough requests were seen.
+    pub(crate) fn p95(&self, host: &str) -> Option<Duration> {
+        let all = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = all.get(host)?;
+        if ring.len() < LATENCY_MIN_SAMPLES {
+            return None;
+        }
+        let mut v: Vec<u32> = ring.iter().copied().collect();
+        v.sort_unstable();
+        Some(Duration::from_micros(u64::from(
+            v[(v.len() - 1) * 95 / 100],
+        )))
+    }
+
     /// A slot at `host` (capped at `cap`), waiting no later than leaves the host's typical
     /// request time before `deadline`.
     pub(crate) async fn enter(

@@ -349,10 +349,21 @@ impl Runtime {
             attempts += 1;
             let attempt_start = Instant::now();
             p.sent.store(true, Ordering::Release);
-            let sent = self
-                .transport()
-                .exchange(self.request(p, idempotency.as_ref()), deadline, p.max_bytes)
-                .await;
+            let sent = match self.hedge_delay(p) {
+                Some(delay) if attempts == 1 => {
+                    let (r, hedged) = self.hedged(p, idempotency.as_ref(), deadline, delay).await;
+                    attempts += u32::from(hedged);
+                    r
+                }
+                _ => {
+                    self.transport()
+                        .exchange(self.request(p, idempotency.as_ref()), deadline, p.max_bytes)
+                        .await
+                }
+            };
+            if let (Some(crate::config::Hedge::Auto), Ok(_)) = (p.hedge, &sent) {
+                self.gates().observe(&p.host, attempt_start.elapsed());
+            }
             match sent {
                 Ok(ex) if ex.status == http::StatusCode::TOO_MANY_REQUESTS && attempts == 1 => {
                     let delay = ex
@@ -510,6 +521,72 @@ impl Runtime {
             attempts,
             timings,
         })
+    }
+
+    /// How long a read waits before its hedge, if it is hedged now.
+    fn hedge_delay(&self, p: &Prepared) -> Option<std::time::Duration> {
+        match p.hedge? {
+            crate::config::Hedge::After(d) => Some(d),
+            crate::config::Hedge::Auto => self.gates().p95(&p.host).map(|d| {
+                d.clamp(
+                    std::time::Duration::from_millis(5),
+                    (p.timeout / 2).max(std::time::Duration::from_millis(5)),
+                )
+            }),
+        }
+    }
+
+    /// Sends the request and, if it has not answered after `delay` and the budget leaves room
+    /// for another, an identical second one (another connection: the first is busy); the
+    /// first complete answer wins and the other is dropped with its connection. An error waits
+    /// for the other request. Returns whether the hedge was sent.
+    async fn hedged(
+        &self,
+        p: &Prepared,
+        idempotency: Option<&HeaderValue>,
+        deadline: Deadline,
+        delay: std::time::Duration,
+    ) -> (Result<Exchange, TransportError>, bool) {
+        let first = self
+            .transport()
+            .exchange(self.request(p, idempotency), deadline, p.max_bytes);
+        tokio::pin!(first);
+        tokio::select! {
+            biased;
+            r = &mut first => return (r, false),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        // No hedge that could not finish: it needs about as long as the first has waited.
+        if deadline.remaining() < delay {
+            return (first.await, false);
+        }
+        metrics::counter!("midcall_hedges_total").increment(1);
+        let second = self
+            .transport()
+            .exchange(self.request(p, idempotency), deadline, p.max_bytes);
+        tokio::pin!(second);
+        let (mut first_err, mut second_err) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut first, if first_err.is_none() => match r {
+                    Ok(ex) => return (Ok(ex), true),
+                    Err(e) => match second_err.take() {
+                        Some(_) => return (Err(e), true),
+                        None => first_err = Some(e),
+                    },
+                },
+                r = &mut second, if second_err.is_none() => match r {
+                    Ok(ex) => {
+                        metrics::counter!("midcall_hedge_wins_total").increment(1);
+                        return (Ok(ex), true);
+                    }
+                    Err(e) => match first_err.take() {
+                        Some(first) => return (Err(first), true),
+                        None => second_err = Some(e),
+                    },
+                },
+            }
+        }
     }
 
     /// Starts a background action; the caller gets `accepted` or, when full, `rejected`.

@@ -30,6 +30,8 @@ pub(crate) struct Prepared {
     pub(crate) max_bytes: u64,
     /// The host's cap on requests in flight, if any.
     pub(crate) max_in_flight: Option<u32>,
+    /// When a second identical request goes out (reads only).
+    pub(crate) hedge: Option<crate::config::Hedge>,
     /// The URL without query string, secrets redacted: safe for logs.
     pub(crate) log_url: String,
     /// The cache key and scope, for cacheable actions.
@@ -152,6 +154,7 @@ impl Runtime {
             timeout: action.timeout(),
             max_bytes: action.max_response_bytes(),
             max_in_flight: action.max_in_flight(),
+            hedge: action.hedge(),
             log_url: rendered.redactor.redact(path_only),
             cache,
             idempotency,

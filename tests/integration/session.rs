@@ -862,3 +862,78 @@ fn max_in_flight_is_the_hosts_and_checked_at_load() {
     .unwrap();
     assert_eq!(set.action("b").unwrap().max_in_flight(), Some(8));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_read_is_hedged_and_the_first_answer_wins() {
+    // Every odd request is slow (800 ms), every even one fast.
+    let requests = Arc::new(AtomicUsize::new(0));
+    let r2 = requests.clone();
+    let server = RawServer::start(Arc::new(move |mut s, _, _, _| {
+        let requests = r2.clone();
+        Box::pin(async move {
+            while read_request(&mut s).await.is_some() {
+                let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
+                if n % 2 == 1 {
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                }
+                if !write_all(&mut s, &json_response(r#"{"v":1}"#)).await {
+                    return;
+                }
+            }
+        })
+    }))
+    .await;
+    let agent = agent(&format!(
+        "{}{}",
+        action(
+            "hedged",
+            &server.origin(),
+            "timeout_ms = 3000\nhedge_after_ms = 50\ndedupe = false\nextract = { \"r.v\" = \"$.v\" }"
+        ),
+        action("plain", &server.origin(), "timeout_ms = 3000\ndedupe = false"),
+    ));
+    let rt = runtime();
+    let call = session(&rt, &agent).await;
+    let o = call.tool("hedged", json!({}).into(), long()).await;
+    assert_eq!(o.status, Status::Ok, "{o:?}");
+    assert_eq!(o.attempts, 2, "the hedge went out");
+    assert_eq!(requests.load(Ordering::SeqCst), 2);
+    // The hedge's answer came long before the slow one would have (a generous bound).
+    assert!(
+        o.timings.total < Duration::from_millis(600),
+        "{:?}",
+        o.timings.total
+    );
+    // Without a hedge the slow request is waited out.
+    let before = requests.load(Ordering::SeqCst);
+    let o = call.tool("plain", json!({}).into(), long()).await;
+    assert_eq!(o.attempts, 1);
+    assert_eq!(requests.load(Ordering::SeqCst), before + 1);
+}
+
+#[test]
+fn only_reads_are_hedged() {
+    let e = load_toml(&format!(
+        "{AGENT}{}",
+        action(
+            "b",
+            "https://s.example.com",
+            "method = \"POST\"\nhedge_after_ms = 50"
+        )
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("only reads are hedged"), "{e}");
+    let e = load_toml(&format!(
+        "{AGENT}{}",
+        action("g", "https://s.example.com", "hedge_after_ms = \"soon\"")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("\"auto\""), "{e}");
+    load_toml(&format!(
+        "{AGENT}{}",
+        action("g", "https://s.example.com", "hedge_after_ms = \"auto\"")
+    ))
+    .unwrap();
+}
