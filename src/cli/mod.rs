@@ -141,6 +141,11 @@ impl Table {
     }
 
     pub(crate) fn row(&mut self, cells: Vec<String>) {
+        // One line per row: a newline in a cell (an error text) would break the table.
+        let cells = cells
+            .into_iter()
+            .map(|c| c.replace(|ch: char| ch.is_control(), " "))
+            .collect();
         self.rows.push(cells);
     }
 
@@ -155,7 +160,7 @@ impl Table {
         let line = |cells: Vec<&str>| {
             let last = cells.len().saturating_sub(1);
             let mut out = String::new();
-            for (i, c) in cells.iter().enumerate() {
+            for (i, c) in cells.iter().enumerate().take(self.head.len()) {
                 if i > 0 {
                     out.push_str("  ");
                 }

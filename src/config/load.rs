@@ -66,12 +66,14 @@ fn load_any(name: &str, text: &str, syntax: Syntax) -> Result<ActionSet, LoadErr
     if syntax == Syntax::Json {
         // A JSON value keeps the last of duplicate keys; only the typed reader sees them.
         if let Err(e) = serde_json::from_str::<AgentFile>(text) {
-            if e.to_string().starts_with("duplicate key") {
+            let m = e.to_string();
+            if m.starts_with("duplicate key") || m.starts_with("duplicate field") {
                 let msg = e.to_string();
                 let msg = msg
                     .rfind(" at line ")
                     .map_or(msg.clone(), |i| msg[..i].to_string());
-                return Err(LoadError::one(name, Some((e.line(), e.column())), msg));
+                let at = super::structure::json_position(text, e.line(), e.column());
+                return Err(LoadError::one(name, Some(at), msg));
             }
         }
     }

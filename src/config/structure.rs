@@ -69,12 +69,12 @@ impl Locator {
 /// Reads `text` into a value, or the one syntax error that stops reading.
 pub(crate) fn read(name: &str, text: &str, syntax: Syntax) -> Result<(Value, Locator), LoadError> {
     match syntax {
-        Syntax::Toml => match toml::from_str::<Value>(text) {
+        Syntax::Toml => match toml::from_str::<toml::Value>(text) {
             Ok(v) => {
                 let doc = toml_edit::ImDocument::parse(text.to_string())
                     .ok()
                     .map(Box::new);
-                Ok((v, Locator::Toml(text.to_string(), doc)))
+                Ok((toml_to_json(v), Locator::Toml(text.to_string(), doc)))
             }
             Err(e) => Err(LoadError::one(
                 name,
@@ -90,7 +90,11 @@ pub(crate) fn read(name: &str, text: &str, syntax: Syntax) -> Result<(Value, Loc
                     Some(i) => msg[..i].to_string(),
                     None => msg,
                 };
-                Err(LoadError::one(name, Some((e.line(), e.column())), msg))
+                Err(LoadError::one(
+                    name,
+                    Some(json_position(text, e.line(), e.column())),
+                    msg,
+                ))
             }
         },
     }
@@ -111,6 +115,9 @@ pub(crate) fn deserialize_all<T: DeserializeOwned>(
     // used (a stand-in is no value of the user's).
     let mut stand_in: Option<(Vec<Seg>, usize)> = None;
     let mut stood_in = false;
+    // The last key removed for a wrong type: if it was required, its "missing field" is no
+    // news (it was just reported), so it is stood in for silently.
+    let mut removed: Option<Vec<Seg>> = None;
     for _ in 0..MAX_REPAIRS {
         let result: Result<T, _> = serde_path_to_error::deserialize(value.clone());
         let e = match result {
@@ -119,14 +126,33 @@ pub(crate) fn deserialize_all<T: DeserializeOwned>(
         };
         let mut path = to_segs(e.path());
         let inner = e.into_inner().to_string();
-        // Our own stand-in has the wrong type: try the next kind of value, silently.
+        // Our own stand-in has the wrong type: try the next kind of value, silently; a table
+        // stand-in that misses a field of its own gets one for it.
         if let Some((at, tried)) = &stand_in {
             if *at == path {
+                if let Some(inner_missing) = missing_field(&inner) {
+                    let mut deeper = path.clone();
+                    deeper.push(Seg::Key(inner_missing));
+                    if set(&mut value, &deeper, STAND_INS[0]()) {
+                        stand_in = Some((deeper, 0));
+                        continue;
+                    }
+                }
                 let Some(next) = STAND_INS.get(tried + 1) else {
                     break;
                 };
                 set(&mut value, &path, next());
                 stand_in = Some((path, tried + 1));
+                continue;
+            }
+        }
+        if let (Some(gone), Some(missing)) = (&removed, missing_field(&inner)) {
+            let mut at = path.clone();
+            at.push(Seg::Key(missing));
+            if *gone == at && set(&mut value, &at, STAND_INS[0]()) {
+                stand_in = Some((at, 0));
+                stood_in = true;
+                removed = None;
                 continue;
             }
         }
@@ -166,11 +192,31 @@ pub(crate) fn deserialize_all<T: DeserializeOwned>(
             }
             stand_in = Some((at, 0));
             stood_in = true;
-        } else if !remove(&mut value, &path) {
+        } else if remove(&mut value, &path) {
+            removed = Some(path);
+        } else {
             break;
         }
     }
     (None, errors)
+}
+
+/// A TOML value as JSON; a non-finite float becomes its text, so a field that wants a number
+/// reports it instead of reading it as absent.
+fn toml_to_json(v: toml::Value) -> Value {
+    match v {
+        toml::Value::String(s) => Value::String(s),
+        toml::Value::Integer(i) => Value::from(i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or_else(|| Value::String(f.to_string())),
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(a) => Value::Array(a.into_iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => {
+            Value::Object(t.into_iter().map(|(k, v)| (k, toml_to_json(v))).collect())
+        }
+    }
 }
 
 /// Values tried in turn in place of a missing field.
@@ -218,11 +264,13 @@ fn set(value: &mut Value, path: &[Seg], new: Value) -> bool {
 /// The friendlier message for a serde error, and the unknown field's name if that is what it is.
 fn explain(message: &str) -> (String, Option<String>) {
     if let Some(rest) = message.strip_prefix("unknown field `") {
-        let field = rest.split('`').next().unwrap_or_default().to_string();
-        let expected: Vec<&str> = rest
-            .split_once("expected ")
-            .map(|(_, e)| e)
-            .unwrap_or_default()
+        // The name may itself hold a backtick or the word "expected": split at the last one.
+        let (field, list) = match rest.rfind("`, expected ") {
+            Some(i) => (&rest[..i], &rest[i + "`, expected ".len()..]),
+            None => (rest.strip_suffix('`').unwrap_or(rest), ""),
+        };
+        let field = field.to_string();
+        let expected: Vec<&str> = list
             .split('`')
             .enumerate()
             .filter(|(i, _)| i % 2 == 1)
@@ -238,14 +286,17 @@ fn explain(message: &str) -> (String, Option<String>) {
         };
         return (text, Some(field));
     }
-    if let Some(rest) = message.strip_prefix("invalid type: ") {
-        if let Some((got, want)) = rest.split_once(", expected ") {
-            return (format!("expected {}, got {got}", kind_name(want)), None);
-        }
-    }
-    if let Some(rest) = message.strip_prefix("invalid value: ") {
-        if let Some((got, want)) = rest.split_once(", expected ") {
-            return (format!("expected {}, got {got}", kind_name(want)), None);
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            if let Some((got, want)) = rest.rsplit_once(", expected ") {
+                // The value is the user's own text: shown short (it may be a pasted secret).
+                let mut short: String = got.chars().take(40).collect();
+                if got.chars().count() > 40 {
+                    short.push('…');
+                }
+                let got = short;
+                return (format!("expected {}, got {got}", kind_name(want)), None);
+            }
         }
     }
     (message.to_string(), None)
@@ -358,6 +409,20 @@ fn remove(value: &mut Value, path: &[Seg]) -> bool {
     }
 }
 
+/// serde_json's line and (byte) column as line and character column, like every other place.
+pub(crate) fn json_position(text: &str, line: usize, byte_col: usize) -> (usize, usize) {
+    let start: usize = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
+    let mut offset = (start + byte_col.saturating_sub(1)).min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    line_col(text, offset)
+}
+
 /// The byte offset of the JSON value at `path` in `text` (or of its nearest ancestor found);
 /// with `key`, of the key that ends the path.
 fn json_offset(text: &[u8], path: &[Seg], key: bool) -> Option<usize> {
@@ -388,7 +453,10 @@ fn json_offset(text: &[u8], path: &[Seg], key: bool) -> Option<usize> {
                         pos = skip_ws(text, pos + 1);
                     }
                 }
-                pos = hit?;
+                match hit {
+                    Some(h) => pos = h,
+                    None => return Some(found),
+                }
             }
             (Seg::Index(want), b'[') => {
                 pos = skip_ws(text, pos + 1);

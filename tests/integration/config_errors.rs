@@ -458,3 +458,45 @@ fn a_far_off_unknown_field_lists_the_fields_instead() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn second_reading_fixes_hold() {
+    // A field given twice in JSON is an error, not "the last one wins".
+    let json = r#"{"agent":{"id":"a","tenant":"t"},"actions":[{"name":"x","description":"d","url":"https://a.example/","url":"https://b.example/"}]}"#;
+    let e = ActionSet::from_str("agent.json", json, Syntax::Json)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("duplicate field"), "{e}");
+    // TOML's inf and nan are not numbers midcall takes, and are not read as "not set".
+    let errs = errors(&format!("{GOOD}timeout_ms = inf\n"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("timeout_ms: expected a whole number, got string \"inf\"")),
+        "{errs:?}"
+    );
+    // A wrongly typed required field is one error, not two.
+    let errs = errors("[[actions]]\nname = \"x\"\ndescription = \"d\"\nurl = 5\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("url: expected a string, got integer `5`"),
+        "{errs:?}"
+    );
+    // A missing table does not hide what comes after it.
+    let errs = errors(
+        "[[automations]]\nid = \"a\"\ntriger = { on = \"webhook\" }\nsteps = []\n[[automations]]\nid = \"b\"\ntrigger = { on = \"webhook\" }\nstepz = []\n",
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("unknown field `triger`; did you mean `trigger`?")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("unknown field `stepz`; did you mean `steps`?")),
+        "{errs:?}"
+    );
+    // JSON columns count characters, not bytes.
+    let e = ActionSet::from_str("a.json", "{\"agent\": {\"id\": \"café\" x}}", Syntax::Json)
+        .unwrap_err();
+    assert_eq!(e.errors[0].location, Some((1, 25)), "{e}");
+}
