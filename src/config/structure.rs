@@ -233,31 +233,37 @@ fn missing_field(message: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_string())
 }
 
-/// Sets the map entry at `path`; false when the path does not lead to a map.
-fn set(value: &mut Value, path: &[Seg], new: Value) -> bool {
-    let Some((Seg::Key(last), parent)) = path.split_last() else {
-        return false;
+/// The map holding the entry at `path`, and the entry's key; `None` when the path does not
+/// end in a map key.
+fn parent_map<'a>(
+    value: &'a mut Value,
+    path: &'a [Seg],
+) -> Option<(&'a mut serde_json::Map<String, Value>, &'a String)> {
+    let (Seg::Key(last), parent) = path.split_last()? else {
+        return None;
     };
     let mut v = value;
     for seg in parent {
         v = match (seg, v) {
-            (Seg::Key(k), Value::Object(m)) => match m.get_mut(k) {
-                Some(n) => n,
-                None => return false,
-            },
-            (Seg::Index(i), Value::Array(a)) => match a.get_mut(*i) {
-                Some(n) => n,
-                None => return false,
-            },
-            _ => return false,
+            (Seg::Key(k), Value::Object(m)) => m.get_mut(k)?,
+            (Seg::Index(i), Value::Array(a)) => a.get_mut(*i)?,
+            _ => return None,
         };
     }
     match v {
-        Value::Object(m) => {
-            m.insert(last.clone(), new);
+        Value::Object(m) => Some((m, last)),
+        _ => None,
+    }
+}
+
+/// Sets the map entry at `path`; false when the path does not lead to a map.
+fn set(value: &mut Value, path: &[Seg], new: Value) -> bool {
+    match parent_map(value, path) {
+        Some((m, key)) => {
+            m.insert(key.clone(), new);
             true
         }
-        _ => false,
+        None => false,
     }
 }
 
@@ -386,27 +392,7 @@ pub(crate) fn path_text(path: &[Seg]) -> String {
 
 /// Removes the map entry at `path`; false when the path does not end in a map key.
 fn remove(value: &mut Value, path: &[Seg]) -> bool {
-    let Some((Seg::Key(last), parent)) = path.split_last() else {
-        return false;
-    };
-    let mut v = value;
-    for seg in parent {
-        v = match (seg, v) {
-            (Seg::Key(k), Value::Object(m)) => match m.get_mut(k) {
-                Some(n) => n,
-                None => return false,
-            },
-            (Seg::Index(i), Value::Array(a)) => match a.get_mut(*i) {
-                Some(n) => n,
-                None => return false,
-            },
-            _ => return false,
-        };
-    }
-    match v {
-        Value::Object(m) => m.shift_remove(last).is_some(),
-        _ => false,
-    }
+    parent_map(value, path).is_some_and(|(m, key)| m.shift_remove(key).is_some())
 }
 
 /// serde_json's line and (byte) column as line and character column, like every other place.
