@@ -20,9 +20,10 @@
 //! - [`exec`]: the executor. `builder.rs` configures a [`Runtime`] once (network, secrets,
 //!   event bus); `session.rs` drives a live call ([`CallSession`]: tool handles, duplicate
 //!   protection over done and running calls, cancellation policies, held side effects, the
-//!   call's end); the path of one action is `plan.rs` → `obtain.rs` → `apply.rs`; beside
-//!   them `Budget`, `Outcome`, errors with fault and retry, the circuit breaker, idempotency
-//!   keys.
+//!   call's end; `task.rs` runs one tool call, `handle.rs` is its future); the path of one
+//!   action is `plan.rs` → `obtain.rs` (cache, shared fetch) and `send.rs` (retries, host cap,
+//!   hedge, response checks) → `apply.rs`; beside them `Budget`, `Outcome`, errors with fault
+//!   and retry, the circuit breaker, the per-host gate (`gate.rs`), idempotency keys.
 //! - [`transport`]: hyper-util's pooled client over our connector (egress policy checked on
 //!   every resolved address, `TCP_NODELAY`, rustls with ring, warm-up), one deadline over the
 //!   whole exchange, the body cap, `Retry-After` parsing.

@@ -111,6 +111,12 @@ impl Failure {
         self
     }
 
+    /// With the short, stable text the model is shown instead of the message.
+    pub(crate) fn with_reason(mut self: Box<Self>, reason: &'static str) -> Box<Self> {
+        self.error = self.error.with_reason(reason);
+        self
+    }
+
     pub(crate) fn after(mut self: Box<Self>, attempts: u32, timings: Timings) -> Box<Self> {
         self.attempts = attempts;
         self.timings = timings;

@@ -3,13 +3,14 @@
 //!
 //! The path, one file per step in path order:
 //! - `plan.rs` (sync, reads the call): arguments, rendered request, egress scheme, cache key;
-//! - `obtain.rs` (async, never touches the call): cache or shared fetch, send with its retry
-//!   loop, response checks, parse, extraction;
+//! - `obtain.rs` (async, never touches the call): cache or shared fetch; `send.rs`: the send
+//!   with its retry loop, the host's cap and the hedge, response checks, parse, extraction;
 //! - `apply.rs` (sync, writes the call): state or fallback, outcome, metrics, `action` event.
 //!
 //! Around it: `builder.rs` (configuration, once), `runtime.rs` (the process-wide runtime and
 //! the one-shot path), `session.rs` (a live call: duplicate protection, cancellation, held
-//! side effects, the call's end) and `handle.rs` (one tool call's future, filler and cancel).
+//! side effects, the call's end), `task.rs` (one tool call's run on its own task) and
+//! `handle.rs` (one tool call's future, filler and cancel).
 
 mod apply;
 mod breaker;
@@ -24,7 +25,9 @@ mod obtain;
 mod outcome;
 mod plan;
 mod runtime;
+mod send;
 mod session;
+mod task;
 
 #[cfg(test)]
 mod tests;
