@@ -16,6 +16,7 @@ use super::dedupe::{dedupe_key, RecentToolCalls};
 use super::error::{Failure, Fault, Kind, Retry};
 use super::handle::ToolHandle;
 use super::outcome::{Outcome, Status};
+use super::plan::Prepared;
 use super::runtime::{action_span, Runtime, ToolCall, WarmReport};
 use super::task::Task;
 use crate::cache::CacheStatus;
@@ -371,40 +372,45 @@ impl CallSession {
 
     /// A fresh cache hit, answered on the caller's own task when the cache answers without
     /// waiting: no task of its own, no wake-up. Anything else (a duplicate to check, a held or
-    /// async action, a miss, a stale entry) takes the task path.
+    /// async action, a miss, a stale entry) takes the task path, with the request already
+    /// planned here when it was (`Err(Some(plan))`), so nothing is rendered twice.
     fn try_hit(
         &self,
         action: &ActionSpec,
         tool: &ToolCall,
-        from_model: bool,
-    ) -> Option<ToolHandle> {
+        key: Option<u128>,
+    ) -> Result<ToolHandle, Option<Box<Prepared>>> {
         use futures_util::FutureExt;
         if action.cache().is_none() || action.is_async() || action.hold() == Hold::EndOfTurn {
-            return None;
+            return Err(None);
         }
         let started = Instant::now();
         let runtime = &self.inner.runtime;
-        let key = (from_model && action.dedupe()).then(|| dedupe_key(action.name(), &tool.args));
         let mut live = self.live();
-        if live.ended {
-            return None;
-        }
+        let live = &mut *live;
+        let Some(call) = live.call.as_mut().filter(|_| !live.ended) else {
+            return Err(None);
+        };
         if let Some(k) = key {
             if live.inflight.contains_key(&k)
                 || live.recent.find(k, runtime.dedupe_window()).is_some()
             {
-                return None;
+                return Err(None);
             }
         }
-        let p = runtime.plan(action, live.call.as_ref()?, tool).ok()?;
-        let (cache_key, _) = p.cache.as_ref()?;
-        let entry = match runtime.cache().lookup(cache_key).now_or_never()? {
-            crate::cache::Lookup::Fresh(e) => e,
-            _ => return None,
+        let p = runtime.plan(action, call, tool).map_err(|_| None)?;
+        let fresh = p.cache.as_ref().and_then(|(cache_key, _)| {
+            match runtime.cache().lookup(cache_key).now_or_never()? {
+                crate::cache::Lookup::Fresh(e) => Some(e),
+                _ => None,
+            }
+        });
+        let Some(entry) = fresh else {
+            return Err(Some(Box::new(p)));
         };
         metrics::counter!("midcall_cache_hits_total").increment(1);
         let result = super::obtain::from_entry(&entry, &p.action);
-        let span = action_span(action.name(), &live.call.as_ref()?.info);
+        let span = action_span(action.name(), &call.info);
         let how = Applied {
             tool_call_id: tool.id.clone(),
             cache: CacheStatus::Hit,
@@ -413,8 +419,7 @@ impl CallSession {
             started,
             span: &span,
         };
-        let live = &mut *live;
-        let outcome = runtime.apply(action, live.call.as_mut()?, result, how);
+        let outcome = runtime.apply(action, call, result, how);
         if let Some(k) = key {
             if matches!(outcome.status, Status::Ok | Status::CacheHit) {
                 live.recent.remember(k, &outcome, runtime.dedupe_window());
@@ -423,7 +428,7 @@ impl CallSession {
         live.records.push(outcome.clone());
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(outcome);
-        Some(ToolHandle::new(
+        Ok(ToolHandle::new(
             action.name(),
             rx,
             Arc::new(watch::channel(None).0),
@@ -438,9 +443,12 @@ impl CallSession {
         budget: Budget,
         from_model: bool,
     ) -> ToolHandle {
-        if let Some(h) = self.try_hit(&action, &tool, from_model) {
-            return h;
-        }
+        let key = (from_model && action.dedupe() && !action.is_async())
+            .then(|| dedupe_key(action.name(), &tool.args));
+        let planned = match self.try_hit(&action, &tool, key) {
+            Ok(h) => return h,
+            Err(planned) => planned,
+        };
         let (tx, rx) = oneshot::channel();
         let stop: Arc<Interrupt> = Arc::new(watch::channel(None).0);
         let (id, held) = {
@@ -477,7 +485,8 @@ impl CallSession {
             action,
             tool,
             budget,
-            from_model,
+            key,
+            planned,
             stop: stop.subscribe(),
             held,
             filler,

@@ -11,10 +11,10 @@ use tokio::time::Instant;
 
 use super::apply::{cancelled, Applied};
 use super::budget::Budget;
-use super::dedupe::dedupe_key;
 use super::error::{Failure, Fault, Kind, Retry};
 use super::handle::FillerSlot;
 use super::outcome::{Outcome, Status, Timings};
+use super::plan::Prepared;
 use super::runtime::{action_span, Runtime, ToolCall};
 use super::session::CallSession;
 use crate::cache::CacheStatus;
@@ -40,7 +40,10 @@ pub(super) struct Task {
     pub(super) action: Arc<ActionSpec>,
     pub(super) tool: ToolCall,
     pub(super) budget: Budget,
-    pub(super) from_model: bool,
+    /// The duplicate-protection key (model calls of actions that dedupe).
+    pub(super) key: Option<u128>,
+    /// The request, when `tool()` already planned it.
+    pub(super) planned: Option<Box<Prepared>>,
     pub(super) stop: watch::Receiver<Option<&'static str>>,
     pub(super) held: Option<oneshot::Receiver<bool>>,
     pub(super) filler: Arc<FillerSlot>,
@@ -66,16 +69,19 @@ impl Task {
         let mut started = Instant::now();
         let runtime = self.session.inner.runtime.clone();
         let action = self.action.clone();
-        let span = action_span(action.name(), &self.session.info());
-        let key = (self.from_model && action.dedupe() && !action.is_async())
-            .then(|| dedupe_key(action.name(), &self.tool.args));
+        let span = {
+            let live = self.session.live();
+            let call = live.call.as_ref().expect("a session always holds its call");
+            action_span(action.name(), &call.info)
+        };
+        let key = self.key;
         // Whatever happens below (a panicking filler callback included), the call ends once.
         let mut guard = Guard {
             session: self.session.clone(),
             id: self.id,
             key,
             leader: false,
-            action: action.name().to_string(),
+            action: action.clone(),
             tool_call_id: self.tool.id.clone(),
             armed: true,
         };
@@ -107,7 +113,11 @@ impl Task {
                         Some(rx) => Next::Wait(rx),
                         None => {
                             let call = live.call.as_ref().expect("a session always holds its call");
-                            Next::Planned(Box::new(runtime.plan(&action, call, &self.tool)))
+                            let planned = match self.planned.take() {
+                                Some(p) => Ok(*p),
+                                None => runtime.plan(&action, call, &self.tool),
+                            };
+                            Next::Planned(Box::new(planned))
                         }
                     }
                 };
@@ -272,7 +282,7 @@ struct Guard {
     id: u64,
     key: Option<u128>,
     leader: bool,
-    action: String,
+    action: Arc<ActionSpec>,
     tool_call_id: Option<String>,
     armed: bool,
 }
@@ -288,9 +298,9 @@ impl Drop for Guard {
                 live.inflight.remove(&key);
             }
             live.interrupts.remove(&self.id);
-            let mut o = Outcome::new(&self.action, self.tool_call_id.take());
+            let mut o = Outcome::new(self.action.name(), self.tool_call_id.take());
             o.status = Status::Cancelled;
-            o.error = Some(cancelled(&self.action, "its task stopped").error);
+            o.error = Some(cancelled(self.action.name(), "its task stopped").error);
             live.records.push(o);
         }
         self.session
