@@ -556,31 +556,6 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
                     })
                     .await
                 }
-                "exec_hedged" => {
-                    let (runtime, action, extra) =
-                        (runtime.clone(), hedged.clone(), extra_requests.clone());
-                    batch(conc, per_batch.max(conc), move |i| {
-                        let (runtime, action, extra) =
-                            (runtime.clone(), action.clone(), extra.clone());
-                        async move {
-                            let mut call = Call::new(call_info(i));
-                            let o = runtime
-                                .execute(
-                                    &action,
-                                    &mut call,
-                                    ToolCall::new(format!("h{i}"), json!({})),
-                                    &Budget::new(Duration::from_secs(60)),
-                                )
-                                .await;
-                            extra.fetch_add(
-                                o.attempts.saturating_sub(1) as usize,
-                                Ordering::Relaxed,
-                            );
-                            o.status.as_str() == "ok"
-                        }
-                    })
-                    .await
-                }
                 "session_miss" | "session_hit" => {
                     let (name, want) = if s.name == "session_hit" {
                         ("hit", "cache_hit")
@@ -603,12 +578,15 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
                     })
                     .await
                 }
-                "exec_miss" | "exec_hit" | "exec_miss_tls" => {
+                "exec_miss" | "exec_hit" | "exec_miss_tls" | "exec_hedged" => {
                     let action = match s.name.as_str() {
                         "exec_miss" => miss.clone(),
                         "exec_hit" => hit.clone(),
+                        "exec_hedged" => hedged.clone(),
                         _ => tls.clone(),
                     };
+                    // Hedges sent: requests beyond one per tool call.
+                    let extra = (s.name == "exec_hedged").then(|| extra_requests.clone());
                     let want = if s.name == "exec_hit" {
                         "cache_hit"
                     } else {
@@ -616,7 +594,8 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
                     };
                     let runtime = runtime.clone();
                     batch(conc, per_batch.max(conc), move |i| {
-                        let (runtime, action) = (runtime.clone(), action.clone());
+                        let (runtime, action, extra) =
+                            (runtime.clone(), action.clone(), extra.clone());
                         async move {
                             let mut call = Call::new(call_info(i));
                             let o = runtime
@@ -627,6 +606,12 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
                                     &Budget::new(Duration::from_secs(60)),
                                 )
                                 .await;
+                            if let Some(extra) = extra {
+                                extra.fetch_add(
+                                    o.attempts.saturating_sub(1) as usize,
+                                    Ordering::Relaxed,
+                                );
+                            }
                             o.status.as_str() == want
                         }
                     })

@@ -658,34 +658,17 @@ impl Worker {
         let started = tokio::time::Instant::now();
         let result = self.attempt(&target, context, &c).await;
         let duration_ms = started.elapsed().as_millis() as i64;
-        match &result {
-            Ok((status, _, _)) if status.is_success() => tracing::info!(
-                target: "midcall::delivery",
-                delivery = c.id,
-                endpoint = %c.endpoint,
-                attempt = c.attempts + 1,
-                status = status.as_u16(),
-                ms = duration_ms,
-                "delivered"
-            ),
-            Ok((status, _, _)) => tracing::warn!(
-                target: "midcall::delivery",
-                delivery = c.id,
-                endpoint = %c.endpoint,
-                attempt = c.attempts + 1,
-                status = status.as_u16(),
-                ms = duration_ms,
-                "delivery attempt failed"
-            ),
-            Err(error) => tracing::warn!(
-                target: "midcall::delivery",
-                delivery = c.id,
-                endpoint = %c.endpoint,
-                attempt = c.attempts + 1,
-                ms = duration_ms,
-                %error,
-                "delivery attempt failed"
-            ),
+        let (code, error) = match &result {
+            Ok((status, _, _)) => (Some(status.as_u16()), ""),
+            Err(e) => (None, e.as_str()),
+        };
+        if code.is_some_and(|c| (200..300).contains(&c)) {
+            tracing::info!(target: "midcall::delivery", delivery = c.id, endpoint = %c.endpoint,
+                attempt = c.attempts + 1, status = code, ms = duration_ms, "delivered");
+        } else {
+            tracing::warn!(target: "midcall::delivery", delivery = c.id, endpoint = %c.endpoint,
+                attempt = c.attempts + 1, status = code, ms = duration_ms, error,
+                "delivery attempt failed");
         }
         let (attempt, next) = match result {
             Ok((status, headers, body)) => {
