@@ -16,7 +16,15 @@ use crate::transport::Deadline;
 #[derive(Debug, Default)]
 pub(crate) struct HostGates {
     hosts: Mutex<HashMap<String, Arc<Gate>>>,
-    latencies: Mutex<HashMap<String, std::collections::VecDeque<u32>>>,
+    latencies: Mutex<HashMap<String, Latencies>>,
+}
+
+/// One host's recent latencies (µs) and their p95 (0 until enough were seen).
+#[derive(Debug, Default)]
+struct Latencies {
+    ring: std::collections::VecDeque<u32>,
+    seen: u64,
+    p95_us: u64,
 }
 
 /// Latencies kept per host for the running p95 of `hedge_after_ms = "auto"`.
@@ -49,28 +57,31 @@ pub(crate) struct Busy {
 }
 
 impl HostGates {
-    /// A request to `host` took `d` (hosts whose reads hedge automatically).
+    /// A request to `host` took `d` (hosts whose reads hedge automatically). The p95 is
+    /// computed again every 16 requests, not on every read of it.
     pub(crate) fn observe(&self, host: &str, d: Duration) {
         let mut all = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
-        let ring = all.entry(host.to_string()).or_default();
-        if ring.len() == LATENCY_SAMPLES {
-            ring.pop_front();
+        if !all.contains_key(host) {
+            all.insert(host.to_string(), Latencies::default());
         }
-        ring.push_back(d.as_micros().min(u32::MAX as u128) as u32);
+        let Some(l) = all.get_mut(host) else { return };
+        if l.ring.len() == LATENCY_SAMPLES {
+            l.ring.pop_front();
+        }
+        l.ring.push_back(d.as_micros().min(u32::MAX as u128) as u32);
+        l.seen += 1;
+        if l.ring.len() >= LATENCY_MIN_SAMPLES && (l.p95_us == 0 || l.seen % 16 == 0) {
+            let mut v: Vec<u32> = l.ring.iter().copied().collect();
+            v.sort_unstable();
+            l.p95_us = u64::from(v[(v.len() - 1) * 95 / 100]).max(1);
+        }
     }
 
     /// The running p95 of `host`'s latency, once enough requests were seen.
     pub(crate) fn p95(&self, host: &str) -> Option<Duration> {
         let all = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
-        let ring = all.get(host)?;
-        if ring.len() < LATENCY_MIN_SAMPLES {
-            return None;
-        }
-        let mut v: Vec<u32> = ring.iter().copied().collect();
-        v.sort_unstable();
-        Some(Duration::from_micros(u64::from(
-            v[(v.len() - 1) * 95 / 100],
-        )))
+        let p95 = all.get(host)?.p95_us;
+        (p95 > 0).then(|| Duration::from_micros(p95))
     }
 
     /// A slot at `host` (capped at `cap`), waiting no later than leaves the host's typical
@@ -83,17 +94,20 @@ impl HostGates {
     ) -> Result<Slot, Busy> {
         let gate = {
             let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-            hosts
-                .entry(host.to_string())
-                .or_insert_with(|| {
-                    Arc::new(Gate {
+            // The host's name is copied once, when its gate is made, not per request.
+            match hosts.get(host) {
+                Some(g) => g.clone(),
+                None => {
+                    let g = Arc::new(Gate {
                         slots: Arc::new(Semaphore::new(cap as usize)),
                         cap,
                         waiting: AtomicUsize::new(0),
                         typical_us: AtomicU64::new(0),
-                    })
-                })
-                .clone()
+                    });
+                    hosts.insert(host.to_string(), g.clone());
+                    g
+                }
+            }
         };
         let started = Instant::now();
         if let Ok(permit) = gate.slots.clone().try_acquire_owned() {
