@@ -61,7 +61,7 @@ pub(crate) fn insert(
     runs: &[NewRun<'_>],
     now: i64,
 ) -> Result<(), OutboxError> {
-    let tx = conn.transaction()?;
+    let tx = crate::store::write_tx(conn)?;
     for r in runs {
         insert_in(&tx, r, now)?;
     }
@@ -78,7 +78,7 @@ pub(crate) fn insert_once(
     window_ms: i64,
     now: i64,
 ) -> Result<bool, OutboxError> {
-    let tx = conn.transaction()?;
+    let tx = crate::store::write_tx(conn)?;
     if let Some(wid) = webhook_id {
         tx.execute(
             "DELETE FROM inbound_seen WHERE at_ms < ?1",
@@ -120,7 +120,7 @@ pub(crate) fn claim(
     now: i64,
     limit: i64,
 ) -> Result<Vec<ClaimedRun>, OutboxError> {
-    let tx = conn.transaction()?;
+    let tx = crate::store::write_tx(conn)?;
     let rows: Vec<ClaimedRun> = {
         let mut st = tx.prepare_cached(
             "SELECT r.id, r.automation, r.context, (SELECT COUNT(*) FROM run_steps s WHERE s.run_id = r.id AND s.status = 'ok')
@@ -164,7 +164,7 @@ pub(crate) fn record_step(
     delivery: Option<(&outbox::NewEvent, &str)>,
     now: i64,
 ) -> Result<Option<i64>, OutboxError> {
-    let tx = conn.transaction()?;
+    let tx = crate::store::write_tx(conn)?;
     let id = match delivery {
         Some((event, target)) => Some(outbox::insert_targeted(&tx, event, target, now)?),
         None => None,

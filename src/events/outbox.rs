@@ -45,7 +45,7 @@ pub(crate) fn insert_batch(
     batch: &[NewEvent],
     now: i64,
 ) -> Result<(), OutboxError> {
-    let tx = conn.transaction()?;
+    let tx = crate::store::write_tx(conn)?;
     {
         let mut ev = tx.prepare_cached(
             "INSERT INTO events (event_id, type, call_id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -90,7 +90,7 @@ pub(crate) fn claim(
     hold_ms: i64,
     limit: i64,
 ) -> Result<Vec<Claimed>, OutboxError> {
-    let tx = conn.transaction()?;
+    let tx = crate::store::write_tx(conn)?;
     let rows: Vec<Claimed> = {
         let mut st = tx.prepare_cached(
             "SELECT d.id, d.endpoint, d.webhook_id, d.attempts, e.body, d.target FROM deliveries d JOIN events e ON e.seq = d.event_seq
@@ -163,7 +163,7 @@ pub(crate) fn record_batch(
     conn: &mut Connection,
     batch: &[(Claimed, Attempt, Next)],
 ) -> Result<(), OutboxError> {
-    let tx = conn.transaction()?;
+    let tx = crate::store::write_tx(conn)?;
     for (c, a, next) in batch {
         record_in(&tx, c, a, next)?;
     }
@@ -347,7 +347,7 @@ pub(crate) fn replay(
     status: Option<&str>,
     now: i64,
 ) -> Result<usize, OutboxError> {
-    let tx = conn.transaction()?;
+    let tx = crate::store::write_tx(conn)?;
     let n = tx.execute(
         "UPDATE deliveries SET status = 'pending', due_ms = ?4, lease_ms = 0
          WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR created_ms >= ?2) AND (?3 IS NULL OR status = ?3)
@@ -371,7 +371,7 @@ pub(crate) fn purge(
     before_ms: i64,
     batch: i64,
 ) -> Result<usize, OutboxError> {
-    let tx = conn.transaction()?;
+    let tx = crate::store::write_tx(conn)?;
     tx.execute(
         "CREATE TEMP TABLE IF NOT EXISTS purge_ids (id INTEGER PRIMARY KEY)",
         [],

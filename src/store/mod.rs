@@ -129,3 +129,10 @@ pub(crate) fn open_existing(path: &Path) -> Result<Connection, String> {
     }
     open(path).map_err(|e| e.to_string())
 }
+
+/// A write transaction that takes the write lock when it begins (SQLite `BEGIN IMMEDIATE`), so
+/// the busy timeout applies: a deferred one that reads first can fail at once with "database
+/// is locked" when another connection committed in between.
+pub(crate) fn write_tx(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
