@@ -469,6 +469,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         .enumerate()
         .map(|(i, a)| (a.name.clone(), i))
         .collect();
+    let secret_names = secret_names(&actions, &webhooks, &automations, &inbound);
     Ok(ActionSet {
         source: source.to_string(),
         agent,
@@ -478,7 +479,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         automations,
         egress,
         inbound,
-        secret_names: Vec::new(),
+        secret_names,
     })
 }
 
@@ -970,6 +971,60 @@ fn compile_auth(s: &mut Scope<'_>, a: &raw::AuthDef, path: Vec<Seg>) -> Option<I
         bearer,
         signing_secret,
     })
+}
+
+/// Every secret the compiled templates name, sorted, once each.
+fn secret_names(
+    actions: &[Arc<ActionSpec>],
+    webhooks: &[WebhookSpec],
+    automations: &[AutomationSpec],
+    inbound: &InboundConfig,
+) -> Vec<String> {
+    let mut templates: Vec<&Template> = Vec::new();
+    let mut urls: Vec<&UrlTemplate> = Vec::new();
+    let auths = automations
+        .iter()
+        .filter_map(|a| a.auth.as_ref())
+        .chain(inbound.auth.as_ref());
+    for auth in auths {
+        templates.extend(auth.bearer.iter().chain(&auth.signing_secret));
+    }
+    for a in actions {
+        urls.push(&a.url);
+        templates.extend(a.headers.iter().map(|(_, t)| t));
+        templates.extend(a.body.iter().flat_map(|b| b.templates()));
+    }
+    for w in webhooks {
+        urls.push(&w.url);
+        templates.extend(w.headers.iter().map(|(_, t)| t));
+        templates.extend(&w.signing_secret);
+    }
+    for step in automations.iter().flat_map(|a| &a.steps) {
+        match step {
+            Step::SendWebhook {
+                url,
+                headers,
+                body,
+                signing_secret,
+            } => {
+                urls.push(url);
+                templates.extend(headers.iter().map(|(_, t)| t));
+                templates.extend(body.iter().flat_map(|b| b.templates()));
+                templates.extend(signing_secret);
+            }
+            Step::RunAction { args, .. } => {
+                templates.extend(args.iter().flat_map(|b| b.templates()));
+            }
+        }
+    }
+    let names: std::collections::BTreeSet<String> = templates
+        .iter()
+        .flat_map(|t| t.placeholders())
+        .chain(urls.iter().flat_map(|u| u.placeholders()))
+        .filter(|p| p.root == Root::Secrets)
+        .filter_map(|p| p.path.first().map(|n| n.to_string()))
+        .collect();
+    names.into_iter().collect()
 }
 
 /// Where an action first reads `call.*`: the field and the placeholder.

@@ -78,16 +78,10 @@ fn load_any(name: &str, text: &str, syntax: Syntax) -> Result<ActionSet, LoadErr
         }
     }
     let (value, locator) = read(name, text, syntax)?;
-    let original = value.clone();
     let (file, mut errors) = deserialize_all::<AgentFile>(name, value, &locator, entry_context);
     if let Some(file) = file {
         match compile(file, name) {
-            Ok(mut set) if errors.is_empty() => {
-                let mut names = std::collections::BTreeSet::new();
-                secret_names(&original, &mut names);
-                set.secret_names = names.into_iter().collect();
-                return Ok(set);
-            }
+            Ok(set) if errors.is_empty() => return Ok(set),
             Ok(_) => {}
             Err(problems) => errors.extend(
                 problems
@@ -98,30 +92,6 @@ fn load_any(name: &str, text: &str, syntax: Syntax) -> Result<ActionSet, LoadErr
     }
     errors.sort_by_key(|e| e.location.unwrap_or((usize::MAX, 0)));
     Err(LoadError { errors })
-}
-
-/// Every `{{secrets.NAME}}` in the file's strings.
-fn secret_names(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
-    match v {
-        serde_json::Value::String(s) => {
-            let mut rest = s.as_str();
-            while let Some(i) = rest.find("{{") {
-                rest = &rest[i + 2..];
-                if let Some(name) = rest.trim_start().strip_prefix("secrets.") {
-                    let n: String = name
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-                        .collect();
-                    if !n.is_empty() {
-                        out.insert(n);
-                    }
-                }
-            }
-        }
-        serde_json::Value::Array(a) => a.iter().for_each(|x| secret_names(x, out)),
-        serde_json::Value::Object(m) => m.values().for_each(|x| secret_names(x, out)),
-        _ => {}
-    }
 }
 
 /// What a path is in: `action "book"`, `webhook 1`, `automation "crm-sync"`, `[agent]`; and
