@@ -71,6 +71,7 @@ pub mod automation;
 pub mod bench_data;
 pub mod cache;
 pub mod config;
+pub mod demo;
 pub mod events;
 pub mod exec;
 #[doc(hidden)]

@@ -221,7 +221,7 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 }
 
 fn tls_pair() -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
-    super::self_signed_tls(vec!["localhost".into(), "*.bench.test".into()])
+    midcall::demo::self_signed_tls(vec!["localhost".into(), "*.bench.test".into()])
 }
 
 /// One benchmark action: no duplicate protection (every request is a distinct tool call).

@@ -93,32 +93,6 @@ pub(crate) fn egress_policy(
     Ok(policy)
 }
 
-/// A TLS acceptor (HTTP/1.1) with a self-signed certificate for `names`, made now, and the
-/// certificate (DER) for clients to trust: the local servers of `bench` and `simulate`.
-pub(crate) fn self_signed_tls(
-    names: Vec<String>,
-) -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let cert = rcgen::CertificateParams::new(names)
-        .and_then(|p| p.self_signed(&key))
-        .map_err(|e| e.to_string())?;
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok((
-        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg)),
-        cert.der().to_vec(),
-    ))
-}
-
 /// "1 delivery", "2 deliveries".
 pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })

@@ -9,8 +9,7 @@ use clap::Args;
 use midcall::automation::MetricsRender;
 use midcall::{Automations, EventBus, InboundServer, Runtime, SecretSource};
 
-use super::simulate::hosts;
-use super::simulate::mock::{DemoSecrets, Mock, MockResolver};
+use midcall::demo::{hosts, DemoSecrets, Mock, MockResolver};
 
 /// Serve an agent's automations: inbound webhooks, runs and event delivery.
 ///

@@ -1,6 +1,5 @@
 //! `midcall simulate`: plays a scripted call end to end against the bundled mock CRM.
 
-pub(crate) mod mock;
 mod script;
 
 use std::collections::BTreeMap;
@@ -21,7 +20,7 @@ use midcall::{
     ToolCall, Turn,
 };
 
-use mock::{DemoSecrets, Mock, MockResolver};
+use midcall::demo::{hosts, DemoSecrets, Mock, MockResolver};
 use script::{Expect, Script};
 
 /// The script `simulate` plays when none is given.
@@ -65,9 +64,9 @@ struct Report {
     deliveries: Vec<DeliveryReport>,
     runs: Vec<RunReport>,
     /// Every request the mock CRM answered (status 0: reset on purpose).
-    mock_requests: Vec<mock::Hit>,
+    mock_requests: Vec<midcall::demo::Hit>,
     /// Every webhook the mock received, with its signature check.
-    webhooks_received: Vec<mock::Received>,
+    webhooks_received: Vec<midcall::demo::Received>,
     summary: Summary,
     problems: Vec<String>,
 }
@@ -174,26 +173,6 @@ pub(crate) fn run(a: SimulateArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::from(1)
     })
-}
-
-/// Every host the agent sends to: actions, webhooks, automation steps.
-pub(crate) fn hosts(set: &ActionSet) -> Vec<String> {
-    let mut out: Vec<String> = set
-        .actions()
-        .iter()
-        .map(|a| a.url().host().to_string())
-        .collect();
-    out.extend(set.webhooks().iter().map(|w| w.url.host().to_string()));
-    for a in set.automations() {
-        for s in &a.steps {
-            if let midcall::config::Step::SendWebhook { url, .. } = s {
-                out.push(url.host().to_string());
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
 }
 
 /// Leaf values of a state object by dotted path.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
+use midcall::demo::{parse_route, MockRule};
 use midcall::ActionSet;
 
 /// A call script as written.
@@ -64,31 +65,6 @@ pub(crate) struct RuntimeDef {
     /// Each tool call's turn budget (default 2000 ms; the action's timeout_ms still applies).
     #[serde(default)]
     pub(crate) turn_budget_ms: Option<u64>,
-}
-
-/// An override of the mock CRM for requests matching `route` (`"METHOD host/path"`, a path
-/// ending in `*` matches by prefix).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct MockRule {
-    pub(crate) route: String,
-    /// Answer after this long.
-    #[serde(default)]
-    pub(crate) latency_ms: Option<u64>,
-    /// Answer with this status (and `body`, default `{"error": ...}`).
-    #[serde(default)]
-    pub(crate) status: Option<u16>,
-    #[serde(default)]
-    pub(crate) body: Option<Value>,
-    /// Send `Retry-After` with this many seconds.
-    #[serde(default)]
-    pub(crate) retry_after_s: Option<u64>,
-    /// Close the connection without answering: the endpoint is down.
-    #[serde(default)]
-    pub(crate) reset: bool,
-    /// Apply to this many requests, then answer normally (default: all).
-    #[serde(default)]
-    pub(crate) times: Option<u32>,
 }
 
 /// One turn: exactly one of `user`, `ai`, `tool`, `pause_ms`.
@@ -302,22 +278,4 @@ impl Script {
             })
             .collect()
     }
-}
-
-/// `"GET host/path"` → (method, host, path).
-pub(crate) fn parse_route(route: &str) -> Option<(String, String, String)> {
-    let (method, rest) = route.trim().split_once(' ')?;
-    let rest = rest.trim();
-    let (host, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/*"),
-    };
-    if method.is_empty() || host.is_empty() {
-        return None;
-    }
-    Some((
-        method.to_ascii_uppercase(),
-        host.to_ascii_lowercase(),
-        path.to_string(),
-    ))
 }

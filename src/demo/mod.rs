@@ -1,4 +1,5 @@
-//! The bundled mock CRM: one local HTTPS server (a certificate made at start for every host the
+//! The bundled mock CRM, for demos and examples (`midcall simulate`, `serve --mock`, the
+//! Python package's `mock=True`): one local HTTPS server (a certificate made at start for every host the
 //! agent calls) answering the example agents' endpoints with realistic latencies and a fault on
 //! purpose, plus webhook receivers that verify Standard Webhooks signatures.
 
@@ -15,16 +16,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-use midcall::events::signing;
-use midcall::transport::{BoxFuture, Resolve};
-use midcall::{Secret, SecretSource};
-
-use super::script::{parse_route, MockRule};
+use crate::config::ActionSet;
+use crate::events::signing;
+use crate::transport::{BoxFuture, Resolve};
+use crate::{Secret, SecretSource};
 
 /// Secrets for the demo: a `whsec_` secret for names that sign (`*WHSEC*`, `*SECRET*`), a
 /// `demo-…` token for the rest. Remembers what it handed out, so receivers can verify.
 #[derive(Debug, Default)]
-pub(crate) struct DemoSecrets {
+pub struct DemoSecrets {
     issued: Mutex<BTreeMap<String, String>>,
     /// Take a secret from the environment (`MIDCALL_SECRET_<NAME>`) when it is set.
     prefer_env: bool,
@@ -32,7 +32,7 @@ pub(crate) struct DemoSecrets {
 
 impl DemoSecrets {
     /// Secrets from the environment where set, demo values for the rest (`serve --mock`).
-    pub(crate) fn env_first() -> DemoSecrets {
+    pub fn env_first() -> DemoSecrets {
         DemoSecrets {
             prefer_env: true,
             ..DemoSecrets::default()
@@ -81,7 +81,7 @@ impl SecretSource for DemoSecrets {
 
 /// Sends every host name to the mock.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct MockResolver(pub(crate) SocketAddr);
+pub struct MockResolver(pub SocketAddr);
 
 impl Resolve for MockResolver {
     fn resolve(&self, _host: &str, _port: u16) -> BoxFuture<std::io::Result<Vec<SocketAddr>>> {
@@ -92,21 +92,28 @@ impl Resolve for MockResolver {
 
 /// A webhook the mock received.
 #[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct Received {
-    pub(crate) host: String,
-    pub(crate) path: String,
-    pub(crate) webhook_id: Option<String>,
+pub struct Received {
+    /// The receiver's host.
+    pub host: String,
+    /// The path it was posted to.
+    pub path: String,
+    /// Its `webhook-id` header.
+    pub webhook_id: Option<String>,
     /// `verified`, `invalid` or `unsigned`.
-    pub(crate) signature: &'static str,
+    pub signature: &'static str,
 }
 
 /// One request the mock answered.
 #[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct Hit {
-    pub(crate) method: String,
-    pub(crate) host: String,
-    pub(crate) path: String,
-    pub(crate) status: u16,
+pub struct Hit {
+    /// The request's method.
+    pub method: String,
+    /// The host it named.
+    pub host: String,
+    /// Its path.
+    pub path: String,
+    /// The status answered (0: the connection was reset).
+    pub status: u16,
 }
 
 struct Rule {
@@ -125,13 +132,22 @@ struct State {
     counter: Mutex<u64>,
 }
 
-/// The running mock.
-pub(crate) struct Mock {
-    pub(crate) addr: SocketAddr,
+/// The running mock; dropping it stops it.
+pub struct Mock {
+    /// Where it listens (127.0.0.1).
+    pub addr: SocketAddr,
     /// Its certificate (DER), to trust.
-    pub(crate) cert_der: Vec<u8>,
+    pub cert_der: Vec<u8>,
     state: Arc<State>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Mock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mock")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for Mock {
@@ -142,14 +158,14 @@ impl Drop for Mock {
 
 impl Mock {
     /// Starts on 127.0.0.1 with a certificate for `hosts`.
-    pub(crate) async fn start(
+    pub async fn start(
         hosts: &[String],
         rules: &[MockRule],
         secrets: Arc<DemoSecrets>,
     ) -> Result<Mock, String> {
         let mut names = hosts.to_vec();
         names.push("localhost".into());
-        let (acceptor, cert_der) = crate::cli::self_signed_tls(names)?;
+        let (acceptor, cert_der) = self_signed_tls(names)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| format!("mock CRM: {e}"))?;
@@ -203,7 +219,8 @@ impl Mock {
         })
     }
 
-    pub(crate) fn hits(&self) -> Vec<Hit> {
+    /// Every request answered so far.
+    pub fn hits(&self) -> Vec<Hit> {
         self.state
             .hits
             .lock()
@@ -211,7 +228,8 @@ impl Mock {
             .unwrap_or_default()
     }
 
-    pub(crate) fn received(&self) -> Vec<Received> {
+    /// Every webhook received so far.
+    pub fn received(&self) -> Vec<Received> {
         self.state
             .received
             .lock()
@@ -437,7 +455,7 @@ fn receive(st: &State, host: &str, path: &str, headers: &http::HeaderMap, body: 
     ) {
         (Some(id), Some(ts), Some(sig)) => {
             let ts: i64 = ts.parse().unwrap_or_default();
-            let now = midcall::events::time::now_ms() / 1000;
+            let now = crate::events::time::now_ms() / 1000;
             let ok = st
                 .secrets
                 .signing_secrets()
@@ -459,4 +477,93 @@ fn receive(st: &State, host: &str, path: &str, headers: &http::HeaderMap, body: 
             signature,
         });
     }
+}
+
+/// An override of the mock CRM for requests matching `route` (`"METHOD host/path"`, a path
+/// ending in `*` matches by prefix).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MockRule {
+    /// `"METHOD host/path"`.
+    pub route: String,
+    /// Answer after this long.
+    #[serde(default)]
+    pub latency_ms: Option<u64>,
+    /// Answer with this status (and `body`, default `{"error": ...}`).
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    /// The body to answer with.
+    pub body: Option<Value>,
+    /// Send `Retry-After` with this many seconds.
+    #[serde(default)]
+    pub retry_after_s: Option<u64>,
+    /// Close the connection without answering: the endpoint is down.
+    #[serde(default)]
+    pub reset: bool,
+    /// Apply to this many requests, then answer normally (default: all).
+    #[serde(default)]
+    pub times: Option<u32>,
+}
+
+/// `"GET host/path"` → (method, host, path).
+pub fn parse_route(route: &str) -> Option<(String, String, String)> {
+    let (method, rest) = route.trim().split_once(' ')?;
+    let rest = rest.trim();
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/*"),
+    };
+    if method.is_empty() || host.is_empty() {
+        return None;
+    }
+    Some((
+        method.to_ascii_uppercase(),
+        host.to_ascii_lowercase(),
+        path.to_string(),
+    ))
+}
+
+/// A TLS acceptor (HTTP/1.1) with a self-signed certificate for `names`, made now, and the
+/// certificate (DER) for clients to trust: the local servers of `bench`, `simulate` and the mock CRM.
+pub fn self_signed_tls(names: Vec<String>) -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = rcgen::CertificateParams::new(names)
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| e.to_string())?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg)),
+        cert.der().to_vec(),
+    ))
+}
+
+/// Every host the agent sends to: actions, webhooks, automation steps.
+pub fn hosts(set: &ActionSet) -> Vec<String> {
+    let mut out: Vec<String> = set
+        .actions()
+        .iter()
+        .map(|a| a.url().host().to_string())
+        .collect();
+    out.extend(set.webhooks().iter().map(|w| w.url.host().to_string()));
+    for a in set.automations() {
+        for s in &a.steps {
+            if let crate::config::Step::SendWebhook { url, .. } = s {
+                out.push(url.host().to_string());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }

@@ -1,0 +1,294 @@
+"""The Python API against real local HTTP and HTTPS servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+import midcall
+from conftest import SECRET
+
+# A bound only a real bug exceeds (the machine may be loaded); never a tight figure.
+SLACK_S = 2.0
+
+CLI_KEYS = {
+    "action", "tool_call_id", "status", "http_status", "attempts", "elapsed_ms", "values",
+    "llm_result", "say", "filler_fired", "cache", "deduplicated", "detached", "timings", "error",
+}
+
+
+async def test_ok_writes_values_into_state(runtime):
+    call = await runtime.start_call(id="c-ok", from_number="+15551234567")
+    out = await call.tool("lookup_customer", {}, tool_call_id="tc_1")
+    # The session warmed and the lookup ran over HTTPS with the caller's number.
+    assert out.status == "ok", out.to_dict()
+    assert out.http_status == 200
+    assert out.cache == "miss"
+    assert out.values == {"customer.name": "Dana Reyes", "customer.id": "cus_1"}
+    assert out.llm_result == {"customer.name": "Dana Reyes", "customer.id": "cus_1"}
+    assert call.state["customer"]["name"] == "Dana Reyes"
+    assert out.say is None and out.error is None
+    assert out.tool_call_id == "tc_1"
+    assert out.attempts == 1
+    assert out.elapsed_ms > 0
+    d = out.to_dict()
+    assert set(d) == CLI_KEYS
+    assert json.loads(json.dumps(d)) == json.loads(out.to_json())
+    assert [r.tool_call_id for r in call.records()] == ["tc_1"]
+
+
+async def test_cache_hit_sends_nothing(runtime, upstream):
+    # The same caller again (a second call): the lookup is answered from the cache. (Within
+    # one call an identical re-issue is deduplicated before the cache is asked.)
+    call = await runtime.start_call(id="c-cache", from_number="+15550000001")
+    first = await call.tool("lookup_customer", {}, tool_call_id="a")
+    before = upstream.count("/customer")
+    again = await runtime.start_call(id="c-cache-2", from_number="+15550000001")
+    second = await again.tool("lookup_customer", {}, tool_call_id="b")
+    assert first.cache == "miss"
+    assert second.cache == "hit"
+    assert second.status == "cache_hit"
+    assert second.values == first.values
+    assert upstream.count("/customer") == before
+    assert again.state["customer"]["name"] == "Dana Reyes"
+
+
+async def test_timed_out_within_budget_says_the_fallback(runtime, upstream):
+    call = await runtime.start_call(id="c-timeout")
+    t = time.monotonic()
+    out = await call.tool("hang", {}, tool_call_id="tc_h", budget_ms=300)
+    took = time.monotonic() - t
+    assert out.status == "timed_out", out.to_dict()
+    assert out.say == "The system is slow today; let me take a note instead."
+    assert out.llm_result["error"] == "timed_out"
+    assert 0.3 <= took < 0.3 + SLACK_S
+
+
+async def test_filler_fires_once_on_the_loop_while_running(runtime):
+    call = await runtime.start_call(id="c-filler")
+    loop_thread = threading.get_ident()
+    heard = []
+    done = asyncio.Event()
+
+    def on_filler(line):
+        heard.append((line, threading.get_ident(), done.is_set()))
+
+    task = asyncio.create_task(
+        call.tool("slow_report", {"ms": 600}, tool_call_id="tc_f", on_filler=on_filler)
+    )
+    out = await task
+    done.set()
+    assert out.status == "ok"
+    assert out.filler_fired
+    assert len(heard) == 1
+    line, thread, finished = heard[0]
+    assert line == "One moment please."
+    assert thread == loop_thread, "on_filler must run on the caller's event loop"
+    assert not finished, "the filler must be heard while the call is still running"
+
+
+async def test_no_filler_for_a_fast_call(runtime):
+    call = await runtime.start_call(id="c-nofiller")
+    heard = []
+    out = await call.tool("slow_report", {"ms": 0}, on_filler=heard.append)
+    assert out.status == "ok" and not out.filler_fired
+    await asyncio.sleep(0)
+    assert heard == []
+
+
+async def test_cancelled_booking_is_finished_once_and_reissue_is_deduplicated(runtime, upstream):
+    upstream.posted.clear()
+    upstream.book_delay = 0.4
+    before = upstream.count("/book")
+    try:
+        call = await runtime.start_call(id="c-book")
+        task = asyncio.create_task(
+            call.tool("book", {"slot": "2025-11-04T09:00"}, tool_call_id="tc_b1")
+        )
+        # Wait for the server to have the POST: then the booking must finish, not vanish.
+        assert await asyncio.to_thread(upstream.posted.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The model re-issues the same booking with a new tool-call id.
+        again = await call.tool("book", {"slot": "2025-11-04T09:00"}, tool_call_id="tc_b2")
+        assert again.status == "ok", again.to_dict()
+        assert again.deduplicated
+        assert again.values["appointment.id"].startswith("apt_")
+        assert upstream.count("/book") == before + 1, "one booking, sent once"
+        recs = call.records()
+        assert any(r.detached and r.status == "ok" for r in recs), [r.to_dict() for r in recs]
+        assert call.state["appointment"]["id"] == again.values["appointment.id"]
+    finally:
+        upstream.book_delay = 0.0
+
+
+async def test_cancelling_a_hung_call_closes_its_connection(runtime, upstream):
+    upstream.hang_started.clear()
+    upstream.hang_closed.clear()
+    call = await runtime.start_call(id="c-hang")
+    task = asyncio.create_task(call.tool("hang", {}, tool_call_id="tc_x", budget_ms=10_000))
+    assert await asyncio.to_thread(upstream.hang_started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The server sees the connection closed (a GET is cancelled, not finished).
+    assert await asyncio.to_thread(upstream.hang_closed.wait, 5)
+    recs = call.records()
+    assert [r.status for r in recs] == ["cancelled"]
+    assert call.running == 0
+
+
+async def test_held_call_is_discarded_by_barge_in_and_sent_at_end_of_turn(runtime, upstream):
+    before = upstream.count("/book")
+    call = await runtime.start_call(id="c-held")
+    held = asyncio.create_task(call.tool("book_held", {"slot": "a"}, tool_call_id="h1"))
+    await asyncio.sleep(0)  # let the task register its held call
+    while call.running == 0:
+        await asyncio.sleep(0)
+    call.barge_in()
+    out = await held
+    assert out.status == "cancelled"
+    assert upstream.count("/book") == before, "a discarded held call is never sent"
+
+    held2 = asyncio.create_task(call.tool("book_held", {"slot": "b"}, tool_call_id="h2"))
+    while call.running == 0:
+        await asyncio.sleep(0)
+    assert upstream.count("/book") == before
+    call.end_turn()
+    out2 = await held2
+    assert out2.status == "ok", out2.to_dict()
+    assert upstream.count("/book") == before + 1
+    assert call.state["held"]["id"].startswith("apt_")
+
+
+async def test_unknown_tool_is_rejected_with_the_tool_names(runtime):
+    call = await runtime.start_call(id="c-unknown")
+    out = await call.tool("lookup_customr", {"x": 1})
+    assert out.status == "rejected"
+    assert "lookup_customer" in out.llm_result["message"]
+    assert "book" in out.llm_result["message"]
+
+
+async def test_bad_arguments_are_type_errors_naming_the_place(runtime):
+    call = await runtime.start_call(id="c-types")
+    with pytest.raises(TypeError, match=r"arguments\.when: a value of type datetime"):
+        import datetime
+
+        await call.tool("get_item", {"n": 1, "when": datetime.datetime.now()})
+    with pytest.raises(TypeError, match=r"arguments: a key of type int"):
+        await call.tool("get_item", {1: 2})
+    with pytest.raises(ValueError, match="NaN"):
+        await call.tool("get_item", {"n": float("nan")})
+    loop = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="nested more than"):
+        await call.tool("get_item", {"n": loop})
+    with pytest.raises(ValueError, match="budget_ms"):
+        await call.tool("get_item", {"n": 1}, budget_ms=0)
+    # The call goes on.
+    out = await call.tool("get_item", {"n": 7})
+    assert out.status == "ok" and out.values == {"item.n": 7}
+
+
+async def test_schema_failure_is_rejected_not_raised(runtime):
+    call = await runtime.start_call(id="c-schema")
+    out = await call.tool("get_item", {"n": "seven"})
+    assert out.status == "rejected"
+    assert out.attempts == 0
+
+
+def test_bad_agent_file_raises_config_error_with_location(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[agent]\nid = "x"\ntenant = "t"\n\n[[actions]]\nname = "a"\nurl = "https://x.example/"\ntimeout_ms = "soon"\n')
+    with pytest.raises(midcall.ConfigError) as e:
+        midcall.Runtime(p)
+    text = str(e.value)
+    assert "bad.toml:8" in text, text
+    assert "timeout_ms" in text
+    with pytest.raises(midcall.ConfigError, match="cannot read"):
+        midcall.Runtime(tmp_path / "missing.toml")
+
+
+def test_bad_options_are_named(agent_file):
+    with pytest.raises(ValueError, match=r"allow_networks\[0\]"):
+        midcall.Runtime(agent_file, secrets={"CRM_TOKEN": SECRET}, allow_networks=["nope"])
+    with pytest.raises(TypeError) as e:
+        midcall.Runtime(agent_file, secrets={"CRM_TOKEN": 12345})
+    assert "CRM_TOKEN" in str(e.value) and "12345" not in str(e.value)
+    with pytest.raises(ValueError, match="format"):
+        midcall.Runtime(agent_file, secrets={}).tools("gemini")
+
+
+async def test_secrets_never_in_repr_or_errors(runtime):
+    call = await runtime.start_call(id="c-secret")
+    out = await call.tool("leaky", {}, tool_call_id="tc_s")
+    assert out.status == "http_error" and out.http_status == 500
+    for text in (repr(out), out.to_json(), str(out.to_dict()), out.error or "", repr(runtime),
+                 repr(call), str(call.state), str(out.llm_result)):
+        assert SECRET not in text
+    assert out.say == "Sorry."
+
+
+async def test_two_hundred_concurrent_tool_calls_on_one_call(runtime, upstream):
+    call = await runtime.start_call(id="c-many")
+    before = upstream.count("/item")
+    outs = await asyncio.wait_for(
+        asyncio.gather(
+            *(call.tool("get_item", {"n": i}, tool_call_id=f"t{i}", budget_ms=10_000) for i in range(200))
+        ),
+        60,
+    )
+    assert [o.status for o in outs] == ["ok"] * 200
+    assert sorted(o.values["item.n"] for o in outs) == list(range(200))
+    assert upstream.count("/item") == before + 200
+    assert len(call.records()) == 200
+    assert call.running == 0
+
+
+async def test_tools_match_the_cli_shape(runtime):
+    openai = runtime.tools("openai")
+    names = [t["function"]["name"] for t in openai]
+    assert names == runtime.actions
+    anthropic = runtime.tools("anthropic")
+    assert [t["name"] for t in anthropic] == runtime.actions
+    assert anthropic[1]["input_schema"]["required"] == ["n"]
+
+
+async def test_end_then_tools_are_rejected(runtime):
+    call = await runtime.start_call(id="c-end")
+    assert await call.end(reason="user_hangup", outcome="done") == []
+    out = await call.tool("get_item", {"n": 1})
+    assert out.status == "rejected"
+    with pytest.raises(RuntimeError, match="already ended"):
+        await call.end()
+
+
+async def test_coroutines_work_with_create_task(runtime):
+    # start_call, tool and end are real coroutines.
+    call = await asyncio.create_task(runtime.start_call(id="c-task"))
+    out = await asyncio.create_task(call.tool("get_item", {"n": 3}))
+    assert out.values == {"item.n": 3}
+    await asyncio.create_task(call.end())
+
+
+def test_mock_crm_runs_the_example_agent():
+    from pathlib import Path
+
+    agent = Path(__file__).resolve().parents[2] / "examples" / "front-desk" / "agent.toml"
+    rt = midcall.Runtime(agent, mock=True)
+
+    async def go():
+        call = await rt.start_call(id="c-mock", from_number="+15551234567")
+        out = await call.tool("check_slots", {"date": "2025-11-04"})
+        return call, out
+
+    call, out = asyncio.run(go())
+    assert out.status == "ok", out.to_dict()
+    assert out.values["slots.count"] == 3
+    assert call.state["customer"]["name"] == "Dana Reyes"  # the prefetch at call start
+    assert any(r["path"].startswith("/v1/slots") for r in rt.mock_requests())
