@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 from . import _native
 from ._native import ConfigError, Outcome
 
-__all__ = ["Runtime", "Call", "Outcome", "ConfigError", "DEFAULT_BUDGET_MS"]
+__all__ = ["Runtime", "Call", "Outcome", "ConfigError", "DEFAULT_BUDGET_MS", "model_result"]
 
 #: The turn budget of a tool call when ``budget_ms`` is not given (the action's own
 #: ``timeout_ms`` still applies).
@@ -117,7 +117,7 @@ class Runtime:
         n = await self._n.start_call(
             id, str(from_number), to_number, bool(is_outgoing), int(within_ms)
         )
-        return Call(n)
+        return Call(n, self)
 
     async def close(self) -> None:
         """Writes queued events to the outbox and stops the automations (with ``outbox``)."""
@@ -131,10 +131,12 @@ class Call:
     """One live call. Tool calls on it run concurrently; each ends in exactly one recorded
     state (``records()``)."""
 
-    __slots__ = ("_n", "__weakref__")
+    __slots__ = ("_n", "runtime", "__weakref__")
 
-    def __init__(self, native: Any) -> None:
+    def __init__(self, native: Any, runtime: Runtime) -> None:
         self._n = native
+        #: The runtime the call runs on (its agent's tools: ``call.runtime.tools()``).
+        self.runtime = runtime
 
     @property
     def id(self) -> str:
@@ -192,6 +194,10 @@ class Call:
             return r
         return await r
 
+    def tools(self, format: str = "openai") -> List[Dict[str, Any]]:
+        """The agent's tool definitions (``Runtime.tools``)."""
+        return self.runtime.tools(format)
+
     def end_turn(self) -> None:
         """Sends the calls held for the end of the turn (``hold = "end_of_turn"``)."""
         self._n.end_turn()
@@ -208,3 +214,13 @@ class Call:
 
     def __repr__(self) -> str:
         return repr(self._n)
+
+
+def model_result(out: Outcome) -> Dict[str, Any]:
+    """What a framework adapter hands the model: ``llm_result`` on success; on failure
+    ``llm_result`` (``{"error", "message"}``) with the fallback line to speak as ``"say"``."""
+    result = out.llm_result
+    if not out.ok and out.say is not None:
+        result = dict(result)
+        result["say"] = out.say
+    return result

@@ -292,3 +292,43 @@ def test_mock_crm_runs_the_example_agent():
     assert out.values["slots.count"] == 3
     assert call.state["customer"]["name"] == "Dana Reyes"  # the prefetch at call start
     assert any(r["path"].startswith("/v1/slots") for r in rt.mock_requests())
+
+
+def test_outbox_records_the_call_events_and_runs_the_automation(tmp_path):
+    import sqlite3
+    from pathlib import Path
+
+    agent = Path(__file__).resolve().parents[2] / "examples" / "front-desk" / "agent.toml"
+    db = tmp_path / "outbox.db"
+    rt = midcall.Runtime(agent, mock=True, outbox=db)
+
+    async def go():
+        call = await rt.start_call(id="c-outbox", from_number="+15551234567")
+        out = await call.tool("check_slots", {"date": "2025-11-04"})
+        runs = await call.end(reason="user_hangup", outcome="appointment_booked")
+        await rt.close()
+        return out, runs
+
+    out, runs = asyncio.run(go())
+    assert out.status == "ok"
+    assert len(runs) == 1, runs  # the front desk's call_completed automation (crm-sync)
+    with sqlite3.connect(db) as c:
+        kinds = [r[0] for r in c.execute("SELECT type FROM events WHERE call_id = 'c-outbox' ORDER BY seq")]
+        run_rows = c.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    assert kinds[0] == "phone_call_connected"
+    assert "phone_call_ended" in kinds
+    assert "action" in kinds
+    assert run_rows == 1
+
+
+def test_the_pipecat_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "pipecat_bot.py"
+    p = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "5 tool calls, 4 ok, 1 with a fallback line" in p.stdout, p.stdout
+    assert "(filler)" in p.stdout
+    assert "[cache hit]" in p.stdout
