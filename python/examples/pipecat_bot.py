@@ -134,8 +134,9 @@ async def main(agent_path: Path) -> int:
     await runner.add_workers(worker)
     await asyncio.gather(runner.run(), converse())
     await call.end(reason="user_hangup", outcome="appointment_booked")
-    records = call.records()
-    print(f"\n{len(records)} tool calls, "
+    # The model's tool calls (the call-start prefetch is recorded too, with no tool-call id).
+    records = [r for r in call.records() if r.tool_call_id]
+    print(f"\n{len(records)} tool calls from the model, "
           f"{sum(r.ok for r in records)} ok, {sum(not r.ok for r in records)} with a fallback line; "
           f"state: {json.dumps(call.state)}")
     return 0 if len(records) == sum(len(c) for _, c in SCRIPT) else 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _native
@@ -32,6 +33,21 @@ __all__ = ["Runtime", "Call", "Outcome", "ConfigError", "DEFAULT_BUDGET_MS", "mo
 DEFAULT_BUDGET_MS: int = _native.DEFAULT_BUDGET_MS
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+# One wake-up queue per event loop: the runtime's threads queue outcomes and filler lines and
+# wake the loop through a socket it watches; the loop drains them (see _native.Waker).
+_wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
+
+
+def _waker() -> Any:
+    loop = asyncio.get_running_loop()
+    w = _wakers.get(loop)
+    if w is None:
+        w = _native.Waker(weakref.ref(loop))
+        loop.add_reader(w.fileno(), w.drain)
+        _wakers[loop] = w
+    return w
 
 
 class Runtime:
@@ -115,13 +131,13 @@ class Runtime:
         """Starts a call's session: warms a connection to every host the agent calls and runs
         its ``prefetch = "call_start"`` actions, all within ``within_ms``."""
         n = await self._n.start_call(
-            id, str(from_number), to_number, bool(is_outgoing), int(within_ms)
+            id, str(from_number), to_number, bool(is_outgoing), int(within_ms), _waker()
         )
         return Call(n, self)
 
     async def close(self) -> None:
         """Writes queued events to the outbox and stops the automations (with ``outbox``)."""
-        await self._n.close()
+        await self._n.close(_waker())
 
     def __repr__(self) -> str:
         return repr(self._n)
@@ -188,8 +204,7 @@ class Call:
         cancel (the action's ``on_interrupt`` applies). An unknown name returns a
         ``rejected`` outcome listing the agent's tools.
         """
-        loop = asyncio.get_running_loop() if on_filler is not None else None
-        r = self._n.tool(name, arguments, tool_call_id, budget_ms, on_filler, loop)
+        r = self._n.tool(name, arguments, tool_call_id, budget_ms, on_filler, _waker())
         if type(r) is Outcome:
             return r
         return await r
@@ -210,7 +225,7 @@ class Call:
     async def end(self, reason: str = "user_hangup", outcome: Optional[str] = None) -> List[str]:
         """Ends the call: waits for calls finishing detached, publishes the end events and
         queues the call_completed automations (with an outbox); returns their run ids."""
-        return await self._n.end(str(reason), None if outcome is None else str(outcome))
+        return await self._n.end(str(reason), None if outcome is None else str(outcome), _waker())
 
     def __repr__(self) -> str:
         return repr(self._n)

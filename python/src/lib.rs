@@ -373,7 +373,8 @@ impl PyRuntime {
     }
 
     /// Starts a call: an awaitable of a `Call` (see `midcall.Runtime.start_call`).
-    #[pyo3(signature = (id, from_number, to_number, is_outgoing, within_ms))]
+    #[pyo3(signature = (id, from_number, to_number, is_outgoing, within_ms, waker))]
+    #[allow(clippy::too_many_arguments)]
     fn start_call<'py>(
         &self,
         py: Python<'py>,
@@ -382,6 +383,7 @@ impl PyRuntime {
         to_number: Option<String>,
         is_outgoing: bool,
         within_ms: u64,
+        waker: &Bound<'py, Waker>,
     ) -> PyResult<Bound<'py, PyAny>> {
         if within_ms > MAX_BUDGET_MS {
             return Err(PyValueError::new_err(format!(
@@ -408,29 +410,34 @@ impl PyRuntime {
         };
         let rt = self.rt.clone();
         let agent = self.agent.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        spawn(py, waker, async move {
             let session = rt
                 .start_call(agent, info, Duration::from_millis(within_ms))
                 .await;
-            Ok(PyCall {
+            let call = PyCall {
                 session,
                 started: Instant::now(),
-            })
+            };
+            done(move |py| Ok(Bound::new(py, call)?.into_any().unbind()))
         })
     }
 
     /// Waits for queued events to be written to the outbox, then stops the automations.
-    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn close<'py>(
+        &self,
+        py: Python<'py>,
+        waker: &Bound<'py, Waker>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let bus = self.rt.event_bus().cloned();
         let automations = self.automations.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        spawn(py, waker, async move {
             if let Some(a) = automations {
                 a.shutdown(Duration::from_secs(5)).await;
             }
             if let Some(b) = bus {
                 b.close().await;
             }
-            Ok(())
+            done(|py| Ok(py.None()))
         })
     }
 
@@ -529,8 +536,9 @@ impl PyCall {
             .map_err(|e| PyValueError::new_err(format!("set({path:?}): {e}")))
     }
 
-    /// Starts the tool call; the outcome now (a cache hit, an unknown tool) or an awaitable.
-    #[pyo3(signature = (name, arguments, tool_call_id, budget_ms, on_filler, event_loop))]
+    /// Starts the tool call: the outcome now (a cache hit, an unknown tool), or an asyncio
+    /// future of `waker`'s loop that the waker completes.
+    #[pyo3(signature = (name, arguments, tool_call_id, budget_ms, on_filler, waker))]
     #[allow(clippy::too_many_arguments)]
     fn tool<'py>(
         &self,
@@ -540,7 +548,7 @@ impl PyCall {
         tool_call_id: Option<String>,
         budget_ms: Option<u64>,
         on_filler: Option<Py<PyAny>>,
-        event_loop: Option<Py<PyAny>>,
+        waker: &Bound<'py, Waker>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let args = match arguments {
             Some(a) => to_json(a, "arguments", 0)?,
@@ -566,27 +574,20 @@ impl PyCall {
         let budget = Budget::new(Duration::from_millis(ms));
         let _enter = tokio().enter();
         let mut handle = self.session.tool(name, call, budget);
-        if let (Some(cb), Some(lp)) = (on_filler, event_loop) {
-            handle = handle.on_filler(move |line: &str| {
-                let line = line.to_string();
-                // Never take the GIL on a runtime worker: hand the line to a blocking thread,
-                // which schedules the callback on the caller's event loop.
-                tokio().spawn_blocking(move || {
-                    Python::attach(|py| {
-                        let r = lp.call_method1(py, "call_soon_threadsafe", (cb, line));
-                        if let Err(e) = r {
-                            // The loop is closed: nobody is left to hear the line.
-                            e.print(py);
-                        }
-                    })
-                });
-            });
+        if let Some(cb) = on_filler {
+            let q = waker.get().queue.clone();
+            handle = handle.on_filler(move |line: &str| q.push(Done::Filler(cb, line.to_string())));
         }
         // A fresh cache hit or a refusal has ended already: no task, no future.
         if let Some(o) = (&mut handle).now_or_never() {
             return Ok(Bound::new(py, PyOutcome(o))?.into_any());
         }
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(PyOutcome(handle.await)) })
+        // Cancelling the asyncio task awaiting it aborts the task holding the handle:
+        // dropping the handle is the session's cancel.
+        spawn(py, waker, async move {
+            let o = handle.await;
+            done(move |py| Ok(Bound::new(py, PyOutcome(o))?.into_any().unbind()))
+        })
     }
 
     /// Sends the calls held for the end of the turn (`hold = "end_of_turn"`).
@@ -603,23 +604,25 @@ impl PyCall {
     }
 
     /// Ends the call: an awaitable of the automation runs it queued.
-    #[pyo3(signature = (reason, outcome))]
+    #[pyo3(signature = (reason, outcome, waker))]
     fn end<'py>(
         &self,
         py: Python<'py>,
         reason: String,
         outcome: Option<String>,
+        waker: &Bound<'py, Waker>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let mut end = CallEnd::new(self.started.elapsed(), reason);
         if let Some(o) = outcome {
             end = end.outcome(o);
         }
         let session = self.session.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            session
-                .end(end)
-                .await
-                .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        spawn(py, waker, async move {
+            let r = session.end(end).await;
+            done(move |py| match r {
+                Ok(runs) => Ok(runs.into_pyobject(py)?.into_any().unbind()),
+                Err(e) => Err(PyRuntimeError::new_err(e.to_string())),
+            })
         })
     }
 
@@ -629,6 +632,161 @@ impl PyCall {
             self.session.info().id,
             self.session.running()
         )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waking the event loop.
+//
+// A tool call's outcome and its filler line come back to Python through one queue per event
+// loop and one socket the loop watches (`loop.add_reader`): the runtime's threads push and,
+// when the queue was empty, write a byte; the loop drains everything queued in one callback.
+// No runtime thread ever takes the GIL for a tool call (so none can block on it, or touch an
+// interpreter that is exiting), and at high concurrency one wake-up delivers many outcomes.
+
+/// Makes a future's result (or exception) once the loop holds the GIL.
+type Make = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
+
+enum Done {
+    /// Complete this asyncio future.
+    Ready(Py<PyAny>, Make),
+    /// Call this filler callback with the line.
+    Filler(Py<PyAny>, String),
+}
+
+fn done(f: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send + 'static) -> Make {
+    Box::new(f)
+}
+
+/// Runs `work` on the runtime; returns an asyncio future of `waker`'s loop that the waker
+/// completes with what `work` makes. A cancel of the future aborts `work` (dropping it).
+fn spawn<'py>(
+    py: Python<'py>,
+    waker: &Bound<'py, Waker>,
+    work: impl std::future::Future<Output = Make> + Send + 'static,
+) -> PyResult<Bound<'py, PyAny>> {
+    // The waker holds its loop weakly (a weakref.ref), so a closed loop can be collected.
+    let event_loop = waker.get().event_loop.bind(py).call0()?;
+    if event_loop.is_none() {
+        return Err(PyRuntimeError::new_err("the event loop is gone"));
+    }
+    let fut = event_loop.call_method0("create_future")?;
+    let target = fut.clone().unbind();
+    let queue = waker.get().queue.clone();
+    let task = tokio().spawn(async move {
+        let make = work.await;
+        queue.push(Done::Ready(target, make));
+    });
+    fut.call_method1("add_done_callback", (AbortOnCancel(task.abort_handle()),))?;
+    Ok(fut)
+}
+
+struct Queue {
+    items: std::sync::Mutex<Vec<Done>>,
+    tx: std::os::unix::net::UnixStream,
+}
+
+impl Queue {
+    fn push(&self, d: Done) {
+        let first = {
+            let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+            q.push(d);
+            q.len() == 1
+        };
+        if first {
+            // Full means a wake-up is already pending; either way the loop will drain.
+            let _ = std::io::Write::write(&mut &self.tx, &[1]);
+        }
+    }
+}
+
+/// The wake-up queue of one asyncio event loop (made by the Python layer, once per loop).
+#[pyclass(module = "midcall._native", name = "Waker", frozen)]
+struct Waker {
+    queue: Arc<Queue>,
+    rx: std::os::unix::net::UnixStream,
+    /// `weakref.ref(loop)`.
+    event_loop: Py<PyAny>,
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waker").finish_non_exhaustive()
+    }
+}
+
+#[pymethods]
+impl Waker {
+    #[new]
+    fn new(event_loop: Py<PyAny>) -> PyResult<Self> {
+        let (rx, tx) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| PyRuntimeError::new_err(format!("wake-up socket: {e}")))?;
+        rx.set_nonblocking(true)
+            .and_then(|_| tx.set_nonblocking(true))
+            .map_err(|e| PyRuntimeError::new_err(format!("wake-up socket: {e}")))?;
+        Ok(Waker {
+            queue: Arc::new(Queue {
+                items: std::sync::Mutex::new(Vec::new()),
+                tx,
+            }),
+            rx,
+            event_loop,
+        })
+    }
+
+    /// The socket the loop watches.
+    fn fileno(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(&self.rx)
+    }
+
+    /// Called by the loop when the socket is readable: completes every queued future and
+    /// calls every queued filler callback.
+    fn drain(&self, py: Python<'_>) {
+        let mut buf = [0u8; 256];
+        while matches!(std::io::Read::read(&mut &self.rx, &mut buf), Ok(n) if n > 0) {}
+        let items =
+            std::mem::take(&mut *self.queue.items.lock().unwrap_or_else(|e| e.into_inner()));
+        for d in items {
+            let r = match d {
+                Done::Ready(fut, make) => {
+                    let fut = fut.bind(py);
+                    match fut.call_method0("done") {
+                        Ok(d) if d.is_truthy().unwrap_or(true) => Ok(()),
+                        _ => match make(py) {
+                            Ok(v) => fut.call_method1("set_result", (v,)).map(|_| ()),
+                            Err(e) => fut
+                                .call_method1("set_exception", (e.value(py),))
+                                .map(|_| ()),
+                        },
+                    }
+                }
+                Done::Filler(cb, line) => cb.call1(py, (line,)).map(|_| ()),
+            };
+            if let Err(e) = r {
+                // A filler callback raised: report it as asyncio reports a callback's error.
+                e.write_unraisable(py, None);
+            }
+        }
+    }
+}
+
+/// `add_done_callback` of a tool call's future: a cancel aborts the task holding the handle.
+#[pyclass(module = "midcall._native", frozen)]
+struct AbortOnCancel(tokio::task::AbortHandle);
+
+impl std::fmt::Debug for AbortOnCancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AbortOnCancel")
+    }
+}
+
+#[pymethods]
+impl AbortOnCancel {
+    fn __call__(&self, fut: &Bound<'_, PyAny>) -> PyResult<()> {
+        if fut.call_method0("cancelled")?.is_truthy()? {
+            self.0.abort();
+        }
+        Ok(())
     }
 }
 
@@ -764,6 +922,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRuntime>()?;
     m.add_class::<PyCall>()?;
     m.add_class::<PyOutcome>()?;
+    m.add_class::<Waker>()?;
     m.add("ConfigError", m.py().get_type::<ConfigError>())?;
     m.add("DEFAULT_BUDGET_MS", DEFAULT_BUDGET_MS)?;
     Ok(())
