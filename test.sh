@@ -14,6 +14,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== python3 -m venv $VENV"
   python3 -m venv "$VENV"
 fi
+# maturin (the build backend, from the requirements) is run by pip as a command: put the
+# venv's bin first on PATH.
+export PATH="$(cd "$VENV" && pwd)/bin:$PATH"
 echo "== pip install -r python/requirements-test.txt"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r python/requirements-test.txt
 echo "== pip install ./python (maturin builds the extension, release profile)"
