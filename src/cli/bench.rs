@@ -66,6 +66,21 @@ pub(crate) struct BenchArgs {
     /// Internal: serve the bench upstreams and print their ports; stop when stdin closes.
     #[arg(long, hide = true)]
     serve_upstreams: bool,
+    /// Soak: thousands of simulated calls making tool calls through their sessions for 60 s
+    /// against a misbehaving upstream (--quick: 15 s); reports dead air, filler lateness,
+    /// memory growth and leftover tasks.
+    #[arg(long, conflicts_with_all = ["actions", "upstream_process"])]
+    soak: bool,
+    /// Concurrent calls in the soak (default 2000).
+    #[arg(long, requires = "soak", value_parser = clap::value_parser!(u32).range(1..=20_000))]
+    calls: Option<u32>,
+    /// Start this many CPU-bound processes beside the bench (and stop them after): the
+    /// deadline precision and the soak are measured under them too.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    cpu_hogs: u32,
+    /// Internal: spin one core until stdin closes (a --cpu-hogs process).
+    #[arg(long, hide = true)]
+    hog: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -331,6 +346,9 @@ where
 }
 
 pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
+    if a.hog {
+        return Ok(hog());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -342,6 +360,15 @@ pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
         }
         if let Some(file) = a.actions.clone() {
             return user_action(&a, &file).await;
+        }
+        if a.soak {
+            return super::soak::run(super::soak::Soak {
+                calls: a.calls.unwrap_or(2000) as usize,
+                duration: Duration::from_secs(if a.quick { 15 } else { 60 }),
+                json: a.json.clone(),
+                cpu_hogs: a.cpu_hogs as usize,
+            })
+            .await;
         }
         builtin(&a).await
     })
@@ -640,6 +667,18 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
     progress.step("deadline precision");
     let hang = set.action("hang").cloned().ok_or("no hang action")?;
     let overshoot = deadline_precision(&hang, if a.quick { 200 } else { 1000 }).await?;
+    // The same under CPU-bound neighbours: an agent process is never idle.
+    let overshoot_hogs = if a.cpu_hogs > 0 {
+        let _hogs = Hogs::start(a.cpu_hogs as usize)?;
+        // Let them reach full speed first.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((
+            a.cpu_hogs,
+            deadline_precision(&hang, if a.quick { 200 } else { 1000 }).await?,
+        ))
+    } else {
+        None
+    };
     progress.step("event publishing");
     let events = event_bench(if a.quick { 2000 } else { 20_000 }).await?;
     for s in series.iter_mut() {
@@ -654,6 +693,7 @@ async fn builtin(a: &BenchArgs) -> Result<ExitCode, String> {
     report(
         &series,
         &overshoot,
+        overshoot_hogs.as_ref(),
         memory,
         &events,
         hedge_extra,
@@ -809,7 +849,56 @@ async fn deadline_precision(hang: &ActionSpec, n: usize) -> Result<Overshoot, St
     })
 }
 
-fn rss_bytes() -> usize {
+/// Busy processes (this binary with `bench --hog`), stopped when dropped.
+pub(crate) struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    pub(crate) fn start(n: usize) -> Result<Hogs, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut out = Hogs(Vec::with_capacity(n));
+        for _ in 0..n {
+            let child = std::process::Command::new(&exe)
+                .args(["bench", "--hog"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("starting a --cpu-hogs process: {e}"))?;
+            out.0.push(child);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `--hog`: spin until stdin closes (the bench that started it is gone or done).
+fn hog() -> ExitCode {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        s.store(true, Ordering::Relaxed);
+    });
+    let mut x = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for i in 0..100_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+pub(crate) fn rss_bytes() -> usize {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| {
@@ -940,9 +1029,11 @@ async fn event_bench(n: usize) -> Result<EventNumbers, String> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn report(
     series: &[Series],
     over: &Overshoot,
+    over_hogs: Option<&(u32, Overshoot)>,
     memory: f64,
     events: &EventNumbers,
     hedge_extra: f64,
@@ -1012,6 +1103,12 @@ fn report(
         "deadline precision: {} hung actions, budget 100 ms: overshoot p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs ({} timed_out)",
         over.actions, over.p50_us, over.p99_us, over.max_us, over.timed_out
     );
+    if let Some((n, h)) = over_hogs {
+        println!(
+            "deadline precision beside {n} busy processes: overshoot p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs ({} timed_out)",
+            h.p50_us, h.p99_us, h.max_us, h.timed_out
+        );
+    }
     println!("memory: {memory:.0} bytes per live call (20 state variables, 20-turn transcript; RSS delta)");
     let mut hedge_rows = Vec::new();
     for conc in [1usize, 64] {
@@ -1038,6 +1135,7 @@ fn report(
             "scenarios": rows,
             "first_action_warm_vs_steady_p50": warm_ratio,
             "deadline": {"actions": over.actions, "budget_ms": 100, "overshoot_p50_us": over.p50_us, "overshoot_p99_us": over.p99_us, "overshoot_max_us": over.max_us, "timed_out": over.timed_out},
+            "deadline_cpu_hogs": over_hogs.map(|(n, h)| json!({"cpu_hogs": n, "actions": h.actions, "budget_ms": 100, "overshoot_p50_us": h.p50_us, "overshoot_p99_us": h.p99_us, "overshoot_max_us": h.max_us, "timed_out": h.timed_out})),
             "memory": {"bytes_per_call": memory},
             "hedge": {"extra_requests_share": hedge_extra, "rows": hedge_rows},
             "events": {"publish_p50_us": events.publish_p50_us, "publish_p99_us": events.publish_p99_us, "durable_events_per_s": events.durable_events_per_s, "events": events.events},

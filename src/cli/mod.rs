@@ -9,6 +9,7 @@ pub(crate) mod render;
 pub(crate) mod runs;
 pub(crate) mod serve;
 pub(crate) mod simulate;
+pub(crate) mod soak;
 pub(crate) mod tools;
 
 use std::io::Read;

@@ -308,8 +308,60 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
             })
             .collect();
     }
-    // The cap is the host's: every action to an origin shares the one an action sets there.
+    // The cap is the host's: every action to an origin shares the one `[[origins]]` or an
+    // action sets there.
     let mut caps: HashMap<String, (u32, String)> = HashMap::new();
+    for (i, o) in file.origins.iter().enumerate() {
+        let mut problem = |field: &str, message: String| {
+            problems.push(Problem {
+                path: at!["origins", i, field],
+                context: Some(format!("origin {}", i + 1)),
+                field: Some(field.into()),
+                message,
+            })
+        };
+        let origin = match crate::template::UrlTemplate::compile(&o.url, &[]) {
+            Ok(u) if u.source_is_origin() => u.origin().to_string(),
+            Ok(_) => {
+                problem("url", format!("\"{}\" is not just scheme and host (no path or query), e.g. \"https://crm.example.com\"", o.url));
+                continue;
+            }
+            Err(e) => {
+                problem("url", e.message);
+                continue;
+            }
+        };
+        if !actions.iter().any(|a| a.url.origin() == origin) {
+            let known: Vec<&str> = {
+                let mut v: Vec<&str> = actions.iter().map(|a| a.url.origin()).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            };
+            problem(
+                "url",
+                format!(
+                    "no action is sent to {origin} (the actions' origins: {})",
+                    known.join(", ")
+                ),
+            );
+            continue;
+        }
+        if caps.contains_key(&origin) {
+            problem("url", format!("{origin} is listed twice"));
+            continue;
+        }
+        match o.max_in_flight {
+            None => {}
+            Some(n) if (1..=100_000).contains(&n) => {
+                caps.insert(origin, (n as u32, format!("[[origins]] {}", i + 1)));
+            }
+            Some(n) => problem(
+                "max_in_flight",
+                format!("{n} is out of range (1 to 100000 requests at once)"),
+            ),
+        }
+    }
     for (i, a) in actions.iter().enumerate() {
         let Some(n) = a.max_in_flight else { continue };
         match caps.get(a.url.origin()) {
@@ -318,13 +370,16 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
                 context: Some(format!("action \"{}\"", a.name)),
                 field: Some("max_in_flight".into()),
                 message: format!(
-                    "{n} differs from the {m} that action \"{first}\" sets for {}; the cap is the host's, give one value",
+                    "{n} differs from the {m} that {first} sets for {}; the cap is the host's, give one value",
                     a.url.origin()
                 ),
             }),
             Some(_) => {}
             None => {
-                caps.insert(a.url.origin().to_string(), (n, a.name.clone()));
+                caps.insert(
+                    a.url.origin().to_string(),
+                    (n, format!("action \"{}\"", a.name)),
+                );
             }
         }
     }

@@ -21,6 +21,17 @@ pub(crate) struct AgentFile {
     pub(crate) egress: EgressDef,
     #[serde(default)]
     pub(crate) inbound: InboundDef,
+    #[serde(default)]
+    pub(crate) origins: Vec<OriginDef>,
+}
+
+/// `[[origins]]`: what applies to every action sent to one origin.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OriginDef {
+    pub(crate) url: String,
+    #[serde(default)]
+    pub(crate) max_in_flight: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

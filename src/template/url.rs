@@ -160,6 +160,12 @@ impl UrlTemplate {
         &self.base
     }
 
+    /// Whether the template is its origin alone (`https://host[:port]`, a `/` at most).
+    pub(crate) fn source_is_origin(&self) -> bool {
+        self.rest.is_empty()
+            || (self.rest.len() == 1 && matches!(&self.rest[0].0, Part::Lit(s) if &**s == "/"))
+    }
+
     pub(crate) fn placeholders(&self) -> impl Iterator<Item = &super::Placeholder> {
         self.rest.iter().filter_map(|(p, _)| match p {
             Part::Var(v) => Some(v),

@@ -169,6 +169,36 @@ async fn ten_sequential_actions_use_one_connection() {
 }
 
 #[tokio::test]
+async fn warming_again_keeps_at_most_one_spare_connection_per_host() {
+    // Every call start warms its hosts. With a busy pool the connector is rarely asked for a
+    // new connection, so each warm-up used to leave one more idle socket behind.
+    let server = TestServer::https(|_, _| Reply::ok(json!({"v": 1}))).await;
+    let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");
+    let rt = builder()
+        .add_root_certificate(server.ca_der.clone().unwrap())
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        let report = rt.warm(&set, Duration::from_secs(2)).await;
+        assert_eq!(report.warmed, vec![server.origin()]);
+    }
+    assert_eq!(rt.connections_opened(), 1, "one spare, not twenty");
+    // Twenty warm-ups at once open one connection too.
+    let rt = builder()
+        .add_root_certificate(server.ca_der.clone().unwrap())
+        .build()
+        .unwrap();
+    futures_util::future::join_all((0..20).map(|_| rt.warm(&set, Duration::from_secs(2)))).await;
+    assert_eq!(rt.connections_opened(), 1);
+    let mut c = call();
+    let out = rt
+        .execute(set.action("a").unwrap(), &mut c, json!({}), &long())
+        .await;
+    assert_eq!(out.status, Status::Ok, "{:?}", out.error);
+    assert_eq!(rt.connections_opened(), 1, "the spare was used");
+}
+
+#[tokio::test]
 async fn warm_up_opens_the_connection_the_first_action_uses() {
     let server = TestServer::https(|_, _| Reply::ok(json!({"v": 1}))).await;
     let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");

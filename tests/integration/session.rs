@@ -863,6 +863,36 @@ fn max_in_flight_is_the_hosts_and_checked_at_load() {
     assert_eq!(set.action("b").unwrap().max_in_flight(), Some(8));
 }
 
+#[test]
+fn origins_table_sets_the_hosts_cap_and_is_checked() {
+    // [[origins]] caps every action to the origin.
+    let set = load_toml(&format!(
+        "{AGENT}{}{}[[origins]]\nurl = \"https://crm.example.com\"\nmax_in_flight = 6\n",
+        action("a", "https://crm.example.com", ""),
+        action("b", "https://other.example.com", ""),
+    ))
+    .unwrap();
+    assert_eq!(set.action("a").unwrap().max_in_flight(), Some(6));
+    assert_eq!(set.action("b").unwrap().max_in_flight(), None);
+    // An action that disagrees names the table; a typo'd origin lists the real ones; a path
+    // is refused; every problem at once.
+    let e = load_toml(&format!(
+        "{AGENT}{}[[origins]]\nurl = \"https://crm.example.com\"\nmax_in_flight = 6\n\n[[origins]]\nurl = \"https://crm.exampel.com\"\nmax_in_flight = 2\n\n[[origins]]\nurl = \"https://crm.example.com/v1\"\n",
+        action("a", "https://crm.example.com", "max_in_flight = 8"),
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("8 differs from the 6 that [[origins]] 1 sets"),
+        "{e}"
+    );
+    assert!(
+        e.contains("no action is sent to https://crm.exampel.com (the actions' origins: https://crm.example.com)"),
+        "{e}"
+    );
+    assert!(e.contains("is not just scheme and host"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_read_is_hedged_and_the_first_answer_wins() {
     // Every odd request is slow (800 ms), every even one fast.
