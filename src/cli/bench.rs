@@ -26,7 +26,7 @@ use midcall::{ActionSet, ActionSpec, Call, CallInfo, Runtime, Syntax, ToolCall, 
 /// action against its real endpoint instead.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  midcall bench --quick\n  midcall bench --json benches/results/bench.json\n  midcall bench --actions agent.toml --action lookup --concurrency 16 --requests 2000 --allow-http --allow-network 127.0.0.0/8"
+    after_help = "Examples:\n  midcall bench --quick\n  midcall bench --json benches/results/bench.json\n  midcall bench --soak --quick --cpu-hogs 2 --worker-nice -10\n  midcall bench --actions agent.toml --action lookup --concurrency 16 --requests 2000 --allow-http --allow-network 127.0.0.0/8"
 )]
 pub(crate) struct BenchArgs {
     /// A small run that finishes in seconds.
@@ -78,6 +78,18 @@ pub(crate) struct BenchArgs {
     /// deadline precision and the soak are measured under them too.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
     cpu_hogs: u32,
+    /// The runtime's `event_interval` (tokio's default 61: how many task polls a busy worker
+    /// runs between checks of timers and sockets).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    event_interval: Option<u32>,
+    /// Give the bench runtime's threads this nice value (-20 to 19; below 0 needs root or
+    /// CAP_SYS_NICE), as an embedder may with `midcall::exec::set_thread_nice`.
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    worker_nice: Option<i32>,
+    /// Internal: only the memory-per-call step, for this many calls (run it under a heap
+    /// profiler: peak heap / calls is the heap's view of the same figure).
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    memory_only: Option<u32>,
     /// Internal: spin one core until stdin closes (a --cpu-hogs process).
     #[arg(long, hide = true)]
     hog: bool,
@@ -349,11 +361,29 @@ pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
     if a.hog {
         return Ok(hog());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    if let Some(n) = a.memory_only {
+        let per = memory_per_call(n as usize);
+        println!("{per:.0} bytes per live call (RSS delta over {n} calls)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    if let Some(n) = a.event_interval {
+        builder.event_interval(n);
+    }
+    if let Some(nice) = a.worker_nice {
+        // A better-than-default value needs the privilege: fail loudly once, here, rather
+        // than silently on every worker (this thread goes back to 0 after the probe).
+        if nice < 0 {
+            midcall::exec::set_thread_nice(nice)
+                .and_then(|_| midcall::exec::set_thread_nice(0))
+                .map_err(|e| format!("--worker-nice {nice}: {e}"))?;
+        }
+        builder.on_thread_start(move || {
+            let _ = midcall::exec::set_thread_nice(nice);
+        });
+    }
+    let rt = builder.build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         if a.serve_upstreams {
             return serve_upstreams(a.body_bytes).await;

@@ -26,6 +26,9 @@ const BUDGET_MS: u64 = 500;
 const FILLER_MS: u64 = 150;
 /// How late a "slow" answer comes: past the filler point, inside the budget.
 const SLOW_MS: u64 = 300;
+/// Lines connect spread over this long (2,000 callers arriving within one second is a
+/// thundering herd no phone system sends).
+const RAMP: Duration = Duration::from_secs(3);
 /// The slack an end state may take past its budget and still count as within it.
 const SLACK_MS: u64 = 5;
 
@@ -183,10 +186,23 @@ on_failure = {{ say = "I can't look that up right now." }}
 #[derive(Default)]
 struct Tally {
     calls: usize,
+    over_budget_in_ramp: usize,
     latency_us: Vec<u64>,
     over_budget: usize,
     filler_late_us: Vec<u64>,
     statuses: std::collections::BTreeMap<&'static str, usize>,
+    late_statuses: std::collections::BTreeMap<&'static str, usize>,
+}
+
+/// What the sampler thread saw, once a second.
+#[derive(Default)]
+struct Samples {
+    rss_mb: Vec<usize>,
+    tasks: Vec<usize>,
+    upstream_connections: Vec<usize>,
+    fds: Vec<usize>,
+    rss_warm: usize,
+    rss_end: usize,
 }
 
 fn live_tasks() -> usize {
@@ -213,7 +229,6 @@ pub(crate) async fn run(s: Soak) -> Result<ExitCode, String> {
     let end_at = started + s.duration;
     let tally = Arc::new(Mutex::new(Tally::default()));
     let tool_calls = Arc::new(AtomicUsize::new(0));
-    let warm_rss = Arc::new(OnceLock::<usize>::new());
     let tty = std::io::stderr().is_terminal();
     eprintln!(
         "midcall bench --soak: {} lines of calls for {} s against a fault mix (10 % hang, 5 % 503, 5 % reset, 10 % slow, 70 % fast){}",
@@ -235,7 +250,7 @@ pub(crate) async fn run(s: Soak) -> Result<ExitCode, String> {
         );
         tasks.push(tokio::spawn(async move {
             // Lines connect over the first second, not all at once.
-            let stagger = Duration::from_micros(splitmix(i as u64) % 1_000_000);
+            let stagger = Duration::from_micros(splitmix(i as u64) % RAMP.as_micros() as u64);
             tokio::time::sleep(stagger).await;
             let mut local = Tally::default();
             let mut n = 0u64;
@@ -282,6 +297,10 @@ pub(crate) async fn run(s: Soak) -> Result<ExitCode, String> {
                     local.latency_us.push(took.as_micros() as u64);
                     if took > Duration::from_millis(BUDGET_MS + SLACK_MS) {
                         local.over_budget += 1;
+                        if t0.saturating_duration_since(started) < RAMP {
+                            local.over_budget_in_ramp += 1;
+                        }
+                        *local.late_statuses.entry(o.status.as_str()).or_default() += 1;
                     }
                     if let Some(at) = fired.get() {
                         let due = t0 + Duration::from_millis(FILLER_MS);
@@ -305,62 +324,76 @@ pub(crate) async fn run(s: Soak) -> Result<ExitCode, String> {
                 t.calls += local.calls;
                 t.latency_us.extend(local.latency_us);
                 t.over_budget += local.over_budget;
+                t.over_budget_in_ramp += local.over_budget_in_ramp;
                 t.filler_late_us.extend(local.filler_late_us);
                 for (k, v) in local.statuses {
                     *t.statuses.entry(k).or_default() += v;
                 }
+                for (k, v) in local.late_statuses {
+                    *t.late_statuses.entry(k).or_default() += v;
+                }
             }
         }));
     }
-    // Progress, and the RSS once every call is up and has made its first tool calls.
-    let warm_after = s.duration / 4;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut rss_end = 0;
-    let mut rss_samples = Vec::new();
-    let mut task_samples = Vec::new();
-    let mut conn_samples = Vec::new();
-    let mut fd_samples = Vec::new();
-    loop {
-        tick.tick().await;
-        let el = started.elapsed();
-        rss_samples.push(rss_bytes() / 1_000_000);
-        task_samples.push(live_tasks());
-        conn_samples.push(UPSTREAM_OPEN.load(Ordering::Relaxed));
-        fd_samples.push(
-            std::fs::read_dir("/proc/self/fd")
-                .map(|d| d.count())
-                .unwrap_or(0),
-        );
-        if el >= warm_after {
-            let _ = warm_rss.set(rss_bytes());
-        }
-        if tty {
-            let width = 30;
-            let filled =
-                (width as f64 * (el.as_secs_f64() / s.duration.as_secs_f64()).min(1.0)) as usize;
-            eprint!(
-                "\r[{}{}] {:>3}/{} s, {} tool calls",
-                "#".repeat(filled),
-                " ".repeat(width - filled),
-                el.as_secs().min(s.duration.as_secs()),
-                s.duration.as_secs(),
-                tool_calls.load(Ordering::Relaxed)
+    // Progress and samples, on a thread of their own (reading /proc on a worker would add
+    // to the lateness being measured).
+    let handle = tokio::runtime::Handle::current();
+    let duration = s.duration;
+    let counter = tool_calls.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut out = Samples::default();
+        let mut next = started;
+        loop {
+            next += Duration::from_secs(1);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            let el = started.elapsed();
+            let rss = rss_bytes();
+            out.rss_mb.push(rss / 1_000_000);
+            out.tasks.push(handle.metrics().num_alive_tasks());
+            out.upstream_connections
+                .push(UPSTREAM_OPEN.load(Ordering::Relaxed));
+            out.fds.push(
+                std::fs::read_dir("/proc/self/fd")
+                    .map(|d| d.count())
+                    .unwrap_or(0),
             );
+            // Warm: once every line is up and has made its first tool calls.
+            if el >= duration / 4 && out.rss_warm == 0 {
+                out.rss_warm = rss;
+            }
+            if tty {
+                let width = 30;
+                let filled =
+                    (width as f64 * (el.as_secs_f64() / duration.as_secs_f64()).min(1.0)) as usize;
+                eprint!(
+                    "\r[{}{}] {:>3}/{} s, {} tool calls",
+                    "#".repeat(filled),
+                    " ".repeat(width - filled),
+                    el.as_secs().min(duration.as_secs()),
+                    duration.as_secs(),
+                    counter.load(Ordering::Relaxed)
+                );
+            }
+            if el + Duration::from_millis(1100) >= duration {
+                // The last full second: every line is still live.
+                out.rss_end = rss;
+            }
+            if el >= duration {
+                if tty {
+                    eprintln!();
+                }
+                return out;
+            }
         }
-        if el + Duration::from_millis(1100) >= s.duration {
-            // The last full second: every call is still live.
-            rss_end = rss_bytes();
-        }
-        if el >= s.duration {
-            break;
-        }
-    }
-    if tty {
-        eprintln!();
-    }
+    });
     for t in tasks {
         let _ = t.await;
     }
+    let samples = tokio::task::spawn_blocking(move || sampler.join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the sampler thread panicked")?;
+    let (rss_end, rss_warm) = (samples.rss_end, samples.rss_warm);
     // The runtime goes too (its pool's idle connections are tasks): what is left is a leak.
     drop(runtime);
     // Let hung requests' connections close and their tasks go (bounded).
@@ -369,7 +402,6 @@ pub(crate) async fn run(s: Soak) -> Result<ExitCode, String> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let tasks_end = live_tasks();
-    let rss_warm = warm_rss.get().copied().unwrap_or(rss_end);
     let mut t = std::mem::take(&mut *tally.lock().map_err(|_| "tally")?);
     t.latency_us.sort_unstable();
     t.filler_late_us.sort_unstable();
@@ -389,6 +421,9 @@ pub(crate) async fn run(s: Soak) -> Result<ExitCode, String> {
             "phone_calls": t.calls,
             "within_budget_share": within,
             "over_budget": t.over_budget,
+            "over_budget_statuses": t.late_statuses,
+            "over_budget_during_ramp": t.over_budget_in_ramp,
+            "ramp_s": RAMP.as_secs(),
             "filler_fired": t.filler_late_us.len(),
             "filler_late_p50_ms": percentile(&t.filler_late_us, 0.5) / 1000.0,
             "filler_late_p99_ms": filler_p99_ms,
@@ -399,10 +434,10 @@ pub(crate) async fn run(s: Soak) -> Result<ExitCode, String> {
             "rss_warm_bytes": rss_warm,
             "rss_end_bytes": rss_end,
             "rss_growth_after_warm": growth,
-            "rss_mb_each_second": rss_samples,
-            "live_tasks_each_second": task_samples,
-            "upstream_connections_each_second": conn_samples,
-            "open_fds_each_second": fd_samples,
+            "rss_mb_each_second": samples.rss_mb,
+            "live_tasks_each_second": samples.tasks,
+            "upstream_connections_each_second": samples.upstream_connections,
+            "open_fds_each_second": samples.fds,
             "tasks_start": tasks_start,
             "tasks_end": tasks_end,
             "circuit_open_outcomes": breaker,
@@ -411,11 +446,27 @@ pub(crate) async fn run(s: Soak) -> Result<ExitCode, String> {
     });
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let mut table = Table::new(&[("measure", false), ("value", true), ("goal", false)]);
-    table.row(vec!["tool calls".into(), total.to_string(), String::new()]);
+    table.row(vec![
+        "tool calls (phone calls)".into(),
+        format!("{total} ({})", t.calls),
+        String::new(),
+    ]);
     table.row(vec![
         format!("ended within budget + {SLACK_MS} ms"),
         format!("{:.3} %", within * 100.0),
         format!("100 %: {}", verdict(t.over_budget == 0)),
+    ]);
+    table.row(vec![
+        format!("  late during the {} s ramp / after it", RAMP.as_secs()),
+        format!(
+            "{} / {}",
+            t.over_budget_in_ramp,
+            t.over_budget - t.over_budget_in_ramp
+        ),
+        format!(
+            "max {:.1} ms",
+            t.latency_us.last().copied().unwrap_or(0) as f64 / 1000.0
+        ),
     ]);
     table.row(vec![
         format!("filler lateness p99 (after {FILLER_MS} ms)"),

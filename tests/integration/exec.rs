@@ -1074,3 +1074,27 @@ async fn a_warmed_connection_that_went_stale_is_retried_for_get() {
     assert_eq!(out.attempts, 2);
     assert_eq!(server.accepted(), 2);
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn set_thread_nice_changes_the_calling_thread_only_and_checks_its_range() {
+    let e = midcall::exec::set_thread_nice(20).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("-20 to 19"), "{e}");
+    let before = rustix::process::getpriority_process(None).unwrap();
+    let (mine, process) = std::thread::spawn(|| {
+        midcall::exec::set_thread_nice(7).unwrap();
+        let tid = rustix::thread::gettid();
+        (
+            rustix::process::getpriority_process(Some(tid)).unwrap(),
+            rustix::process::getpriority_process(None).unwrap(),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!(mine, 7);
+    // getpriority(PRIO_PROCESS, 0) is the calling thread's on Linux: the spawned thread sees
+    // its own 7; this thread kept its value.
+    assert_eq!(process, 7);
+    assert_eq!(rustix::process::getpriority_process(None).unwrap(), before);
+}
