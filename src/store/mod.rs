@@ -17,9 +17,10 @@ impl From<rusqlite::Error> for OutboxError {
     }
 }
 
-/// Every table: events, deliveries, attempts and endpoints (the outbox); runs and run_steps
-/// (the run log); inbound_seen (replay protection).
-const SCHEMA: &str = r#"
+/// Schema version 1, every table: events, deliveries, attempts and endpoints (the outbox);
+/// runs and run_steps (the run log); inbound_seen (replay protection). `IF NOT EXISTS`, so it
+/// also adopts a database made before versions were kept.
+const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL,
@@ -106,20 +107,87 @@ pub(crate) fn open(path: &Path) -> Result<Connection, OutboxError> {
     })
 }
 
+/// One step of the schema, applied once, in order, inside the migrating transaction.
+struct Migration {
+    version: i64,
+    what: &'static str,
+    apply: fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+}
+
+/// Every schema version this build knows, oldest first. Add to the end; never edit one that
+/// has shipped.
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        what: "the outbox, delivery log, run log and inbound replay tables",
+        apply: |tx| tx.execute_batch(SCHEMA_V1),
+    },
+    Migration {
+        version: 2,
+        what: "deliveries.target (automation steps' deliveries)",
+        apply: |tx| {
+            // Version 1 as written already has it; a database from before automations
+            // (adopted as version 1) does not.
+            let has: bool = tx
+                .prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'target'")?
+                .exists([])?;
+            if !has {
+                tx.execute_batch("ALTER TABLE deliveries ADD COLUMN target TEXT")?;
+            }
+            Ok(())
+        },
+    },
+];
+
+/// The schema version this build writes and reads.
+pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
 fn open_at(path: &Path) -> Result<Connection, OutboxError> {
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(SCHEMA)?;
-    // Databases made before automations had no `target` column.
-    let has_target: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'target'")?
-        .exists([])?;
-    if !has_target {
-        conn.execute_batch("ALTER TABLE deliveries ADD COLUMN target TEXT")?;
-    }
+    migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Brings the database to [`SCHEMA_VERSION`] in one write transaction (`BEGIN IMMEDIATE`: of
+/// several processes opening an empty file at once, one migrates and the others wait for it,
+/// then find nothing to do); refuses a database a newer midcall wrote.
+fn migrate(conn: &mut Connection) -> Result<(), OutboxError> {
+    let tx = write_tx(conn)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, migrated_ms INTEGER NOT NULL)",
+    )?;
+    let current: i64 = tx
+        .query_row("SELECT version FROM schema_version WHERE id = 1", [], |r| {
+            r.get(0)
+        })
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(0),
+            e => Err(e),
+        })?;
+    if current > SCHEMA_VERSION {
+        return Err(OutboxError(format!(
+            "schema version {current} was written by a newer midcall; this one knows up to {SCHEMA_VERSION}: upgrade midcall, or point it at another database"
+        )));
+    }
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        (m.apply)(&tx).map_err(|e| {
+            OutboxError(format!(
+                "migrating to schema version {} ({}): {e}",
+                m.version, m.what
+            ))
+        })?;
+    }
+    if current < SCHEMA_VERSION {
+        tx.execute(
+            "INSERT INTO schema_version (id, version, migrated_ms) VALUES (1, ?1, ?2) ON CONFLICT(id) DO UPDATE SET version = excluded.version, migrated_ms = excluded.migrated_ms",
+            rusqlite::params![SCHEMA_VERSION, crate::events::time::now_ms()],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 /// Opens an outbox database that must already exist (the logs read one; they never create it).

@@ -596,3 +596,81 @@ async fn an_endpoint_failing_past_the_window_is_disabled() {
     assert_eq!(log.deliveries(None, Some("skipped"), 10).unwrap().len(), 1);
     bus.close().await;
 }
+
+fn schema_version(db: &std::path::Path) -> i64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn an_outbox_from_before_schema_versions_is_upgraded_with_its_rows() {
+    // A database as midcall wrote it before automations: no `target`, no version table.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("old.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, type TEXT NOT NULL, call_id TEXT NOT NULL, body BLOB NOT NULL, created_ms INTEGER NOT NULL);
+             CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, event_seq INTEGER NOT NULL REFERENCES events(seq), endpoint TEXT NOT NULL, call_id TEXT NOT NULL, webhook_id TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, due_ms INTEGER NOT NULL, lease_ms INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL, done_ms INTEGER, last_error TEXT);
+             INSERT INTO events VALUES (1, 'evt_1', 'event_phone_call_ended', 'call_old', x'7b7d', 1000);
+             INSERT INTO deliveries (event_seq, endpoint, call_id, webhook_id, status, due_ms, created_ms) VALUES (1, 'crm', 'call_old', 'msg_1', 'delivered', 1000, 1000);",
+        )
+        .unwrap();
+    }
+    let log = DeliveryLog::open(&db).unwrap();
+    let rows = log.deliveries(Some("call_old"), None, 10).unwrap();
+    assert_eq!(rows.len(), 1, "the old row survives the upgrade");
+    assert_eq!(schema_version(&db), 2);
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let has_target: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('deliveries') WHERE name = 'target'")
+        .unwrap()
+        .exists([])
+        .unwrap();
+    assert!(has_target);
+    // Opening again changes nothing.
+    drop(log);
+    DeliveryLog::open(&db).unwrap();
+    assert_eq!(schema_version(&db), 2);
+}
+
+#[test]
+fn an_outbox_from_a_newer_midcall_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("new.db");
+    std::fs::write(&db, b"").unwrap();
+    DeliveryLog::open(&db).unwrap();
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("UPDATE schema_version SET version = 99", [])
+        .unwrap();
+    let e = DeliveryLog::open(&db).unwrap_err();
+    assert!(e.contains("new.db"), "{e}");
+    assert!(
+        e.contains("schema version 99 was written by a newer midcall; this one knows up to 2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn many_openers_of_an_empty_database_at_once_migrate_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fresh.db");
+    std::fs::write(&db, b"").unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let db = db.clone();
+            std::thread::spawn(move || DeliveryLog::open(&db).map(|_| ()))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    assert_eq!(schema_version(&db), 2);
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let rows: i64 = c
+        .query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1);
+}
