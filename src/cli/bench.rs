@@ -215,34 +215,38 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 ) {
     static SEQ: AtomicUsize = AtomicUsize::new(0);
     let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    loop {
-        let Ok(n) = s.read(&mut chunk).await else {
-            return;
-        };
-        if n == 0 {
+    while next_request(&mut s, &mut buf).await {
+        match answer {
+            Answer::Hang => continue,
+            Answer::Tail => {
+                // 5 % late, spread evenly over the requests.
+                if super::soak::splitmix(SEQ.fetch_add(1, Ordering::Relaxed) as u64) % 100 < 5 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            Answer::Now => {}
+        }
+        if s.write_all(resp).await.is_err() {
             return;
         }
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+    }
+}
+
+/// Waits until `buf` holds a whole request head (to the blank line) and removes it; false at
+/// the end of the stream or on an error. Bodies are not read (the bench sends none).
+pub(crate) async fn next_request<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> bool {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             buf.drain(..end + 4);
-            match answer {
-                Answer::Hang => continue,
-                Answer::Tail => {
-                    // splitmix64 of a request counter: 5 % late, spread evenly.
-                    let mut z = (SEQ.fetch_add(1, Ordering::Relaxed) as u64)
-                        .wrapping_add(0x9E37_79B9_7F4A_7C15);
-                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                    if (z ^ (z >> 31)) % 100 < 5 {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-                Answer::Now => {}
-            }
-            if s.write_all(resp).await.is_err() {
-                return;
-            }
+            return true;
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }

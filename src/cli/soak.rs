@@ -17,7 +17,7 @@ use midcall::exec::Budget;
 use midcall::transport::EgressPolicy;
 use midcall::{ActionSet, CallEnd, CallInfo, Runtime, Syntax, ToolCall, Turn};
 
-use super::bench::{percentile, rss_bytes, Hogs};
+use super::bench::{next_request, percentile, rss_bytes, Hogs};
 use super::Table;
 
 /// The turn budget of every tool call.
@@ -64,7 +64,7 @@ fn fault(n: u64) -> Fault {
     }
 }
 
-fn splitmix(n: u64) -> u64 {
+pub(crate) fn splitmix(n: u64) -> u64 {
     let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -130,34 +130,24 @@ async fn serve(mut s: tokio::net::TcpStream, seq: Arc<AtomicU64>) {
     let ok = response("200 OK", r#"{"data":{"customer":{"name":"Dana R"}}}"#);
     let unavailable = response("503 Service Unavailable", "{}");
     let mut buf = Vec::with_capacity(2048);
-    let mut chunk = [0u8; 2048];
-    loop {
-        let Ok(n) = s.read(&mut chunk).await else {
-            return;
-        };
-        if n == 0 {
-            return;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.drain(..end + 4);
-            let answer = match fault(seq.fetch_add(1, Ordering::Relaxed)) {
-                Fault::Hang => {
-                    // Never answer; wait for the client to give up and close.
-                    while matches!(s.read(&mut chunk).await, Ok(n) if n > 0) {}
-                    return;
-                }
-                Fault::Reset => return,
-                Fault::Unavailable => &unavailable,
-                Fault::Slow => {
-                    tokio::time::sleep(Duration::from_millis(SLOW_MS)).await;
-                    &ok
-                }
-                Fault::Fast => &ok,
-            };
-            if s.write_all(answer).await.is_err() {
+    while next_request(&mut s, &mut buf).await {
+        let answer = match fault(seq.fetch_add(1, Ordering::Relaxed)) {
+            Fault::Hang => {
+                // Never answer; wait for the client to give up and close.
+                let mut chunk = [0u8; 512];
+                while matches!(s.read(&mut chunk).await, Ok(n) if n > 0) {}
                 return;
             }
+            Fault::Reset => return,
+            Fault::Unavailable => &unavailable,
+            Fault::Slow => {
+                tokio::time::sleep(Duration::from_millis(SLOW_MS)).await;
+                &ok
+            }
+            Fault::Fast => &ok,
+        };
+        if s.write_all(answer).await.is_err() {
+            return;
         }
     }
 }
