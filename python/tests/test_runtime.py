@@ -331,3 +331,57 @@ def test_the_pipecat_example_runs(tmp_path):
     assert "4 tool calls from the model, 3 ok, 1 with a fallback line" in p.stdout, p.stdout
     assert "(filler)" in p.stdout
     assert "[cache hit]" in p.stdout
+
+
+def _run(code: str, **env):
+    import os
+    import subprocess
+    import sys
+
+    e = dict(os.environ)
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=e)
+
+
+def test_importing_midcall_imports_neither_framework():
+    p = _run("import sys, midcall; print(sorted(m for m in ('pipecat', 'livekit') if m in sys.modules))")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
+
+
+def test_an_adapter_without_its_framework_names_the_extra():
+    # A framework that is not installed (None in sys.modules makes its import fail).
+    p = _run(
+        "import sys; sys.modules['pipecat'] = None; sys.modules['livekit'] = None\n"
+        "for m in ('midcall.pipecat', 'midcall.livekit'):\n"
+        "    try:\n"
+        "        __import__(m)\n"
+        "    except ImportError as e:\n"
+        "        print(e)\n"
+    )
+    assert p.returncode == 0, p.stderr
+    assert "pip install './python[pipecat]'" in p.stdout, p.stdout
+    assert "pip install './python[livekit]'" in p.stdout, p.stdout
+
+
+def test_the_interpreter_exits_cleanly_with_tool_calls_still_running(agent_file, upstream):
+    # Tool calls hung at exit, a filler pending, a call never ended: the process must still
+    # exit 0 (the runtime's threads never touch the interpreter: no Fatal Python error).
+    code = f"""
+import asyncio, midcall
+rt = midcall.Runtime({str(agent_file)!r}, secrets={{"CRM_TOKEN": "x"}},
+                     allow_networks=["127.0.0.0/8"], ca_certs=[{str(upstream.cert_pem)!r}])
+async def main():
+    call = await rt.start_call(id="exit")
+    for i in range(20):
+        asyncio.ensure_future(call.tool("hang", {{}}, budget_ms=10_000, on_filler=print))
+        asyncio.ensure_future(call.tool("slow_report", {{"ms": 2000}}, on_filler=print))
+    await asyncio.sleep(0.2)
+asyncio.run(main())
+print("done")
+"""
+    for _ in range(3):
+        p = _run(code)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "Fatal Python error" not in p.stderr
+        assert p.stdout.strip().endswith("done"), p.stdout
