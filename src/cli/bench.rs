@@ -90,6 +90,9 @@ pub(crate) struct BenchArgs {
     /// profiler: peak heap / calls is the heap's view of the same figure).
     #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     memory_only: Option<u32>,
+    /// Internal: only N sequential cache hits through one session (to run under callgrind).
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    hit_profile: Option<u32>,
     /// Internal: spin one core until stdin closes (a --cpu-hogs process).
     #[arg(long, hide = true)]
     hog: bool,
@@ -394,6 +397,9 @@ pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
         }
         if let Some(file) = a.actions.clone() {
             return user_action(&a, &file).await;
+        }
+        if let Some(n) = a.hit_profile {
+            return hit_profile(n as usize).await;
         }
         if a.soak {
             return super::soak::run(super::soak::Soak {
@@ -881,6 +887,39 @@ async fn deadline_precision(hang: &ActionSpec, n: usize) -> Result<Overshoot, St
         max_us: *over.last().unwrap_or(&0) as f64,
         timed_out: results.iter().filter(|(t, _)| *t).count(),
     })
+}
+
+/// `--hit-profile N`: N sequential session cache hits, nothing else (a profiler's view of the
+/// hit path); prints the mean.
+async fn hit_profile(n: usize) -> Result<ExitCode, String> {
+    let (http, _, hang, tail, _) = start_upstreams(1024).await?;
+    let base = |p: u16| format!("http://127.0.0.1:{p}");
+    let set = Arc::new(agent(&base(http), &base(http), &base(hang), &base(tail))?);
+    let rt = local_runtime(None, 4)?;
+    let session = rt
+        .start_call(set, call_info(0), Duration::from_secs(1))
+        .await;
+    let budget = || Budget::new(Duration::from_secs(60));
+    let first = session
+        .tool("hit", ToolCall::new("fill", json!({})), budget())
+        .await;
+    if first.status.as_str() != "ok" {
+        return Err(format!("filling the cache: {}", first.to_json()));
+    }
+    let t = Instant::now();
+    for i in 0..n {
+        let o = session
+            .tool("hit", ToolCall::new(format!("h{i}"), json!({})), budget())
+            .await;
+        if o.status.as_str() != "cache_hit" {
+            return Err(format!("not a hit: {}", o.to_json()));
+        }
+    }
+    println!(
+        "{n} session cache hits: {:.2} µs each",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Busy processes (this binary with `bench --hog`), stopped when dropped.
