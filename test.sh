@@ -2,7 +2,8 @@
 # Every test: the Rust suite (cargo test), then the Python package's: ./python is built and
 # installed into a virtual environment (.venv, or $MIDCALL_VENV) with the pinned test
 # requirements, and pytest runs against real local servers and inside the real Pipecat and
-# LiveKit Agents. Needs the Rust toolchain, Python >= 3.9 with venv, and the package index.
+# LiveKit Agents. Needs the Rust toolchain, Python >= 3.11 with venv (Pipecat 1.14 requires it;
+# the module itself supports 3.9), and the package index.
 set -euo pipefail
 cd "$(dirname "$0")"
 
