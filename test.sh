@@ -3,7 +3,7 @@
 # installed into a virtual environment (.venv, or $MIDCALL_VENV) with the pinned test
 # requirements, and pytest runs against real local servers and inside the real Pipecat and
 # LiveKit Agents. Needs the Rust toolchain, Python >= 3.11 with venv (Pipecat 1.14 requires it;
-# the module itself supports 3.9), and the package index.
+# the module is an abi3 wheel for 3.9+, tested on 3.11), and the package index.
 set -euo pipefail
 cd "$(dirname "$0")"
 
