@@ -213,14 +213,11 @@ fn build(o: Options) -> PyResult<PyRuntime> {
     let mut policy = EgressPolicy::from_config(agent.egress())
         .allow_http(agent.egress().allow_http || o.allow_http);
     for (i, cidr) in o.allow_networks.iter().enumerate() {
-        let net = cidr
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map_err(|_| {
-                PyValueError::new_err(format!(
-                    "allow_networks[{i}]: \"{cidr}\" is not a CIDR such as 10.0.0.0/8"
-                ))
-            })?;
+        let net = EgressPolicy::parse_network(cidr).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "allow_networks[{i}]: \"{cidr}\" is not a CIDR such as 10.0.0.0/8"
+            ))
+        })?;
         policy = policy.allow_network(net);
     }
     let _enter = tokio().enter();

@@ -85,10 +85,9 @@ pub(crate) fn egress_policy(
     let mut policy = midcall::EgressPolicy::from_config(set.egress())
         .allow_http(set.egress().allow_http || allow_http);
     for cidr in allow_networks {
-        let net = cidr
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map_err(|_| format!("--allow-network: \"{cidr}\" is not a CIDR such as 10.0.0.0/8"))?;
+        let net = midcall::EgressPolicy::parse_network(cidr).ok_or_else(|| {
+            format!("--allow-network: \"{cidr}\" is not a CIDR such as 10.0.0.0/8")
+        })?;
         policy = policy.allow_network(net);
     }
     Ok(policy)

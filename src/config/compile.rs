@@ -505,7 +505,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         allow_networks: Vec::new(),
     };
     for (i, net) in file.egress.allow_networks.iter().enumerate() {
-        match parse_network(net) {
+        match crate::transport::EgressPolicy::parse_network(net) {
             Some(n) => egress.allow_networks.push(n),
             None => problems.push(Problem {
                 path: at!["egress", "allow_networks", i],
@@ -548,12 +548,6 @@ fn fingerprint(name: &str, rules: &[ExtractRule]) -> u64 {
 }
 
 /// Parses a CIDR, or a bare address as a single-host network.
-fn parse_network(s: &str) -> Option<ipnet::IpNet> {
-    s.parse::<ipnet::IpNet>()
-        .ok()
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
-}
-
 fn compile_action(s: &mut Scope<'_>, def: raw::ActionDef, names: &[String]) -> Option<ActionSpec> {
     let before = s.problems.len();
     if !valid_name(&def.name) {

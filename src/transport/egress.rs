@@ -62,6 +62,14 @@ impl EgressPolicy {
         self
     }
 
+    /// A network as written in `[egress] allow_networks` or `--allow-network`: a CIDR
+    /// (`10.0.0.0/8`) or a single address (`127.0.0.1`).
+    pub fn parse_network(s: &str) -> Option<IpNet> {
+        s.parse::<IpNet>()
+            .ok()
+            .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+    }
+
     /// Exempts a network from the blocked ranges (local development, tests).
     pub fn allow_network(mut self, net: IpNet) -> Self {
         if !self.allow_networks.contains(&net) {
