@@ -78,10 +78,6 @@ pub(crate) struct BenchArgs {
     /// deadline precision and the soak are measured under them too.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
     cpu_hogs: u32,
-    /// The runtime's `event_interval` (tokio's default 61: how many task polls a busy worker
-    /// runs between checks of timers and sockets).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    event_interval: Option<u32>,
     /// Give the bench runtime's threads this nice value (-20 to 19; below 0 needs root or
     /// CAP_SYS_NICE), as an embedder may with `midcall::exec::set_thread_nice`.
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
@@ -375,9 +371,6 @@ pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(2).enable_all();
-    if let Some(n) = a.event_interval {
-        builder.event_interval(n);
-    }
     if let Some(nice) = a.worker_nice {
         // A better-than-default value needs the privilege: fail loudly once, here, rather
         // than silently on every worker (this thread goes back to 0 after the probe).
