@@ -1,7 +1,8 @@
 //! `midcall._native`: the Rust side of the Python package.
 //!
-//! One tokio runtime per process (pyo3-async-runtimes' own, on its own threads) runs every
-//! tool call; coroutines are bridged to asyncio by pyo3-async-runtimes. The Python layer in
+//! One tokio runtime per process, on its own threads (`midcall-worker`), runs every tool call.
+//! Results come back to asyncio through one wake-up queue per event loop ([`Waker`]: a socket
+//! the loop watches), so no runtime thread ever takes the GIL. The Python layer in
 //! `midcall/__init__.py` wraps these classes in `async def` methods, so what users get are
 //! real coroutines (they work with `await` and with `asyncio.create_task`).
 //!
@@ -41,19 +42,71 @@ const DEFAULT_BUDGET_MS: u64 = 2000;
 /// The longest budget a tool call may be given.
 const MAX_BUDGET_MS: u64 = 600_000;
 
+/// The process's runtime, started when the module is imported.
+static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+
 fn tokio() -> &'static tokio::runtime::Runtime {
-    pyo3_async_runtimes::tokio::get_runtime()
+    RUNTIME
+        .get()
+        .expect("the runtime is started when midcall._native is imported")
 }
 
 // ---------------------------------------------------------------------------------------------
 // Values between Python and JSON.
 
-/// A Python value as JSON; `at` names the place for the error (`arguments.phone`).
-fn to_json(v: &Bound<'_, PyAny>, at: &str, depth: usize) -> PyResult<Value> {
+/// A Python value as JSON; `at` names the place for the error (`arguments.phone`). The place
+/// is built only when something is wrong: a good value costs no path strings.
+fn to_json(v: &Bound<'_, PyAny>, at: &str) -> PyResult<Value> {
+    convert(v, 0).map_err(|bad| {
+        let mut place = at.to_string();
+        for seg in bad.path.iter().rev() {
+            place.push_str(seg);
+        }
+        match bad.why {
+            Why::Type(m) => PyTypeError::new_err(format!("{place}: {m}")),
+            Why::Value(m) => PyValueError::new_err(format!("{place}: {m}")),
+            Why::Python(e) => e,
+        }
+    })
+}
+
+/// What is wrong with a value, and where (innermost segment first: `.when`, `[2]`).
+struct Bad {
+    path: Vec<String>,
+    why: Why,
+}
+
+enum Why {
+    Type(String),
+    Value(String),
+    Python(PyErr),
+}
+
+impl Bad {
+    fn new(why: Why) -> Bad {
+        Bad {
+            path: Vec::new(),
+            why,
+        }
+    }
+
+    fn at(mut self, seg: String) -> Bad {
+        self.path.push(seg);
+        self
+    }
+}
+
+impl From<PyErr> for Bad {
+    fn from(e: PyErr) -> Bad {
+        Bad::new(Why::Python(e))
+    }
+}
+
+fn convert(v: &Bound<'_, PyAny>, depth: usize) -> Result<Value, Bad> {
     if depth > MAX_DEPTH {
-        return Err(PyValueError::new_err(format!(
-            "{at}: nested more than {MAX_DEPTH} levels deep"
-        )));
+        return Err(Bad::new(Why::Value(format!(
+            "nested more than {MAX_DEPTH} levels deep"
+        ))));
     }
     if v.is_none() {
         return Ok(Value::Null);
@@ -68,14 +121,16 @@ fn to_json(v: &Bound<'_, PyAny>, at: &str, depth: usize) -> PyResult<Value> {
         if let Ok(n) = i.extract::<u64>() {
             return Ok(Value::from(n));
         }
-        return Err(PyValueError::new_err(format!(
-            "{at}: the integer does not fit in 64 bits"
+        return Err(Bad::new(Why::Value(
+            "the integer does not fit in 64 bits".into(),
         )));
     }
     if let Ok(f) = v.cast::<PyFloat>() {
         let x = f.value();
         return Number::from_f64(x).map(Value::Number).ok_or_else(|| {
-            PyValueError::new_err(format!("{at}: {x} is not a JSON number (NaN or infinite)"))
+            Bad::new(Why::Value(format!(
+                "{x} is not a JSON number (NaN or infinite)"
+            )))
         });
     }
     if let Ok(s) = v.cast::<PyString>() {
@@ -85,35 +140,43 @@ fn to_json(v: &Bound<'_, PyAny>, at: &str, depth: usize) -> PyResult<Value> {
         let mut m = Map::with_capacity(d.len());
         for (k, x) in d.iter() {
             let Ok(key) = k.cast::<PyString>() else {
-                return Err(PyTypeError::new_err(format!(
-                    "{at}: a key of type {} is not JSON-compatible (keys are str)",
+                return Err(Bad::new(Why::Type(format!(
+                    "a key of type {} is not JSON-compatible (keys are str)",
                     type_name(&k)
-                )));
+                ))));
             };
             let key = key.to_cow()?.into_owned();
-            let val = to_json(&x, &format!("{at}.{key}"), depth + 1)?;
-            m.insert(key, val);
+            match convert(&x, depth + 1) {
+                Ok(val) => {
+                    m.insert(key, val);
+                }
+                Err(bad) => return Err(bad.at(format!(".{key}"))),
+            }
         }
         return Ok(Value::Object(m));
     }
     if let Ok(l) = v.cast::<PyList>() {
-        let mut out = Vec::with_capacity(l.len());
-        for (i, x) in l.iter().enumerate() {
-            out.push(to_json(&x, &format!("{at}[{i}]"), depth + 1)?);
-        }
-        return Ok(Value::Array(out));
+        return array(l.iter(), l.len(), depth);
     }
     if let Ok(t) = v.cast::<PyTuple>() {
-        let mut out = Vec::with_capacity(t.len());
-        for (i, x) in t.iter().enumerate() {
-            out.push(to_json(&x, &format!("{at}[{i}]"), depth + 1)?);
-        }
-        return Ok(Value::Array(out));
+        return array(t.iter(), t.len(), depth);
     }
-    Err(PyTypeError::new_err(format!(
-        "{at}: a value of type {} is not JSON-compatible (use dict, list, str, int, float, bool or None)",
+    Err(Bad::new(Why::Type(format!(
+        "a value of type {} is not JSON-compatible (use dict, list, str, int, float, bool or None)",
         type_name(v)
-    )))
+    ))))
+}
+
+fn array<'py>(
+    items: impl Iterator<Item = Bound<'py, PyAny>>,
+    len: usize,
+    depth: usize,
+) -> Result<Value, Bad> {
+    let mut out = Vec::with_capacity(len);
+    for (i, x) in items.enumerate() {
+        out.push(convert(&x, depth + 1).map_err(|bad| bad.at(format!("[{i}]")))?);
+    }
+    Ok(Value::Array(out))
 }
 
 fn type_name(v: &Bound<'_, PyAny>) -> String {
@@ -525,7 +588,7 @@ impl PyCall {
 
     /// Sets one variable by dotted path (`call_outcome`, `customer.tier`).
     fn set(&self, path: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        let v = to_json(value, &format!("set({path:?})"), 0)?;
+        let v = to_json(value, &format!("set({path:?})"))?;
         let p = midcall::StatePath::parse(path)
             .map_err(|e| PyValueError::new_err(format!("set({path:?}): {e}")))?;
         self.session
@@ -548,7 +611,7 @@ impl PyCall {
         waker: &Bound<'py, Waker>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let args = match arguments {
-            Some(a) => to_json(a, "arguments", 0)?,
+            Some(a) => to_json(a, "arguments")?,
             None => Value::Object(Map::new()),
         };
         let ms = budget_ms.unwrap_or(DEFAULT_BUDGET_MS);
@@ -913,9 +976,15 @@ impl PyOutcome {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name("midcall-worker");
-    pyo3_async_runtimes::tokio::init(builder);
+    if RUNTIME.get().is_none() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("midcall-worker")
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("starting midcall's runtime: {e}")))?;
+        // A second import in the same process (a subinterpreter) keeps the first runtime.
+        let _ = RUNTIME.set(rt);
+    }
     m.add_class::<PyRuntime>()?;
     m.add_class::<PyCall>()?;
     m.add_class::<PyOutcome>()?;
