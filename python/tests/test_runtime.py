@@ -250,13 +250,47 @@ async def test_two_hundred_concurrent_tool_calls_on_one_call(runtime, upstream):
     assert call.running == 0
 
 
-async def test_tools_match_the_cli_shape(runtime):
-    openai = runtime.tools("openai")
-    names = [t["function"]["name"] for t in openai]
-    assert names == runtime.actions
+def _midcall_bin():
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for p in (os.environ.get("MIDCALL_BIN"), root / "target/debug/midcall", root / "target/release/midcall"):
+        if p and Path(p).exists():
+            return str(p)
+    pytest.fail("the CLI comparisons need the midcall binary: cargo build (or set MIDCALL_BIN)")
+
+
+def test_tools_are_what_the_cli_prints(runtime, agent_file):
+    import subprocess
+
+    for fmt in ("openai", "anthropic"):
+        cli = subprocess.run(
+            [_midcall_bin(), "tools", str(agent_file), "--format", fmt],
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+        assert runtime.tools(fmt) == json.loads(cli.stdout), fmt
+    assert [t["function"]["name"] for t in runtime.tools("openai")] == runtime.actions
     anthropic = runtime.tools("anthropic")
     assert [t["name"] for t in anthropic] == runtime.actions
     assert anthropic[1]["input_schema"]["required"] == ["n"]
+
+
+async def test_to_dict_is_the_cli_outcome_json(runtime, agent_file):
+    import subprocess
+
+    cli = subprocess.run(
+        [_midcall_bin(), "exec", str(agent_file), "--action", "get_item", "--args", '{"n": 5}',
+         "--allow-http", "--allow-network", "127.0.0.0/8", "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    want = json.loads(cli.stdout)
+    call = await runtime.start_call(id="c-cli")
+    got = (await call.tool("get_item", {"n": 5}, tool_call_id="cli_0")).to_dict()
+    assert set(want) - {"state"} == set(got) == CLI_KEYS
+    for k in ("action", "tool_call_id", "status", "http_status", "attempts", "values", "llm_result",
+              "say", "filler_fired", "cache", "deduplicated", "detached", "error"):
+        assert got[k] == want[k], k
 
 
 async def test_end_then_tools_are_rejected(runtime):

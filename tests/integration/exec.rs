@@ -27,6 +27,14 @@ fn runtime() -> Runtime {
     builder().build().unwrap()
 }
 
+/// A runtime that trusts the HTTPS test server's certificate.
+fn trusting(server: &TestServer) -> Runtime {
+    builder()
+        .add_root_certificate(server.ca_der.clone().unwrap())
+        .build()
+        .unwrap()
+}
+
 fn builder() -> midcall::RuntimeBuilder {
     Runtime::builder()
         .egress(local_policy())
@@ -174,20 +182,14 @@ async fn warming_again_keeps_at_most_one_spare_connection_per_host() {
     // new connection, so each warm-up used to leave one more idle socket behind.
     let server = TestServer::https(|_, _| Reply::ok(json!({"v": 1}))).await;
     let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");
-    let rt = builder()
-        .add_root_certificate(server.ca_der.clone().unwrap())
-        .build()
-        .unwrap();
+    let rt = trusting(&server);
     for _ in 0..20 {
         let report = rt.warm(&set, Duration::from_secs(2)).await;
         assert_eq!(report.warmed, vec![server.origin()]);
     }
     assert_eq!(rt.connections_opened(), 1, "one spare, not twenty");
     // Twenty warm-ups at once open one connection too.
-    let rt = builder()
-        .add_root_certificate(server.ca_der.clone().unwrap())
-        .build()
-        .unwrap();
+    let rt = trusting(&server);
     futures_util::future::join_all((0..20).map(|_| rt.warm(&set, Duration::from_secs(2)))).await;
     assert_eq!(rt.connections_opened(), 1);
     let mut c = call();
@@ -202,10 +204,7 @@ async fn warming_again_keeps_at_most_one_spare_connection_per_host() {
 async fn warm_up_opens_the_connection_the_first_action_uses() {
     let server = TestServer::https(|_, _| Reply::ok(json!({"v": 1}))).await;
     let set = one_action(&server.origin(), "/x", "extract = { v = \"$.v\" }");
-    let rt = builder()
-        .add_root_certificate(server.ca_der.clone().unwrap())
-        .build()
-        .unwrap();
+    let rt = trusting(&server);
     let report = rt.warm(&set, Duration::from_secs(2)).await;
     assert_eq!(report.warmed, vec![server.origin()]);
     assert!(report.failed.is_empty());
@@ -273,10 +272,7 @@ async fn untrusted_certificate_is_a_tls_transport_error() {
     let server = TestServer::https_untrusted(|_, _| Reply::ok(json!({}))).await;
     let set = one_action(&server.origin(), "/x", "");
     // Trusts a different CA than the one that signed the server's certificate.
-    let rt = builder()
-        .add_root_certificate(server.ca_der.clone().unwrap())
-        .build()
-        .unwrap();
+    let rt = trusting(&server);
     let out = run_a(&rt, &set).await;
     assert_eq!(out.status, Status::TransportError);
     let e = out.error.unwrap();
