@@ -632,8 +632,12 @@ impl PyCall {
             args,
         };
         let budget = Budget::new(Duration::from_millis(ms));
-        let _enter = tokio().enter();
-        let mut handle = self.session.tool(name, call, budget);
+        // Rendering, validating and spawning run without the GIL: other Python threads go on.
+        let session = &self.session;
+        let mut handle = py.detach(|| {
+            let _enter = tokio().enter();
+            session.tool(name, call, budget)
+        });
         if let Some(cb) = on_filler {
             let q = waker.get().queue.clone();
             handle = handle.on_filler(move |line: &str| q.push(Done::Filler(cb, line.to_string())));
