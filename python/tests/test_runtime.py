@@ -21,6 +21,19 @@ CLI_KEYS = {
 }
 
 
+def _run(code: str, argv=(), **env):
+    """Runs `code` in a fresh interpreter (this venv's), with `argv` after it."""
+    import os
+    import subprocess
+    import sys
+
+    e = dict(os.environ)
+    e.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60, env=e
+    )
+
+
 async def test_ok_writes_values_into_state(runtime):
     call = await runtime.start_call(id="c-ok", from_number="+15551234567")
     out = await call.tool("lookup_customer", {}, tool_call_id="tc_1")
@@ -329,7 +342,6 @@ def test_mock_crm_runs_the_example_agent():
 
 
 def test_outbox_records_the_call_events_and_runs_the_automation(tmp_path):
-    import sqlite3
     from pathlib import Path
 
     agent = Path(__file__).resolve().parents[2] / "examples" / "front-desk" / "agent.toml"
@@ -346,9 +358,19 @@ def test_outbox_records_the_call_events_and_runs_the_automation(tmp_path):
     out, runs = asyncio.run(go())
     assert out.status == "ok"
     assert len(runs) == 1, runs  # the front desk's call_completed automation (crm-sync)
-    with sqlite3.connect(db) as c:
-        kinds = [r[0] for r in c.execute("SELECT type FROM events WHERE call_id = 'c-outbox' ORDER BY seq")]
-        run_rows = c.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    # Read the file from another process: Python's sqlite3 is a second copy of SQLite, and two
+    # copies in one process break each other's file locks and WAL mapping (SQLite's own
+    # warning; here it ended the interpreter with SIGBUS once in CI).
+    p = _run(
+        "import json, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1])\n"
+        "kinds = [r[0] for r in c.execute(\"SELECT type FROM events WHERE call_id = 'c-outbox' ORDER BY seq\")]\n"
+        "runs = c.execute('SELECT COUNT(*) FROM runs').fetchone()[0]\n"
+        "print(json.dumps([kinds, runs]))",
+        argv=[str(db)],
+    )
+    assert p.returncode == 0, p.stderr
+    kinds, run_rows = json.loads(p.stdout)
     # What the front desk's webhooks subscribe to, and the automation's delivery.
     assert kinds == ["event_phone_call_ended", "event_post_call_processing_completed", "automation:crm-sync"], kinds
     assert run_rows == 1
@@ -367,14 +389,7 @@ def test_the_pipecat_example_runs(tmp_path):
     assert "[cache hit]" in p.stdout
 
 
-def _run(code: str, **env):
-    import os
-    import subprocess
-    import sys
 
-    e = dict(os.environ)
-    e.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=e)
 
 
 def test_importing_midcall_imports_neither_framework():
