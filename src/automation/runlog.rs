@@ -2,11 +2,11 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde::Serialize;
 
 use crate::events::outbox;
-use crate::store::{self, OutboxError};
+use crate::store::{LogConn, OutboxError};
 
 /// A run as the log shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -162,6 +162,7 @@ pub(crate) fn record_step(
     run: &str,
     step: &StepRecord,
     delivery: Option<(&outbox::NewEvent, &str)>,
+    new_context: Option<&[u8]>,
     now: i64,
 ) -> Result<Option<i64>, OutboxError> {
     let tx = crate::store::write_tx(conn)?;
@@ -177,6 +178,12 @@ pub(crate) fn record_step(
         "INSERT OR REPLACE INTO run_steps (run_id, idx, kind, status, detail, at_ms, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![run, step.index, step.kind, step.status, detail, now, step.duration_ms],
     )?;
+    if let Some(ctx) = new_context {
+        tx.execute(
+            "UPDATE runs SET context = ?2 WHERE id = ?1",
+            params![run, ctx],
+        )?;
+    }
     tx.commit()?;
     Ok(id)
 }
@@ -195,17 +202,6 @@ pub(crate) fn finish(
     Ok(())
 }
 
-/// A run's stored context (what its templates read).
-pub(crate) fn context(conn: &mut Connection, run: &str) -> Result<Option<Vec<u8>>, OutboxError> {
-    Ok(conn
-        .query_row(
-            "SELECT context FROM runs WHERE id = ?1",
-            params![run],
-            |r| r.get(0),
-        )
-        .optional()?)
-}
-
 /// How many runs are queued or running.
 pub(crate) fn unfinished(conn: &Connection) -> Result<i64, OutboxError> {
     Ok(conn.query_row(
@@ -215,17 +211,62 @@ pub(crate) fn unfinished(conn: &Connection) -> Result<i64, OutboxError> {
     )?)
 }
 
-/// Reads the run log of an outbox database.
+/// Runs with their steps, newest first (SQLite).
+pub(crate) fn query(
+    conn: &Connection,
+    id: Option<&str>,
+    automation: Option<&str>,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<RunRecord>, OutboxError> {
+    let mut st = conn.prepare(
+        "SELECT id, automation, trigger, call_id, status, created_ms, finished_ms, error FROM runs
+         WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR automation = ?2) AND (?3 IS NULL OR status = ?3)
+         ORDER BY created_ms DESC, rowid DESC LIMIT ?4",
+    )?;
+    let rows = st.query_map(params![id, automation, status, limit], |r| {
+        Ok(RunRecord {
+            id: r.get(0)?,
+            automation: r.get(1)?,
+            trigger: r.get(2)?,
+            call_id: r.get(3)?,
+            status: r.get(4)?,
+            created_ms: r.get(5)?,
+            finished_ms: r.get(6)?,
+            error: r.get(7)?,
+            steps: Vec::new(),
+        })
+    })?;
+    let mut runs: Vec<RunRecord> = rows.collect::<Result<_, _>>()?;
+    let mut steps = conn.prepare(
+        "SELECT idx, kind, status, detail, duration_ms FROM run_steps WHERE run_id = ?1 ORDER BY idx",
+    )?;
+    for run in &mut runs {
+        let it = steps.query_map(params![run.id], |r| {
+            Ok(StepRecord {
+                index: r.get(0)?,
+                kind: r.get(1)?,
+                status: r.get(2)?,
+                detail: r.get(3)?,
+                duration_ms: r.get(4)?,
+            })
+        })?;
+        run.steps = it.collect::<Result<_, _>>()?;
+    }
+    Ok(runs)
+}
+
+/// Reads the run log of an outbox database (a SQLite file or a `postgres://` URL).
 #[derive(Debug)]
 pub struct RunLog {
-    conn: Connection,
+    conn: LogConn,
 }
 
 impl RunLog {
-    /// Opens an outbox database (it must exist).
+    /// Opens an outbox database (a SQLite file must exist).
     pub fn open(db: impl AsRef<Path>) -> Result<RunLog, String> {
         Ok(RunLog {
-            conn: store::open_existing(db.as_ref())?,
+            conn: LogConn::open(db.as_ref())?,
         })
     }
 
@@ -237,59 +278,11 @@ impl RunLog {
         status: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RunRecord>, String> {
-        self.query(None, automation, status, limit)
-            .map_err(|e| e.to_string())
+        self.conn.runs(None, automation, status, limit as i64)
     }
 
     /// One run by id.
     pub fn run(&self, id: &str) -> Result<Option<RunRecord>, String> {
-        let mut runs = self
-            .query(Some(id), None, None, 1)
-            .map_err(|e| e.to_string())?;
-        Ok(runs.pop())
-    }
-
-    fn query(
-        &self,
-        id: Option<&str>,
-        automation: Option<&str>,
-        status: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<RunRecord>, OutboxError> {
-        let mut st = self.conn.prepare(
-            "SELECT id, automation, trigger, call_id, status, created_ms, finished_ms, error FROM runs
-             WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR automation = ?2) AND (?3 IS NULL OR status = ?3)
-             ORDER BY created_ms DESC, rowid DESC LIMIT ?4",
-        )?;
-        let rows = st.query_map(params![id, automation, status, limit as i64], |r| {
-            Ok(RunRecord {
-                id: r.get(0)?,
-                automation: r.get(1)?,
-                trigger: r.get(2)?,
-                call_id: r.get(3)?,
-                status: r.get(4)?,
-                created_ms: r.get(5)?,
-                finished_ms: r.get(6)?,
-                error: r.get(7)?,
-                steps: Vec::new(),
-            })
-        })?;
-        let mut runs: Vec<RunRecord> = rows.collect::<Result<_, _>>()?;
-        let mut steps = self.conn.prepare(
-            "SELECT idx, kind, status, detail, duration_ms FROM run_steps WHERE run_id = ?1 ORDER BY idx",
-        )?;
-        for run in &mut runs {
-            let it = steps.query_map(params![run.id], |r| {
-                Ok(StepRecord {
-                    index: r.get(0)?,
-                    kind: r.get(1)?,
-                    status: r.get(2)?,
-                    detail: r.get(3)?,
-                    duration_ms: r.get(4)?,
-                })
-            })?;
-            run.steps = it.collect::<Result<_, _>>()?;
-        }
-        Ok(runs)
+        Ok(self.conn.runs(Some(id), None, None, 1)?.pop())
     }
 }

@@ -3,17 +3,17 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::Connection;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::runlog::{self, ClaimedRun, NewRun, RunLog, StepRecord};
+use super::runlog::{ClaimedRun, RunLog, StepRecord};
 use super::{post_call_payload, RunContext, TargetRef};
 use crate::config::{ActionSet, AutomationSpec, Step, Trigger};
-use crate::events::outbox::{NewEvent, OutboxError};
+use crate::events::outbox::NewEvent;
 use crate::events::{time, Event, EventBus};
 use crate::exec::{Budget, CallCompletion, Runtime, ToolCall};
 use crate::state::{Call, CallEnd, CallInfo};
+use crate::store::{Db, OwnedRun};
 use crate::template::{BodyTemplate, Redactor, RenderErrorKind, SecretSource};
 
 /// Why runs could not be started.
@@ -45,6 +45,10 @@ pub enum StartError {
     Storage(String),
 }
 
+/// How long a claimed run is this process's without renewal (renewed every third of it while
+/// it runs; PostgreSQL only: another process resumes a run whose lease ran out).
+const RUN_LEASE: Duration = Duration::from_secs(30);
+
 /// Builds [`Automations`]. Every setting has a default, given on its method.
 pub struct AutomationsBuilder {
     set: Arc<ActionSet>,
@@ -72,8 +76,22 @@ impl AutomationsBuilder {
     /// Opens the run log in the bus's outbox database, queues again the runs a stopped
     /// process left running, and starts the worker task (call inside a tokio runtime).
     pub fn start(self) -> Result<Automations, String> {
-        let conn = crate::store::open(self.bus.db_path()).map_err(|e| e.to_string())?;
-        let resumed = runlog::requeue_running(&conn).map_err(|e| e.to_string())?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err("automations must be started inside a tokio runtime".into());
+        }
+        let db = self
+            .bus
+            .store()
+            .reopen(self.bus.location())
+            .map_err(|e| e.to_string())?;
+        let resumed = match &db {
+            Db::Sqlite(_) => {
+                let db2 = db.clone();
+                crate::store::on_own_runtime(async move { db2.requeue_running().await })
+                    .map_err(|e| e.to_string())?
+            }
+            Db::Postgres(_) => 0,
+        };
         if resumed > 0 {
             tracing::info!(resumed, "automation runs resumed");
         }
@@ -83,16 +101,13 @@ impl AutomationsBuilder {
             set: self.set,
             runtime: self.runtime,
             bus: self.bus,
-            conn: Arc::new(Mutex::new(conn)),
+            db,
             notify: Notify::new(),
             stop,
             permits: Arc::new(Semaphore::new(self.concurrency)),
             concurrency: self.concurrency as u32,
             task: Mutex::new(None),
         });
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err("automations must be started inside a tokio runtime".into());
-        }
         // Weak registrations: the runtime and the bus must not keep the automations alive.
         inner.bus.register_targets(Arc::new(StepTargets {
             set: inner.set.clone(),
@@ -116,8 +131,8 @@ struct StepTargets {
 impl crate::events::DeliveryTargets for StepTargets {
     fn resolve(
         &self,
-        conn: &mut Connection,
         target: &str,
+        context: Option<&[u8]>,
     ) -> Result<crate::events::ResolvedTarget, String> {
         let t: TargetRef =
             serde_json::from_str(target).map_err(|_| "unreadable automation target".to_string())?;
@@ -136,10 +151,8 @@ impl crate::events::DeliveryTargets for StepTargets {
         else {
             return Err("the automation step is no longer in the config".into());
         };
-        let bytes = runlog::context(conn, &t.run)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "the run is no longer in the run log".to_string())?;
-        let inputs: RunContext = serde_json::from_slice(&bytes)
+        let bytes = context.ok_or_else(|| "the run is no longer in the run log".to_string())?;
+        let inputs: RunContext = serde_json::from_slice(bytes)
             .map_err(|_| "the run's context is unreadable".to_string())?;
         Ok(crate::events::ResolvedTarget {
             url: url.clone(),
@@ -189,7 +202,7 @@ struct Inner {
     runtime: Runtime,
     bus: EventBus,
     secrets: Arc<dyn SecretSource>,
-    conn: Arc<Mutex<Connection>>,
+    db: Db,
     notify: Notify,
     stop: watch::Sender<Stop>,
     permits: Arc<Semaphore>,
@@ -244,13 +257,6 @@ impl Automations {
         RunLog::open(self.inner.bus.db_path())
     }
 
-    async fn db<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
-    ) -> Result<T, String> {
-        db(&self.inner.conn, f).await
-    }
-
     /// The call ended: publishes `phone_call_ended` and `post_call_processing_completed` (the
     /// post-call payload, see [`super::post_call_payload`]) durably, then queues every enabled
     /// call_completed automation whose agents include the call's agent. Returns the queued
@@ -303,22 +309,21 @@ impl Automations {
             .map(|a| (run_id(now), a.id.clone()))
             .collect();
         let ids = rows.iter().map(|(id, _)| id.clone()).collect();
-        let call_id = call.info.id.clone();
-        self.db(move |c| {
-            let runs: Vec<NewRun<'_>> = rows
-                .iter()
-                .map(|(id, automation)| NewRun {
-                    id,
-                    automation,
-                    trigger: "call_completed",
-                    call_id: Some(&call_id),
-                    context: &bytes,
-                })
-                .collect();
-            runlog::insert(c, &runs, now)
-        })
-        .await
-        .map_err(StartError::Storage)?;
+        let runs: Vec<OwnedRun> = rows
+            .into_iter()
+            .map(|(id, automation)| OwnedRun {
+                id,
+                automation,
+                trigger: "call_completed",
+                call_id: Some(call.info.id.clone()),
+                context: bytes.clone(),
+            })
+            .collect();
+        self.inner
+            .db
+            .insert_runs(runs, now)
+            .await
+            .map_err(|e| StartError::Storage(e.to_string()))?;
         self.inner.notify.notify_one();
         Ok(ids)
     }
@@ -379,27 +384,24 @@ impl Automations {
         };
         self.check_payload(a, &context)?;
         let bytes = serde_json::to_vec(&context).map_err(|e| StartError::Storage(e.to_string()))?;
-        let (run2, id2) = (run.clone(), a.id.clone());
-        let seen = webhook_id.map(str::to_string);
         let window = super::REPLAY_WINDOW.as_millis() as i64;
         let fresh = self
-            .db(move |c| {
-                runlog::insert_once(
-                    c,
-                    &NewRun {
-                        id: &run2,
-                        automation: &id2,
-                        trigger: "webhook",
-                        call_id: None,
-                        context: &bytes,
-                    },
-                    seen.as_deref(),
-                    window,
-                    now,
-                )
-            })
+            .inner
+            .db
+            .insert_run_once(
+                OwnedRun {
+                    id: run.clone(),
+                    automation: a.id.clone(),
+                    trigger: "webhook",
+                    call_id: None,
+                    context: bytes,
+                },
+                webhook_id.map(str::to_string),
+                window,
+                now,
+            )
             .await
-            .map_err(StartError::Storage)?;
+            .map_err(|e| StartError::Storage(e.to_string()))?;
         if !fresh {
             return Err(StartError::Replayed(
                 webhook_id.unwrap_or_default().to_string(),
@@ -444,7 +446,7 @@ impl Automations {
     pub async fn wait_idle(&self, within: Duration) -> bool {
         let until = tokio::time::Instant::now() + within;
         loop {
-            if self.db(|c| runlog::unfinished(c)).await.ok() == Some(0) {
+            if self.inner.db.unfinished().await.ok() == Some(0) {
                 return true;
             }
             if tokio::time::Instant::now() >= until {
@@ -474,20 +476,6 @@ impl Automations {
                 .await;
         }
     }
-}
-
-async fn db<T: Send + 'static>(
-    conn: &Arc<Mutex<Connection>>,
-    f: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
-) -> Result<T, String> {
-    let conn = conn.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut c)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
 }
 
 fn run_id(now: i64) -> String {
@@ -534,6 +522,7 @@ fn render_body_kind(
 /// The worker: claims a queued run whenever a permit is free and runs it on its own task.
 async fn work(inner: Arc<Inner>) {
     let mut stop = inner.stop.subscribe();
+    let wakes = inner.db.pg().map(|p| p.wakes());
     loop {
         if *stop.borrow() != Stop::Run {
             return;
@@ -542,15 +531,26 @@ async fn work(inner: Arc<Inner>) {
             p = inner.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => continue,
         };
-        let claimed = db(&inner.conn, |c| runlog::claim(c, time::now_ms(), 1)).await;
+        let claimed = inner
+            .db
+            .claim_runs(time::now_ms(), 1, RUN_LEASE.as_millis() as i64)
+            .await;
         let run = match claimed {
             Ok(mut runs) if !runs.is_empty() => runs.remove(0),
             Ok(_) => {
                 drop(permit);
-                tokio::select! {
-                    _ = inner.notify.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.changed() => {}
+                match &wakes {
+                    Some(w) => tokio::select! {
+                        _ = inner.notify.notified() => {}
+                        _ = w.runs.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => {}
+                    },
+                    None => tokio::select! {
+                        _ = inner.notify.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => {}
+                    },
                 }
                 continue;
             }
@@ -564,8 +564,21 @@ async fn work(inner: Arc<Inner>) {
         let inner2 = inner.clone();
         let mut abort = inner.stop.subscribe();
         tokio::spawn(async move {
+            let id = run.id.clone();
+            let renew = async {
+                // Keep the run's lease while it runs (PostgreSQL: another process takes over a
+                // run whose lease ran out, as when its process died).
+                loop {
+                    tokio::time::sleep(RUN_LEASE / 3).await;
+                    let until = time::now_ms() + RUN_LEASE.as_millis() as i64;
+                    if let Err(e) = inner2.db.renew_run(id.clone(), until).await {
+                        tracing::warn!(error = %e, "run log: renewing a run's lease");
+                    }
+                }
+            };
             tokio::select! {
                 _ = execute(&inner2, run) => {}
+                _ = renew => {}
                 _ = abort.wait_for(|s| *s == Stop::Abort) => {}
             }
             drop(permit);
@@ -588,11 +601,7 @@ async fn execute(inner: &Inner, run: ClaimedRun) {
                 metrics::counter!("midcall_automation_runs_total", "status" => "succeeded")
                     .increment(1);
             }
-            if let Err(e) = db(&inner.conn, move |c| {
-                runlog::finish(c, &id, error.as_deref(), now)
-            })
-            .await
-            {
+            if let Err(e) = inner.db.finish_run(id, error, now).await {
                 tracing::warn!(error = %e, "run log");
             }
         }
@@ -645,19 +654,17 @@ async fn execute(inner: &Inner, run: ClaimedRun) {
             detail: detail.clone(),
             duration_ms,
         };
-        let id = run.id.clone();
-        let stored = db(&inner.conn, move |c| {
-            let d = delivery.as_ref().map(|(e, t)| (e, t.as_str()));
-            let r = runlog::record_step(c, &id, &record, d, time::now_ms())?;
-            if let Some(ctx) = new_context {
-                c.execute(
-                    "UPDATE runs SET context = ?2 WHERE id = ?1",
-                    rusqlite::params![id, ctx],
-                )?;
-            }
-            Ok(r)
-        })
-        .await;
+        let stored = inner
+            .db
+            .record_step(
+                run.id.clone(),
+                record,
+                delivery,
+                new_context,
+                time::now_ms(),
+            )
+            .await
+            .map_err(|e| e.to_string());
         match stored {
             Ok(Some(_)) => inner.bus.wake(),
             Ok(None) => {}

@@ -1,6 +1,6 @@
-//! Publishing and delivery. `publish` only enqueues into a bounded channel; a writer thread
-//! group-commits batches to the SQLite outbox; a delivery task claims due deliveries, POSTs
-//! them signed, records every attempt and schedules the next.
+//! Publishing and delivery. `publish` only enqueues into a bounded channel; a writer (a thread
+//! for SQLite, a task for PostgreSQL) group-commits batches to the outbox; a delivery task
+//! claims due deliveries, POSTs them signed, records every attempt and schedules the next.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::outbox::{self, Attempt, Claimed, NewEvent, Next};
 use super::{signing, time, Event};
 use crate::config::{ActionSet, WebhookSpec};
 use crate::state::CallInfo;
+use crate::store::{Db, Location, LogConn};
 use crate::template::{EnvSecrets, Redactor, RenderInputs, SecretSource, Template, UrlTemplate};
 use crate::transport::{Deadline, EgressPolicy, Transport, TransportConfig, TransportError};
 
@@ -171,40 +171,34 @@ impl EventBusBuilder {
         if self.deliver && tokio::runtime::Handle::try_current().is_err() {
             return Err("the event bus must be built inside a tokio runtime to deliver".into());
         }
-        let mut writer_conn = outbox::open(&self.db).map_err(|e| e.to_string())?;
-        let worker_conn = outbox::open(&self.db).map_err(|e| e.to_string())?;
-        let (tx, mut rx) = mpsc::channel::<Msg>(self.capacity);
+        let location = Location::of(&self.db);
+        let db = Db::open(&location).map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel::<Msg>(self.capacity);
         let notify = Arc::new(Notify::new());
-        let n2 = notify.clone();
-        let writer = std::thread::Builder::new()
-            .name("midcall-outbox".into())
-            .spawn(move || {
-                while let Some(first) = rx.blocking_recv() {
-                    // Group commit: everything queued while the last commit ran goes in one.
-                    let mut batch = vec![first];
-                    while batch.len() < 4096 {
-                        match rx.try_recv() {
-                            Ok(m) => batch.push(m),
-                            Err(_) => break,
-                        }
-                    }
-                    let events: Vec<NewEvent> =
-                        batch.iter().map(|Msg::Event(e, _)| e.clone()).collect();
-                    let result = outbox::insert_batch(&mut writer_conn, &events, time::now_ms())
-                        .map_err(|e| e.to_string());
-                    if result.is_err() {
-                        metrics::counter!("midcall_events_write_errors_total")
-                            .increment(batch.len() as u64);
-                    }
-                    for Msg::Event(_, done) in batch {
-                        if let Some(done) = done {
-                            let _ = done.send(result.clone());
-                        }
-                    }
-                    n2.notify_one();
+        let writer = match &db {
+            Db::Sqlite(_) => {
+                let Location::Sqlite(path) = &location else {
+                    unreachable!("a SQLite store has a path")
+                };
+                let conn = outbox::open(path).map_err(|e| e.to_string())?;
+                let n2 = notify.clone();
+                Writer::Thread(
+                    std::thread::Builder::new()
+                        .name("midcall-outbox".into())
+                        .spawn(move || write_sqlite(conn, rx, n2))
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            Db::Postgres(pg) => {
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(format!(
+                        "{}: an event bus on PostgreSQL must be built inside a tokio runtime",
+                        location.shown()
+                    ));
                 }
-            })
-            .map_err(|e| e.to_string())?;
+                Writer::Task(tokio::spawn(write_pg(pg.clone(), rx, notify.clone())))
+            }
+        };
         let mut transport = TransportConfig {
             policy: self.policy.clone(),
             extra_roots: Vec::new(),
@@ -236,7 +230,7 @@ impl EventBusBuilder {
             targets: targets.clone(),
         });
         let worker = Worker {
-            conn: Arc::new(Mutex::new(worker_conn)),
+            db: db.clone(),
             transport,
             secrets: self.secrets.clone(),
             webhooks: inner.webhooks.clone(),
@@ -260,6 +254,8 @@ impl EventBusBuilder {
             notify,
             task: Arc::new(Mutex::new(task)),
             db: self.db,
+            location,
+            store: db,
         })
     }
 }
@@ -279,16 +275,88 @@ struct Inner {
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
     overloaded: AtomicU64,
     webhooks: Vec<(String, WebhookSpec)>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    writer: Mutex<Option<Writer>>,
     targets: Targets,
+}
+
+enum Writer {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
+}
+
+/// Group commit: everything queued while the last commit ran goes in the next.
+fn next_batch(first: Msg, rx: &mut mpsc::Receiver<Msg>) -> Vec<Msg> {
+    let mut batch = vec![first];
+    while batch.len() < 4096 {
+        match rx.try_recv() {
+            Ok(m) => batch.push(m),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+fn answer(batch: Vec<Msg>, result: Result<(), String>) {
+    if result.is_err() {
+        metrics::counter!("midcall_events_write_errors_total").increment(batch.len() as u64);
+    }
+    for Msg::Event(_, done) in batch {
+        if let Some(done) = done {
+            let _ = done.send(result.clone());
+        }
+    }
+}
+
+fn write_sqlite(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Msg>, notify: Arc<Notify>) {
+    while let Some(first) = rx.blocking_recv() {
+        let batch = next_batch(first, &mut rx);
+        let events: Vec<NewEvent> = batch.iter().map(|Msg::Event(e, _)| e.clone()).collect();
+        let result =
+            outbox::insert_batch(&mut conn, &events, time::now_ms()).map_err(|e| e.to_string());
+        answer(batch, result);
+        notify.notify_one();
+    }
+}
+
+/// The PostgreSQL writer. A batch that fails because the server is down or restarting is kept
+/// and tried again with backoff (up to 2 s apart) until it commits, so nothing published is lost
+/// while the database restarts; publishers meanwhile fill the channel and, once it is full, get
+/// `Overloaded` (counted). After the bus is closed, a batch is tried for at most 10 s more.
+async fn write_pg(pg: crate::store::pg::Pg, mut rx: mpsc::Receiver<Msg>, notify: Arc<Notify>) {
+    while let Some(first) = rx.recv().await {
+        let batch = next_batch(first, &mut rx);
+        let events: Vec<NewEvent> = batch.iter().map(|Msg::Event(e, _)| e.clone()).collect();
+        let mut backoff = Duration::from_millis(50);
+        let mut closed_since: Option<tokio::time::Instant> = None;
+        let result = loop {
+            match pg.insert_batch(&events, time::now_ms()).await {
+                Ok(()) => break Ok(()),
+                Err(e) if e.transient => {
+                    if rx.is_closed() {
+                        let since = *closed_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() > Duration::from_secs(10) {
+                            break Err(format!("outbox: postgres: {}", e.message));
+                        }
+                    }
+                    metrics::counter!("midcall_outbox_write_retries_total").increment(1);
+                    tracing::warn!(error = %e.message, events = events.len(), "outbox: postgres unavailable; keeping the batch and trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => break Err(format!("outbox: postgres: {}", e.message)),
+            }
+        };
+        answer(batch, result);
+        notify.notify_one();
+    }
 }
 
 /// Resolves the `target` of a delivery that is not an event webhook (an automation step's):
 /// its templates and the render inputs stored with it. Registered by whoever queues such
 /// deliveries ([`crate::Automations`]); the bus never reads their config itself.
 pub(crate) trait DeliveryTargets: Send + Sync + 'static {
-    /// The target, read with `conn` (the outbox database), or why it cannot be.
-    fn resolve(&self, conn: &mut Connection, target: &str) -> Result<ResolvedTarget, String>;
+    /// The target, with its run's stored context (read with the claim), or why it cannot be.
+    fn resolve(&self, target: &str, context: Option<&[u8]>) -> Result<ResolvedTarget, String>;
 }
 
 /// Where a delivery goes and what its templates read.
@@ -308,18 +376,21 @@ pub struct EventBus {
     notify: Arc<Notify>,
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
     db: PathBuf,
+    location: Location,
+    store: Db,
 }
 
 impl std::fmt::Debug for EventBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventBus")
-            .field("db", &self.db)
+            .field("db", &self.location)
             .finish_non_exhaustive()
     }
 }
 
 impl EventBus {
-    /// A builder for an outbox at `db` (created if missing).
+    /// A builder for an outbox at `db`: a SQLite file (created if missing; `sqlite:PATH` also
+    /// names one) or a PostgreSQL database (`postgres://user@host:port/db`, migrated on start).
     pub fn builder(db: impl AsRef<Path>) -> EventBusBuilder {
         EventBusBuilder {
             db: db.as_ref().to_path_buf(),
@@ -431,8 +502,14 @@ impl EventBus {
         let tx = self.inner.tx.lock().ok().and_then(|mut t| t.take());
         drop(tx);
         let writer = self.inner.writer.lock().ok().and_then(|mut w| w.take());
-        if let Some(w) = writer {
-            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        match writer {
+            Some(Writer::Thread(w)) => {
+                let _ = tokio::task::spawn_blocking(move || w.join()).await;
+            }
+            Some(Writer::Task(t)) => {
+                let _ = t.await;
+            }
+            None => {}
         }
         let task = self.task.lock().ok().and_then(|mut t| t.take());
         if let Some(t) = task {
@@ -441,9 +518,19 @@ impl EventBus {
         }
     }
 
-    /// The outbox database's path.
+    /// The outbox database's path (or `postgres://` URL) as given.
     pub fn db_path(&self) -> &Path {
         &self.db
+    }
+
+    /// Where the outbox is.
+    pub(crate) fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The store the bus writes (the automations share a PostgreSQL pool with it).
+    pub(crate) fn store(&self) -> &Db {
+        &self.store
     }
 
     /// The delivery log of this bus's outbox.
@@ -458,17 +545,18 @@ pub(crate) fn event_id(now: i64) -> String {
     format!("{now:x}{:x}{n:x}", std::process::id())
 }
 
-/// Reads and replays the delivery log of an outbox database.
+/// Reads and replays the delivery log of an outbox database (a SQLite file or a
+/// `postgres://` URL).
 #[derive(Debug)]
 pub struct DeliveryLog {
-    conn: Connection,
+    conn: LogConn,
 }
 
 impl DeliveryLog {
-    /// Opens an outbox database.
+    /// Opens an outbox database (a SQLite file must exist).
     pub fn open(db: impl AsRef<Path>) -> Result<DeliveryLog, String> {
         Ok(DeliveryLog {
-            conn: outbox::open_existing(db.as_ref())?,
+            conn: LogConn::open(db.as_ref())?,
         })
     }
 
@@ -480,50 +568,40 @@ impl DeliveryLog {
         status: Option<&str>,
         limit: usize,
     ) -> Result<Vec<super::DeliveryRecord>, String> {
-        outbox::list(&self.conn, call, status, limit as i64).map_err(|e| e.to_string())
+        self.conn.deliveries(call, status, limit as i64)
     }
 
     /// The attempts of one delivery, oldest first.
     pub fn attempts(&self, delivery: i64) -> Result<Vec<super::AttemptRecord>, String> {
-        outbox::attempts(&self.conn, delivery).map_err(|e| e.to_string())
+        self.conn.attempts(delivery)
     }
 
     /// Makes one delivery due again. Returns how many (0 or 1).
     pub fn replay_id(&mut self, id: i64) -> Result<usize, String> {
-        outbox::replay(&mut self.conn, Some(id), None, None, time::now_ms())
-            .map_err(|e| e.to_string())
+        self.conn.replay(Some(id), None, None, time::now_ms())
     }
 
     /// Whether a delivery with this id is in the log.
     pub fn contains(&self, id: i64) -> Result<bool, String> {
-        self.conn
-            .prepare_cached("SELECT 1 FROM deliveries WHERE id = ?1")
-            .and_then(|mut s| s.exists([id]))
-            .map_err(|e| e.to_string())
+        self.conn.contains(id)
     }
 
     /// Deletes delivered deliveries finished before `before_ms` (with their attempts and
     /// events), and automation runs finished before it that no delivery refers to, at most
     /// `batch` of each. The delivery task does this for the retention window.
     pub fn purge_delivered(&mut self, before_ms: i64, batch: usize) -> Result<usize, String> {
-        outbox::purge(&mut self.conn, before_ms, batch as i64).map_err(|e| e.to_string())
+        self.conn.purge(before_ms, batch as i64)
     }
 
     /// Makes every delivery of `status` published since `since_ms` due again.
     pub fn replay_since(&mut self, since_ms: i64, status: &str) -> Result<usize, String> {
-        outbox::replay(
-            &mut self.conn,
-            None,
-            Some(since_ms),
-            Some(status),
-            time::now_ms(),
-        )
-        .map_err(|e| e.to_string())
+        self.conn
+            .replay(None, Some(since_ms), Some(status), time::now_ms())
     }
 }
 
 struct Worker {
-    conn: Arc<Mutex<Connection>>,
+    db: Db,
     transport: Transport,
     secrets: Arc<dyn SecretSource>,
     webhooks: Vec<(String, WebhookSpec)>,
@@ -539,56 +617,92 @@ struct Worker {
 }
 
 impl Worker {
-    async fn db<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, outbox::OutboxError> + Send + 'static,
-    ) -> Option<T> {
-        let conn = self.conn.clone();
-        match tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut c)
-        })
-        .await
-        {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) => {
+    fn ok<T>(r: Result<T, outbox::OutboxError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
                 tracing::warn!(error = %e, "outbox");
                 None
             }
-            Err(_) => None,
         }
     }
 
+    /// The lease of a claim: always longer than an attempt may take (the attempt timeout plus
+    /// as much again, 1 to 10 s), and renewed every third of it while the attempt runs; a
+    /// worker that dies has its claims taken over when the lease runs out (25 s with the
+    /// default 15 s timeout).
+    fn lease(&self) -> Duration {
+        self.attempt_timeout
+            + self
+                .attempt_timeout
+                .clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
     async fn run(self) {
-        let lease = (self.attempt_timeout * 2).as_millis() as i64;
+        let lease = self.lease();
+        let lease_ms = lease.as_millis() as i64;
         let hold = self.hold.as_millis() as i64;
+        let wakes = self.db.pg().map(|p| p.wakes());
         let mut rounds: u64 = 0;
         loop {
             rounds += 1;
             if rounds % 1000 == 1 {
                 let before = time::now_ms() - self.retention.as_millis() as i64;
-                self.db(move |c| outbox::purge(c, before, 500)).await;
+                Self::ok(self.db.purge(before, 500).await);
             }
             let now = time::now_ms();
-            let claimed = self
-                .db(move |c| outbox::claim(c, now, lease, hold, 64))
-                .await
-                .unwrap_or_default();
+            let claimed = Self::ok(self.db.claim(now, lease_ms, hold, 64).await);
+            let Some(claimed) = claimed else {
+                // The database is unreachable: try again shortly (a new event also wakes us).
+                tokio::select! {
+                    _ = self.notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            };
             if claimed.is_empty() {
-                let next = self.db(|c| outbox::next_due(c)).await.flatten();
+                let next = Self::ok(self.db.next_due().await).flatten();
                 let wait = next
                     .map(|due| Duration::from_millis((due - time::now_ms()).clamp(1, 1000) as u64))
                     .unwrap_or(Duration::from_secs(1));
-                tokio::select! {
-                    _ = self.notify.notified() => {}
-                    _ = tokio::time::sleep(wait) => {}
+                match &wakes {
+                    Some(w) => tokio::select! {
+                        _ = self.notify.notified() => {}
+                        _ = w.outbox.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    },
+                    None => tokio::select! {
+                        _ = self.notify.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    },
                 }
                 continue;
             }
-            let done: Vec<(Claimed, Attempt, Next)> =
-                futures_util::future::join_all(claimed.into_iter().map(|c| self.deliver(c))).await;
+            let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+            let work = futures_util::future::join_all(claimed.into_iter().map(|c| self.deliver(c)));
+            tokio::pin!(work);
+            let done: Vec<(Claimed, Attempt, Next)> = loop {
+                tokio::select! {
+                    d = &mut work => break d,
+                    _ = tokio::time::sleep(lease / 3) => {
+                        let until = time::now_ms() + lease_ms;
+                        Self::ok(self.db.renew(ids.clone(), until).await);
+                    }
+                }
+            };
             metrics::counter!("midcall_webhook_attempts_total").increment(done.len() as u64);
-            self.db(move |conn| outbox::record_batch(conn, &done)).await;
+            // Recording must not be lost to a database restart: the attempt happened.
+            let mut backoff = Duration::from_millis(50);
+            for _ in 0..40 {
+                match self.db.record_batch(done.clone()).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox: recording attempts; trying again");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
         }
     }
 
@@ -624,11 +738,9 @@ impl Worker {
                         "no automations are running in this process to resolve the target",
                     );
                 };
-                let t = t.clone();
-                match self.db(move |conn| Ok(targets.resolve(conn, &t))).await {
-                    Some(Ok(r)) => Some(r),
-                    Some(Err(why)) => return failed(c, &why),
-                    None => return failed(c, "the outbox could not be read"),
+                match targets.resolve(t, c.context.as_deref()) {
+                    Ok(r) => Some(r),
+                    Err(why) => return failed(c, &why),
                 }
             }
         };
@@ -719,11 +831,7 @@ impl Worker {
     /// The next step after a failed attempt: a retry per the schedule (never sooner than it,
     /// later when Retry-After asks, up to `retry_after_cap`), or failure.
     async fn retry(&self, c: &Claimed, retry_after: Option<Duration>) -> Next {
-        let endpoint = c.endpoint.clone();
-        let since = self
-            .db(move |conn| outbox::failing_since(conn, &endpoint))
-            .await
-            .flatten();
+        let since = Self::ok(self.db.failing_since(c.endpoint.clone()).await).flatten();
         let now = time::now_ms();
         if since.is_some_and(|s| now - s >= self.disable_after.as_millis() as i64) {
             return Next::Disable {

@@ -3,8 +3,8 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+pub(crate) use crate::store::open;
 pub use crate::store::OutboxError;
-pub(crate) use crate::store::{open, open_existing};
 use serde::Serialize;
 
 /// One event to store with the endpoints it goes to.
@@ -34,9 +34,19 @@ pub(crate) fn insert_targeted(
     tx.execute(
         "INSERT INTO deliveries (event_seq, endpoint, call_id, webhook_id, status, due_ms, created_ms, target)
          VALUES (?1, ?2, ?3, ?4, CASE WHEN EXISTS (SELECT 1 FROM endpoints WHERE endpoint = ?2 AND disabled = 1) THEN 'skipped' ELSE 'pending' END, ?5, ?5, ?6)",
-        params![seq, endpoint, e.call_id, format!("msg_{}_0", e.event_id), now, target],
+        params![seq, endpoint, e.call_id, step_webhook_id(target, &e.event_id), now, target],
     )?;
     Ok(tx.last_insert_rowid())
+}
+
+/// The `webhook-id` of an automation step's delivery: derived from its run and step, so a step
+/// executed again (its process died before recording it) carries the same id and a receiver
+/// can drop the duplicate.
+pub(crate) fn step_webhook_id(target: &str, event_id: &str) -> String {
+    match serde_json::from_str::<crate::automation::TargetRef>(target) {
+        Ok(t) => format!("msg_{}_step{}", t.run, t.step),
+        Err(_) => format!("msg_{event_id}_0"),
+    }
 }
 
 /// Stores a batch in one transaction. Deliveries to disabled endpoints are stored as skipped.
@@ -79,6 +89,8 @@ pub(crate) struct Claimed {
     /// For an automation's `send_webhook` step: which run and step (JSON), so the URL,
     /// headers and signing secret are rendered at delivery time and never stored.
     pub(crate) target: Option<String>,
+    /// For such a delivery: its run's stored context (what the templates read).
+    pub(crate) context: Option<Vec<u8>>,
 }
 
 /// Leases up to `limit` due deliveries. A delivery waits while an earlier one for the same
@@ -93,7 +105,8 @@ pub(crate) fn claim(
     let tx = crate::store::write_tx(conn)?;
     let rows: Vec<Claimed> = {
         let mut st = tx.prepare_cached(
-            "SELECT d.id, d.endpoint, d.webhook_id, d.attempts, e.body, d.target FROM deliveries d JOIN events e ON e.seq = d.event_seq
+            "SELECT d.id, d.endpoint, d.webhook_id, d.attempts, e.body, d.target, r.context FROM deliveries d JOIN events e ON e.seq = d.event_seq
+             LEFT JOIN runs r ON d.target IS NOT NULL AND r.id = json_extract(d.target, '$.run')
              WHERE d.status = 'pending' AND d.due_ms <= ?1 AND d.lease_ms <= ?1
                AND (d.created_ms + ?2 <= ?1 OR NOT EXISTS (
                     SELECT 1 FROM deliveries p WHERE p.endpoint = d.endpoint AND p.call_id = d.call_id
@@ -108,6 +121,7 @@ pub(crate) fn claim(
                 attempts: r.get(3)?,
                 body: r.get(4)?,
                 target: r.get(5)?,
+                context: r.get(6)?,
             })
         })?;
         it.collect::<Result<_, _>>()?
@@ -120,6 +134,21 @@ pub(crate) fn claim(
     }
     tx.commit()?;
     Ok(rows)
+}
+
+/// Extends the leases of deliveries still in flight.
+pub(crate) fn renew(conn: &mut Connection, ids: &[i64], until: i64) -> Result<(), OutboxError> {
+    let tx = crate::store::write_tx(conn)?;
+    {
+        let mut up = tx.prepare_cached(
+            "UPDATE deliveries SET lease_ms = ?2 WHERE id = ?1 AND status = 'pending' AND lease_ms > 0",
+        )?;
+        for id in ids {
+            up.execute(params![id, until])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 /// The earliest time a pending delivery is due, if any.
