@@ -5,14 +5,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
+use base64::Engine as _;
 use serde_json::{json, Value};
 
 use midcall::events::{signing, DeliveryLog, Event, EventBus, EventType, PublishError};
 use midcall::{ActionSet, MapSecrets, Transcript, Turn};
 
 use crate::support::servers::{Recorded, Reply, TestServer};
-use crate::support::{call_info, load_toml, wait_until, AGENT};
+use crate::support::{call_info, load_toml, wait_until, Engine, AGENT};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -83,10 +83,13 @@ fn hook(label: &str, url: &str, subs: &[&str]) -> String {
 
 /// One webhook "h" on `server`, subscribed to `error`: the outbox directory (keep it alive) and
 /// the bus builder.
-fn error_hook(server: &TestServer) -> (tempfile::TempDir, midcall::events::EventBusBuilder) {
+fn error_hook(
+    server: &TestServer,
+    engine: Engine,
+) -> (tempfile::TempDir, midcall::events::EventBusBuilder) {
     let set = agent(&hook("h", &format!("{}/h", server.origin()), &["error"]));
     let dir = tempfile::tempdir().unwrap();
-    let builder = bus(&dir.path().join("o.db"), &set);
+    let builder = bus(&engine.db(dir.path(), "o.db"), &set);
     (dir, builder)
 }
 
@@ -107,8 +110,8 @@ fn bus(db: &std::path::Path, set: &ActionSet) -> midcall::events::EventBusBuilde
         .jitter(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribers_get_only_their_types_signed_in_the_envelope() {
+both_engines!(subscribers_get_only_their_types_signed_in_the_envelope);
+async fn subscribers_get_only_their_types_signed_in_the_envelope(engine: Engine) {
     let a = TestServer::http(|_, _| Reply::Json(200, json!({}))).await;
     let b = TestServer::http(|_, _| Reply::Json(204, json!({}))).await;
     let set = agent(&format!(
@@ -121,7 +124,9 @@ async fn subscribers_get_only_their_types_signed_in_the_envelope() {
         hook("crm", &format!("{}/b", b.origin()), &["action"])
     ));
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(&dir.path().join("outbox.db"), &set).build().unwrap();
+    let bus = bus(&engine.db(dir.path(), "outbox.db"), &set)
+        .build()
+        .unwrap();
     let call = call_info();
     let mut t = Transcript::default();
     t.push(Turn::user("hello", "2025-11-03T19:33:18.330Z"));
@@ -177,8 +182,8 @@ async fn subscribers_get_only_their_types_signed_in_the_envelope() {
     bus.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_follow_the_schedule_and_are_re_signed() {
+both_engines!(retries_follow_the_schedule_and_are_re_signed);
+async fn retries_follow_the_schedule_and_are_re_signed(engine: Engine) {
     let server = TestServer::http(|_, n| {
         if n <= 2 {
             Reply::Json(500, json!({"e": n}))
@@ -187,7 +192,7 @@ async fn retries_follow_the_schedule_and_are_re_signed() {
         }
     })
     .await;
-    let (_dir, bus) = error_hook(&server);
+    let (_dir, bus) = error_hook(&server, engine);
     let bus = bus.build().unwrap();
     bus.publish_durable(&Event::error("E", "m"), &call_info())
         .await
@@ -220,8 +225,8 @@ async fn retries_follow_the_schedule_and_are_re_signed() {
     bus.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_fails_after_the_last_retry_and_can_be_replayed() {
+both_engines!(a_delivery_fails_after_the_last_retry_and_can_be_replayed);
+async fn a_delivery_fails_after_the_last_retry_and_can_be_replayed(engine: Engine) {
     let healthy = Arc::new(AtomicUsize::new(0));
     let h = healthy.clone();
     let server = TestServer::http(move |_, _| {
@@ -232,7 +237,7 @@ async fn a_delivery_fails_after_the_last_retry_and_can_be_replayed() {
         }
     })
     .await;
-    let (_dir, bus) = error_hook(&server);
+    let (_dir, bus) = error_hook(&server, engine);
     let bus = bus.build().unwrap();
     bus.publish_durable(&Event::error("E", "m"), &call_info())
         .await
@@ -250,8 +255,8 @@ async fn a_delivery_fails_after_the_last_retry_and_can_be_replayed() {
     bus.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_after_on_429_and_503_is_honoured() {
+both_engines!(retry_after_on_429_and_503_is_honoured);
+async fn retry_after_on_429_and_503_is_honoured(engine: Engine) {
     for code in [429u16, 503] {
         let server = TestServer::http(move |_, n| {
             if n == 1 {
@@ -265,7 +270,7 @@ async fn retry_after_on_429_and_503_is_honoured() {
             }
         })
         .await;
-        let (_dir, bus) = error_hook(&server);
+        let (_dir, bus) = error_hook(&server, engine);
         let bus = bus.build().unwrap();
         bus.publish_durable(&Event::error("E", "m"), &call_info())
             .await
@@ -284,8 +289,8 @@ async fn retry_after_on_429_and_503_is_honoured() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gone_disables_the_endpoint_later_events_are_skipped_and_replayable() {
+both_engines!(gone_disables_the_endpoint_later_events_are_skipped_and_replayable);
+async fn gone_disables_the_endpoint_later_events_are_skipped_and_replayable(engine: Engine) {
     let gone = Arc::new(AtomicUsize::new(1));
     let g = gone.clone();
     let server = TestServer::http(move |_, _| {
@@ -296,7 +301,7 @@ async fn gone_disables_the_endpoint_later_events_are_skipped_and_replayable() {
         }
     })
     .await;
-    let (_dir, bus) = error_hook(&server);
+    let (_dir, bus) = error_hook(&server, engine);
     let bus = bus.build().unwrap();
     let call = call_info();
     bus.publish_durable(&Event::error("E1", "m"), &call)
@@ -326,8 +331,8 @@ async fn gone_disables_the_endpoint_later_events_are_skipped_and_replayable() {
     bus.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_call_order_holds_while_the_first_event_is_retried() {
+both_engines!(per_call_order_holds_while_the_first_event_is_retried);
+async fn per_call_order_holds_while_the_first_event_is_retried(engine: Engine) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     let fails = Arc::new(AtomicUsize::new(0));
@@ -341,7 +346,7 @@ async fn per_call_order_holds_while_the_first_event_is_retried() {
         Reply::Json(200, json!({}))
     })
     .await;
-    let (_dir, bus) = error_hook(&server);
+    let (_dir, bus) = error_hook(&server, engine);
     let bus = bus.build().unwrap();
     let call = call_info();
     for code in ["first", "second", "third"] {
@@ -357,11 +362,11 @@ async fn per_call_order_holds_while_the_first_event_is_retried() {
     bus.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_channel_refuses_and_counts_never_drops_silently() {
+both_engines!(a_full_channel_refuses_and_counts_never_drops_silently);
+async fn a_full_channel_refuses_and_counts_never_drops_silently(engine: Engine) {
     let set = agent(&hook("h", "http://127.0.0.1:9/h", &["error"]));
     let dir = tempfile::tempdir().unwrap();
-    let bus = bus(&dir.path().join("o.db"), &set)
+    let bus = bus(&engine.db(dir.path(), "o.db"), &set)
         .channel_capacity(4)
         .deliver(false)
         .build()
@@ -391,11 +396,15 @@ async fn a_full_channel_refuses_and_counts_never_drops_silently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by crash_safety_under_sigkill as a child process"]
 async fn crash_child() {
-    let (Ok(db), Ok(url)) = (std::env::var("CRASH_DB"), std::env::var("CRASH_URL")) else {
+    let (Ok(db), Ok(url), Ok(marker)) = (
+        std::env::var("CRASH_DB"),
+        std::env::var("CRASH_URL"),
+        std::env::var("CRASH_MARKER"),
+    ) else {
         return;
     };
     let set = agent(&hook("h", &url, &["message"]));
-    // A short attempt timeout keeps the lease (twice the timeout) that a killed process leaves
+    // A short attempt timeout keeps the lease (the timeout plus 1 to 10 s) that a killed process leaves
     // on its claimed deliveries short.
     let bus = bus(std::path::Path::new(&db), &set)
         .attempt_timeout(Duration::from_millis(500))
@@ -417,7 +426,7 @@ async fn crash_child() {
         }))
         .await;
         assert!(results.iter().all(|r| r.is_ok()));
-        std::fs::write(format!("{db}.published"), b"1").unwrap();
+        std::fs::write(marker, b"1").unwrap();
     }
     let log = bus.log().unwrap();
     loop {
@@ -428,8 +437,8 @@ async fn crash_child() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_safety_under_sigkill() {
+both_engines!(crash_safety_under_sigkill);
+async fn crash_safety_under_sigkill(engine: Engine) {
     let got: Arc<Mutex<Vec<(i64, String)>>> = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
     let server = TestServer::http(move |r, _| {
@@ -444,7 +453,12 @@ async fn crash_safety_under_sigkill() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("crash.db").to_str().unwrap().to_string();
+    let db = engine
+        .db(dir.path(), "crash.db")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let marker = dir.path().join("published");
     let spawn = |resume: bool| {
         let mut c = std::process::Command::new(std::env::current_exe().unwrap());
         c.args([
@@ -456,6 +470,7 @@ async fn crash_safety_under_sigkill() {
             "1",
         ])
         .env("CRASH_DB", &db)
+        .env("CRASH_MARKER", &marker)
         .env("CRASH_URL", format!("{}/hook", server.origin()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -465,8 +480,7 @@ async fn crash_safety_under_sigkill() {
         c.spawn().unwrap()
     };
     let mut child = spawn(false);
-    let published = format!("{db}.published");
-    wait_until("published", || std::path::Path::new(&published).exists()).await;
+    wait_until("published", || marker.exists()).await;
     wait_until("some deliveries", || got.lock().unwrap().len() >= 100).await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -494,11 +508,11 @@ async fn crash_safety_under_sigkill() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_deliveries_command_lists_and_replays() {
+both_engines!(the_deliveries_command_lists_and_replays);
+async fn the_deliveries_command_lists_and_replays(engine: Engine) {
     let set = agent(&hook("warehouse", "http://127.0.0.1:9/h", &["error"]));
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+    let db = engine.db(dir.path(), "o.db");
     let bus = bus(&db, &set).deliver(false).build().unwrap();
     bus.publish_durable(&Event::error("E1", "m"), &call_info())
         .await
@@ -533,8 +547,8 @@ async fn the_deliveries_command_lists_and_replays() {
     assert_eq!(o.status.code(), Some(2));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivered_events_are_purged_in_batches_and_nothing_else() {
+both_engines!(delivered_events_are_purged_in_batches_and_nothing_else);
+async fn delivered_events_are_purged_in_batches_and_nothing_else(engine: Engine) {
     let server = TestServer::http(|r, _| {
         if r.json()["payload"]["code"] == "keep" {
             Reply::Json(500, json!({}))
@@ -543,7 +557,7 @@ async fn delivered_events_are_purged_in_batches_and_nothing_else() {
         }
     })
     .await;
-    let (_dir, bus) = error_hook(&server);
+    let (_dir, bus) = error_hook(&server, engine);
     let bus = bus.build().unwrap();
     let call = call_info();
     for i in 0..5 {
@@ -569,10 +583,10 @@ async fn delivered_events_are_purged_in_batches_and_nothing_else() {
     bus.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endpoint_failing_past_the_window_is_disabled() {
+both_engines!(an_endpoint_failing_past_the_window_is_disabled);
+async fn an_endpoint_failing_past_the_window_is_disabled(engine: Engine) {
     let server = TestServer::http(|_, _| Reply::Json(500, json!({}))).await;
-    let (_dir, bus) = error_hook(&server);
+    let (_dir, bus) = error_hook(&server, engine);
     let bus = bus
         .retry_schedule(vec![Duration::from_millis(20); 5])
         .disable_after(Duration::ZERO)

@@ -1,6 +1,7 @@
 //! Integration tests, compiled into one binary (faster links on 2 cores).
 
 #[path = "../support/mod.rs"]
+#[macro_use]
 mod support;
 
 mod automations;

@@ -3,6 +3,43 @@
 #![allow(dead_code)]
 
 pub(crate) mod servers;
+pub(crate) mod services;
+
+/// The storage engine a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Engine {
+    /// A SQLite file in the test's directory.
+    Sqlite,
+    /// A new database on a throwaway PostgreSQL server.
+    Postgres,
+}
+
+impl Engine {
+    /// Where a test's outbox goes: `name` in `dir`, or a new database's URL.
+    pub(crate) fn db(self, dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        match self {
+            Engine::Sqlite => dir.join(name),
+            Engine::Postgres => services::shared_postgres().database().into(),
+        }
+    }
+}
+
+/// Runs the async test `$name(engine: Engine)` once per engine, as `$name::sqlite` and
+/// `$name::postgres`.
+macro_rules! both_engines {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(crate::support::Engine::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(crate::support::Engine::Postgres).await
+            }
+        }
+    };
+}
 
 use midcall::{ActionSet, CallInfo, LoadError, Syntax};
 
