@@ -11,6 +11,10 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub mod shared;
+
+pub use shared::{SharedCacheConfig, DEFAULT_SHARED_OP_TIMEOUT};
+
 use crate::config::{CachePolicy, CacheScope};
 use crate::state::{CallInfo, StatePath};
 
@@ -182,6 +186,36 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// An entry with its deadlines given (one read from the shared tier).
+    pub(crate) fn with_deadlines(
+        values: Vec<(StatePath, Value)>,
+        http_status: u16,
+        negative: bool,
+        fresh_until: Instant,
+        stale_until: Instant,
+        fingerprint: u64,
+        scope: ScopeId,
+    ) -> Entry {
+        let bytes = 96
+            + scope.0.len()
+            + values
+                .iter()
+                .map(|(k, v)| 48 + k.as_str().len() + crate::state::json_len(v))
+                .sum::<usize>();
+        Entry {
+            values,
+            http_status,
+            negative,
+            fresh_until,
+            stale_until,
+            fingerprint,
+            scope,
+            bytes: bytes.min(u32::MAX as usize) as u32,
+        }
+    }
+}
+
 /// What a lookup found.
 pub(crate) enum Lookup {
     Fresh(Arc<Entry>),
@@ -281,7 +315,11 @@ impl<T: Send + Sync + 'static> ResponseCache<T> {
     }
 
     pub(crate) async fn insert(&self, key: CacheKey, entry: Entry) {
-        self.entries.insert(key, Arc::new(entry)).await;
+        self.insert_arc(key, Arc::new(entry)).await
+    }
+
+    pub(crate) async fn insert_arc(&self, key: CacheKey, entry: Arc<Entry>) {
+        self.entries.insert(key, entry).await;
         metrics::gauge!("midcall_cache_bytes").set(self.entries.weighted_size() as f64);
     }
 

@@ -159,3 +159,21 @@ impl Table {
         out
     }
 }
+
+/// The shared cache tier for `--cache-url`, with the fleet's secret from
+/// MIDCALL_SECRET_CACHE_KEY; an error names what is wrong.
+pub(crate) fn shared_cache(
+    url: Option<&str>,
+) -> Result<Option<midcall::cache::SharedCacheConfig>, String> {
+    let Some(url) = url else { return Ok(None) };
+    use midcall::SecretSource;
+    let secret = midcall::EnvSecrets.secret("CACHE_KEY").ok_or_else(|| {
+        format!(
+            "--cache-url {}: set MIDCALL_SECRET_CACHE_KEY to the fleet's cache secret (the same in every process, 16 bytes or more): it keys every shared cache key",
+            midcall::cache::shared::redact(url)
+        )
+    })?;
+    midcall::cache::SharedCacheConfig::new(url, secret)
+        .map(Some)
+        .map_err(|e| format!("--cache-url {e}"))
+}

@@ -27,9 +27,21 @@ pub(crate) struct ServeArgs {
     /// The address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
-    /// The outbox database (runs, deliveries); created if missing.
+    /// The outbox database (runs, deliveries): a SQLite file, created if missing, or a
+    /// PostgreSQL database shared by every process of a fleet (`postgres://user@host:port/db`).
     #[arg(long, default_value = "midcall-outbox.db")]
     db: String,
+    /// The shared cache tier (`redis://host:port`): cache entries filled by one process are
+    /// hits in the others. Its keys are HMACs under the fleet's secret, read from
+    /// MIDCALL_SECRET_CACHE_KEY (the same in every process, 16 bytes or more). Without it each
+    /// process caches alone.
+    #[arg(long)]
+    cache_url: Option<String>,
+    /// Time limit of one webhook delivery attempt, in milliseconds. A claimed delivery's lease
+    /// is this plus as much again (1 to 10 s): another process takes over the deliveries of a
+    /// process that died once it runs out.
+    #[arg(long, default_value_t = 15_000)]
+    attempt_timeout_ms: u64,
     /// How long shutdown waits for requests and runs in progress, in seconds.
     #[arg(long, default_value_t = 10)]
     grace_s: u64,
@@ -88,10 +100,17 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             .await
             .map_err(|e| format!("--listen {}: {e}", a.listen))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
-        let bus = a.net.with_ca(EventBus::builder(&a.db).webhooks(&set), |b, pem| {
-            b.add_root_certificates_pem(pem)
-        })?;
+        let shown_db = midcall::events::display_db(&a.db);
+        let bus = a.net.with_ca(
+            EventBus::builder(&a.db)
+                .webhooks(&set)
+                .attempt_timeout(Duration::from_millis(a.attempt_timeout_ms.max(1))),
+            |b, pem| b.add_root_certificates_pem(pem),
+        )?;
         let mut builder = Runtime::builder().egress(policy).event_bus(bus);
+        if let Some(cfg) = super::shared_cache(a.cache_url.as_deref())? {
+            builder = builder.shared_cache(cfg);
+        }
         // Kept for the server's life: the stand-in for every host the agent calls.
         let mut _mock = None;
         if a.mock {
@@ -107,7 +126,11 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             .net
             .with_ca(builder, |b, pem| b.add_root_certificates_pem(pem))?
             .build()
-            .map_err(|e| format!("--db {}: {e}", a.db))?;
+            .map_err(|e| format!("--db: {e}"))?;
+        runtime
+            .check_shared_cache(Duration::from_secs(2))
+            .await
+            .map_err(|e| format!("--cache-url: {e}"))?;
         let bus = runtime.event_bus().cloned().ok_or("no event bus")?;
         let automations = Automations::builder(set.clone(), runtime, bus.clone()).start()?;
         let grace = Duration::from_secs(a.grace_s);
@@ -147,7 +170,10 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             );
         }
         // Last line of the banner: what comes after it is the server at work.
-        say!("  outbox: {}", a.db);
+        if let Some(u) = &a.cache_url {
+            say!("  shared cache: {}", midcall::cache::shared::redact(u));
+        }
+        say!("  outbox: {shown_db}");
         server
             .serve(listener, shutdown_signal())
             .await
@@ -158,7 +184,7 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         );
         automations.shutdown(grace).await;
         bus.close().await;
-        say!("midcall serve: stopped; queued work stays in {}", a.db);
+        say!("midcall serve: stopped; queued work stays in {shown_db}");
         Ok::<_, String>(())
     })?;
     Ok(ExitCode::SUCCESS)

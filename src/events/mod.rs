@@ -10,6 +10,12 @@ pub(crate) use bus::{event_id, DeliveryTargets, ResolvedTarget};
 pub use bus::{DeliveryLog, EventBus, EventBusBuilder, PublishError, DEFAULT_RETRY_SCHEDULE};
 pub use outbox::{AttemptRecord, DeliveryRecord, OutboxError};
 
+/// How a `--db` value is shown in messages and banners: a SQLite path as given, a
+/// `postgres://` URL with its password replaced by `***`.
+pub fn display_db(db: &str) -> String {
+    crate::store::Location::of(std::path::Path::new(db)).shown()
+}
+
 pub use crate::config::EventType;
 use serde_json::{json, Value};
 

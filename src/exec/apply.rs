@@ -98,8 +98,7 @@ impl Runtime {
         }
         if outcome.status == Status::Ok {
             for (fingerprint, scope) in &action.invalidates_resolved {
-                self.cache()
-                    .invalidate(*fingerprint, &ScopeId::of(*scope, &call.info));
+                self.invalidate_scope(*fingerprint, &ScopeId::of(*scope, &call.info));
             }
         }
         outcome.timings.total = how.started.elapsed();

@@ -47,6 +47,7 @@ pub struct RuntimeBuilder {
     llm_result_max_bytes: usize,
     idempotency_header: Option<HeaderName>,
     cache_capacity_bytes: u64,
+    shared_cache: Option<crate::cache::SharedCacheConfig>,
     dedupe_window: Duration,
     event_bus: Option<EventBusBuilder>,
 }
@@ -141,6 +142,13 @@ impl RuntimeBuilder {
     }
 
     /// Capacity of the response cache, in bytes of extracted values. Default 64 MiB.
+    /// A shared cache tier on Redis (L2) beside the in-process cache (L1): entries one
+    /// process of a fleet fills are hits in the others. Default none.
+    pub fn shared_cache(mut self, cfg: crate::cache::SharedCacheConfig) -> Self {
+        self.shared_cache = Some(cfg);
+        self
+    }
+    /// The in-process cache's capacity.
     pub fn cache_capacity_bytes(mut self, n: u64) -> Self {
         self.cache_capacity_bytes = n;
         self
@@ -196,6 +204,20 @@ impl RuntimeBuilder {
                     .build_with(Some(transport.clone()))?,
             ),
         };
+        let cache = Arc::new(ResponseCache::new(self.cache_capacity_bytes));
+        let shared = match &self.shared_cache {
+            None => None,
+            Some(cfg) => {
+                let tier = Arc::new(crate::cache::shared::SharedTier::new(cfg)?);
+                let l1 = Arc::downgrade(&cache);
+                tier.set_on_invalidate(Arc::new(move |fp, scope| {
+                    if let Some(c) = l1.upgrade() {
+                        c.invalidate(fp, &scope);
+                    }
+                }));
+                Some(tier)
+            }
+        };
         Ok(Runtime::from_parts(Parts {
             transport,
             secrets: self.secrets,
@@ -204,7 +226,8 @@ impl RuntimeBuilder {
             max_async_in_flight: self.max_async_in_flight,
             llm_result_max_bytes: self.llm_result_max_bytes,
             idempotency_header: self.idempotency_header,
-            cache: Arc::new(ResponseCache::new(self.cache_capacity_bytes)),
+            cache,
+            shared,
             dedupe_window: self.dedupe_window,
             event_bus,
             gates: Default::default(),
@@ -229,6 +252,7 @@ impl Runtime {
             llm_result_max_bytes: DEFAULT_LLM_RESULT_MAX_BYTES,
             idempotency_header: Some(HeaderName::from_static(DEFAULT_IDEMPOTENCY_HEADER)),
             cache_capacity_bytes: DEFAULT_CACHE_CAPACITY_BYTES,
+            shared_cache: None,
             dedupe_window: DEFAULT_DEDUPE_WINDOW,
             event_bus: None,
         }

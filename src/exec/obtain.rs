@@ -123,7 +123,28 @@ impl Runtime {
             );
         };
         let cache = self.cache();
-        match cache.lookup(&key).await {
+        let mut found = cache.lookup(&key).await;
+        if let (Lookup::Missing, Some(tier), Some(sk)) =
+            (&found, self.shared_cache(), p.shared_key.as_ref())
+        {
+            // The shared tier, within what the budget has left (never more than its own
+            // deadline); a hit there fills this process's cache.
+            let left = deadline
+                .deadline
+                .timer_instant()
+                .saturating_duration_since(Instant::now());
+            if let Some(e) = tier.get(sk, action.fingerprint, &scope, Some(left)).await {
+                let e = Arc::new(e);
+                cache.insert_arc(key, e.clone()).await;
+                let now = Instant::now();
+                found = if now < e.fresh_until {
+                    Lookup::Fresh(e)
+                } else {
+                    Lookup::Stale(e)
+                };
+            }
+        }
+        match found {
             Lookup::Fresh(e) => {
                 metrics::counter!("midcall_cache_hits_total").increment(1);
                 (from_entry(&e, &p.action), CacheStatus::Hit)
@@ -201,6 +222,7 @@ impl Runtime {
         let extractor = action.extractor_arc();
         let fingerprint = action.fingerprint;
         let key = p.cache.as_ref().map(|(k, _)| *k);
+        let shared = this.shared_cache().cloned().zip(p.shared_key.clone());
         tokio::spawn(
             async move {
                 let fetch = this.fetch(&p, &extractor, ActionDeadline::own(&p));
@@ -233,6 +255,9 @@ impl Runtime {
                     Err(_) => None,
                 };
                 if let (Some(e), Some(k)) = (entry, key) {
+                    if let Some((tier, sk)) = &shared {
+                        tier.put(sk.clone(), &e);
+                    }
                     flight.cache().insert(k, e).await;
                 }
                 flight.finish(Arc::new(r));

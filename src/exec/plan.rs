@@ -36,6 +36,8 @@ pub(crate) struct Prepared {
     pub(crate) log_url: String,
     /// The cache key and scope, for cacheable actions.
     pub(crate) cache: Option<(CacheKey, ScopeId)>,
+    /// Its key in the shared tier, when there is one.
+    pub(crate) shared_key: Option<crate::cache::shared::SharedKey>,
     /// What the idempotency key is made from.
     pub(crate) idempotency: Option<Idempotency>,
     /// Set once the request has been handed to the transport: from then on a `finish`
@@ -141,8 +143,23 @@ impl Runtime {
                 &key_headers,
                 &body,
             );
-            (key, scope)
+            let shared = self.shared_cache().map(|t| {
+                t.key(
+                    &call.info.tenant,
+                    &scope,
+                    action.fingerprint,
+                    action.method().as_str(),
+                    &rendered.url,
+                    &key_headers,
+                    &body,
+                )
+            });
+            (key, scope, shared)
         });
+        let (cache, shared_key) = match cache {
+            Some((k, s, sh)) => (Some((k, s)), sh),
+            None => (None, None),
+        };
         Ok(Prepared {
             action: name.into(),
             method: action.method(),
@@ -157,6 +174,7 @@ impl Runtime {
             hedge: action.hedge(),
             log_url: rendered.redactor.redact(path_only),
             cache,
+            shared_key,
             idempotency,
             sent: Arc::new(AtomicBool::new(false)),
             redactor: rendered.redactor,

@@ -60,6 +60,7 @@ pub(crate) struct Parts {
     pub(crate) llm_result_max_bytes: usize,
     pub(crate) idempotency_header: Option<HeaderName>,
     pub(crate) cache: Arc<ResponseCache<FetchResult>>,
+    pub(crate) shared: Option<Arc<crate::cache::shared::SharedTier>>,
     pub(crate) dedupe_window: Duration,
     pub(crate) event_bus: Option<EventBus>,
     pub(crate) gates: super::gate::HostGates,
@@ -151,6 +152,29 @@ impl Runtime {
     }
     pub(crate) fn cache(&self) -> &Arc<ResponseCache<FetchResult>> {
         &self.inner.parts.cache
+    }
+    pub(crate) fn shared_cache(&self) -> Option<&Arc<crate::cache::shared::SharedTier>> {
+        self.inner.parts.shared.as_ref()
+    }
+
+    /// With a shared cache tier: connects to it now and fails, naming its URL (password
+    /// hidden), when it does not answer within `within`. Without one: Ok. Actions never wait
+    /// for this (until the tier is reached they treat it as missing); a server calls it at
+    /// start so a wrong `--cache-url` is a clear error.
+    pub async fn check_shared_cache(&self, within: Duration) -> Result<(), String> {
+        match self.shared_cache() {
+            Some(t) => t.connect_now(within).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Drops what an action wrote for a scope, here and (with a shared tier) in Redis and in
+    /// every other process.
+    pub(crate) fn invalidate_scope(&self, fingerprint: u64, scope: &ScopeId) {
+        self.cache().invalidate(fingerprint, scope);
+        if let Some(t) = self.shared_cache() {
+            t.invalidate(fingerprint, scope);
+        }
     }
     pub(crate) fn user_agent(&self) -> &HeaderValue {
         &self.inner.user_agent
@@ -400,8 +424,7 @@ impl Runtime {
     /// Drops the cache entries `action` wrote for `call`'s scope (call, agent or tenant).
     pub fn invalidate(&self, action: &ActionSpec, call: &CallInfo) {
         if let Some(policy) = action.cache() {
-            self.cache()
-                .invalidate(action.fingerprint, &ScopeId::of(policy.scope, call));
+            self.invalidate_scope(action.fingerprint, &ScopeId::of(policy.scope, call));
         }
     }
 

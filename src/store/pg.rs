@@ -1009,7 +1009,7 @@ impl PgBlocking {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let pg = std::thread::scope(|s| {
+        let pg = match std::thread::scope(|s| {
             s.spawn(|| {
                 rt.block_on(async {
                     let pg = Pg::new(url)?;
@@ -1019,8 +1019,14 @@ impl PgBlocking {
             })
             .join()
             .unwrap_or_else(|_| Err(OutboxError("postgres: the connecting thread failed".into())))
-        })
-        .map_err(|e| e.to_string())?;
+        }) {
+            Ok(pg) => pg,
+            Err(e) => {
+                // Dropping a runtime inside another's context panics; this does not.
+                rt.shutdown_background();
+                return Err(e.to_string());
+            }
+        };
         Ok(PgBlocking { rt: Some(rt), pg })
     }
 

@@ -14,6 +14,7 @@ mod events;
 mod examples;
 mod exec;
 mod fast_path;
+mod fleet;
 mod fuzz_corpus;
 mod hostile;
 mod observability;

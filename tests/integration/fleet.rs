@@ -1,0 +1,388 @@
+//! Many processes as one: the shared cache tier on a real Redis, the PostgreSQL engine's
+//! migrations, claims and replay protection shared between processes, and three `midcall
+//! serve` processes on one database with one killed and the database restarted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use midcall::cache::SharedCacheConfig;
+use midcall::events::{DeliveryLog, Event, EventBus, EventType};
+use midcall::exec::{Budget, CacheStatus, Status};
+use midcall::{ActionSet, Automations, Call, CallInfo, MapSecrets, Runtime, Secret};
+
+use crate::support::servers::{Reply, TestServer};
+use crate::support::services::{shared_postgres, Redis};
+use crate::support::{call_info, load_toml, loopback_policy, wait_until, AGENT};
+
+const FLEET_SECRET: &str = "fleet-secret-0123456789abcdef";
+
+fn lookup_set(origin: &str) -> ActionSet {
+    load_toml(&format!(
+        "{AGENT}[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"{origin}/c?p={{{{call.from_number}}}}\"\ncache = {{ ttl_s = 300, scope = \"tenant\" }}\nextract = {{ \"c.v\" = \"$.v\" }}\ndedupe = false\non_failure = {{ say = \"fallback\" }}\n\n[[actions]]\nname = \"change\"\ndescription = \"d\"\nmethod = \"POST\"\nurl = \"{origin}/change\"\ninvalidates = [\"lookup\"]\ndedupe = false\n"
+    ))
+    .unwrap()
+}
+
+fn fleet_runtime(redis: &str, secret: &str) -> Runtime {
+    Runtime::builder()
+        .egress(loopback_policy())
+        .shared_cache(
+            SharedCacheConfig::new(redis, Secret::new(secret))
+                .unwrap()
+                .op_timeout(Duration::from_millis(50)),
+        )
+        .build()
+        .unwrap()
+}
+
+fn call_in(tenant: &str, id: &str) -> Call {
+    Call::new(CallInfo {
+        tenant: tenant.into(),
+        id: id.into(),
+        ..call_info()
+    })
+}
+
+async fn run(rt: &Runtime, set: &ActionSet, action: &str, call: &mut Call) -> midcall::Outcome {
+    rt.execute(
+        set.action(action).unwrap(),
+        call,
+        json!({}),
+        &Budget::new(Duration::from_secs(5)),
+    )
+    .await
+}
+
+/// Waits until Redis holds `n` cache entries (a put runs on its own task).
+async fn wait_for_entries(redis: &Redis, n: usize) {
+    for _ in 0..500 {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port.to_string(),
+                "--scan",
+                "--pattern",
+                "midcall:c:*",
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).lines().count() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("redis never held {n} entries");
+}
+
+/// Process A fills the shared tier; process B (its own in-process cache, its own connection)
+/// hits it; another tenant, or a process with another fleet secret, never does; an
+/// invalidation on B reaches A's own cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_on_b_for_an_entry_filled_by_a_and_invalidation_reaches_every_process() {
+    let redis = Redis::start();
+    let server = TestServer::http(|r, n| {
+        if r.uri.starts_with("/change") {
+            Reply::ok(json!({}))
+        } else {
+            Reply::ok(json!({"v": n}))
+        }
+    })
+    .await;
+    let set = lookup_set(&server.origin());
+    let a = fleet_runtime(&redis.url(), FLEET_SECRET);
+    let b = fleet_runtime(&redis.url(), FLEET_SECRET);
+    a.check_shared_cache(Duration::from_secs(2)).await.unwrap();
+    b.check_shared_cache(Duration::from_secs(2)).await.unwrap();
+
+    let out = run(&a, &set, "lookup", &mut call_in("acme", "c1")).await;
+    assert_eq!((out.status, out.cache), (Status::Ok, CacheStatus::Miss));
+    wait_for_entries(&redis, 1).await;
+    let mut cb = call_in("acme", "c2");
+    let out = run(&b, &set, "lookup", &mut cb).await;
+    assert_eq!(
+        (out.status, out.cache),
+        (Status::CacheHit, CacheStatus::Hit),
+        "B hits what A filled"
+    );
+    assert_eq!(out.llm_result, json!({"c.v": 1}));
+    assert_eq!(server.request_count(), 1, "one upstream request for both");
+
+    // Another tenant never sees it.
+    let out = run(&b, &set, "lookup", &mut call_in("globex", "c3")).await;
+    assert_eq!(out.cache, CacheStatus::Miss);
+    // Another fleet (another secret) computes other keys.
+    let other = fleet_runtime(&redis.url(), "another-fleet-secret-000000");
+    other
+        .check_shared_cache(Duration::from_secs(2))
+        .await
+        .unwrap();
+    let out = run(&other, &set, "lookup", &mut call_in("acme", "c4")).await;
+    assert_eq!(out.cache, CacheStatus::Miss);
+    assert_eq!(server.request_count(), 3);
+
+    // B changes the data: A's own cache drops the entry too (pub/sub), and Redis's goes.
+    let out = run(&b, &set, "change", &mut call_in("acme", "c5")).await;
+    assert_eq!(out.status, Status::Ok);
+    let mut seen_miss = false;
+    for _ in 0..500 {
+        let out = run(&a, &set, "lookup", &mut call_in("acme", "c6")).await;
+        if out.cache == CacheStatus::Miss {
+            seen_miss = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen_miss, "A's cached entry was invalidated by B's change");
+}
+
+/// Redis stopped mid-test: actions still succeed, as misses, well within their budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_costs_nothing_but_the_hit() {
+    let mut redis = Redis::start();
+    let server = TestServer::http(|_, n| Reply::ok(json!({"v": n}))).await;
+    let set = lookup_set(&server.origin());
+    let a = fleet_runtime(&redis.url(), FLEET_SECRET);
+    a.check_shared_cache(Duration::from_secs(2)).await.unwrap();
+    redis.stop();
+    for i in 0..20 {
+        // A different caller each time: every one is a miss in both tiers.
+        let mut c = Call::new(CallInfo {
+            from_number: format!("+1555000{i:04}"),
+            ..call_info()
+        });
+        let started = Instant::now();
+        let out = run(&a, &set, "lookup", &mut c).await;
+        let took = started.elapsed();
+        assert_eq!(
+            (out.status, out.cache),
+            (Status::Ok, CacheStatus::Miss),
+            "{i}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "call {i} took {took:?} with Redis down (each Redis operation is capped at 50 ms here)"
+        );
+    }
+    // Back up: the tier is used again.
+    redis.restart();
+    let mut filled = false;
+    for _ in 0..300 {
+        let mut c = call_in("acme", "again");
+        run(&a, &set, "lookup", &mut c).await;
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port.to_string(),
+                "--scan",
+                "--pattern",
+                "midcall:c:*",
+            ])
+            .output()
+            .unwrap();
+        if !out.stdout.is_empty() {
+            filled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(filled, "the tier is written again once Redis is back");
+}
+
+#[test]
+fn bad_cache_urls_and_secrets_are_clear_errors_without_the_password() {
+    let e = SharedCacheConfig::new("http://u:hunter2@h/", Secret::new(FLEET_SECRET)).unwrap_err();
+    assert!(
+        e.contains("not a Redis URL") && !e.contains("hunter2"),
+        "{e}"
+    );
+    let e = SharedCacheConfig::new("redis://127.0.0.1:6379", Secret::new("short")).unwrap_err();
+    assert!(e.contains("16 bytes"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cache_url_fails_the_start_check_naming_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://:hunter2@127.0.0.1:{port}");
+    let rt = fleet_runtime(&url, FLEET_SECRET);
+    let e = rt
+        .check_shared_cache(Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+    assert!(!e.contains("hunter2"), "{e}");
+}
+
+// ---- PostgreSQL ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migrations_once_newer_refused_and_errors_hide_the_password() {
+    let pg = shared_postgres();
+    let url = pg.database();
+    let set = load_toml(AGENT).unwrap();
+    // Eight processes' worth of openers at once on an empty database.
+    let opened = futures_util::future::join_all((0..8).map(|_| {
+        let url = url.clone();
+        let set = set.clone();
+        async move {
+            let bus = EventBus::builder(&url)
+                .webhooks(&set)
+                .deliver(false)
+                .build()?;
+            bus.close().await;
+            Ok::<_, String>(())
+        }
+    }))
+    .await;
+    assert!(opened.iter().all(|r| r.is_ok()), "{opened:?}");
+    let db = url.rsplit('/').next().unwrap();
+    assert_eq!(pg.psql(db, "SELECT version FROM schema_version"), "1");
+    assert_eq!(pg.psql(db, "SELECT count(*) FROM schema_version"), "1");
+
+    pg.psql(db, "UPDATE schema_version SET version = 99");
+    let e = DeliveryLog::open(&url).unwrap_err();
+    assert!(
+        e.contains("schema version 99") && e.contains("newer midcall"),
+        "{e}"
+    );
+    assert!(e.contains(db), "names the database: {e}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bad = format!("postgres://midcall:hunter2@127.0.0.1:{port}/x");
+    let e = EventBus::builder(&bad).deliver(false).build().unwrap_err();
+    assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+    assert!(!e.contains("hunter2") && e.contains("***"), "{e}");
+    let e = DeliveryLog::open("postgres://x@[::1:bad/").unwrap_err();
+    assert!(e.contains("not a PostgreSQL URL"), "{e}");
+}
+
+fn hook_set(url: &str) -> ActionSet {
+    load_toml(&format!(
+        "{AGENT}[[webhooks]]\nlabel = \"h\"\nurl = \"{url}\"\nsubscriptions = [\"message\"]\nsigning_secret = \"{{{{secrets.WHSEC}}}}\"\n"
+    ))
+    .unwrap()
+}
+
+fn secrets() -> Arc<MapSecrets> {
+    Arc::new(
+        MapSecrets::new()
+            .with("WHSEC", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .with("INBOUND_WHSEC", "whsec_dGVzdC1rZXktZm9yLWluYm91bmQ="),
+    )
+}
+
+/// Two workers (two pools, as two processes would have) on one database: every event is sent
+/// once, and per-call order holds across both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_outbox_never_send_one_attempt_twice_and_keep_call_order() {
+    let got: Arc<Mutex<Vec<(String, i64, String)>>> = Arc::default();
+    let g = got.clone();
+    let server = TestServer::http(move |r, _| {
+        let j = r.json();
+        g.lock().unwrap().push((
+            j["call_id"].as_str().unwrap().to_string(),
+            j["payload"]["n"].as_i64().unwrap(),
+            r.header("webhook-id").unwrap().to_string(),
+        ));
+        Reply::After(
+            Duration::from_millis(1),
+            Box::new(Reply::Json(200, json!({}))),
+        )
+    })
+    .await;
+    let url = shared_postgres().database();
+    let set = hook_set(&format!("{}/h", server.origin()));
+    let build = || {
+        EventBus::builder(&url)
+            .webhooks(&set)
+            .secrets(secrets())
+            .egress(loopback_policy())
+            .build()
+            .unwrap()
+    };
+    let (w1, w2) = (build(), build());
+    for i in 0..300 {
+        let call = CallInfo {
+            id: format!("call_{}", i % 30),
+            ..call_info()
+        };
+        let bus = if i % 2 == 0 { &w1 } else { &w2 };
+        bus.publish_durable(&Event::new(EventType::Message, json!({"n": i})), &call)
+            .await
+            .unwrap();
+    }
+    wait_until("300 delivered", || got.lock().unwrap().len() >= 300).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 300, "no attempt was sent twice");
+    let ids: BTreeSet<&String> = got.iter().map(|(_, _, id)| id).collect();
+    assert_eq!(ids.len(), 300);
+    let mut per_call: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for (c, n, _) in &got {
+        per_call.entry(c.as_str()).or_default().push(*n);
+    }
+    for (c, ns) in per_call {
+        let mut sorted = ns.clone();
+        sorted.sort();
+        assert_eq!(ns, sorted, "call {c} in order");
+    }
+    w1.close().await;
+    w2.close().await;
+}
+
+/// One signed webhook delivered to two processes starts one run; the second answer is what a
+/// replay gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_webhook_id_on_two_processes_starts_one_run() {
+    let url = shared_postgres().database();
+    let set = Arc::new(
+        load_toml(&format!(
+            "{AGENT}[[automations]]\nid = \"signed\"\ntrigger = {{ on = \"webhook\" }}\nauth = {{ signing_secret = \"{{{{secrets.INBOUND_WHSEC}}}}\" }}\nsteps = [ {{ send_webhook = {{ url = \"http://127.0.0.1:9/x\" }} }} ]\n"
+        ))
+        .unwrap(),
+    );
+    let start = || {
+        let rt = Runtime::builder()
+            .egress(loopback_policy())
+            .secrets(secrets())
+            .build()
+            .unwrap();
+        let bus = EventBus::builder(&url)
+            .webhooks(&set)
+            .secrets(secrets())
+            .egress(loopback_policy())
+            .deliver(false)
+            .build()
+            .unwrap();
+        Automations::builder(set.clone(), rt, bus).start().unwrap()
+    };
+    let (p1, p2) = (start(), start());
+    for round in 0..20 {
+        let wid = format!("msg_inbound_{round}");
+        let (r1, r2) = tokio::join!(
+            p1.start_webhook_once("signed", json!({"x": round}), Some(&wid)),
+            p2.start_webhook_once("signed", json!({"x": round}), Some(&wid)),
+        );
+        let oks = [&r1, &r2].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(oks, 1, "round {round}: {r1:?} {r2:?}");
+        let refused = if r1.is_ok() { &r2 } else { &r1 };
+        assert!(
+            matches!(refused, Err(midcall::StartError::Replayed(id)) if *id == wid),
+            "{refused:?}"
+        );
+    }
+    let runs = p1.log().unwrap().runs(None, None, 100).unwrap();
+    assert_eq!(runs.len(), 20);
+    p1.shutdown(Duration::from_secs(1)).await;
+    p2.shutdown(Duration::from_secs(1)).await;
+}
