@@ -1032,7 +1032,7 @@ impl PgBlocking {
 
     pub(crate) fn block<'a, T: Send, F>(
         &'a self,
-        f: impl FnOnce(&'a Pg) -> F + Send,
+        f: impl Fn(&'a Pg) -> F + Send + Sync,
     ) -> Result<T, String>
     where
         F: std::future::Future<Output = R<T>> + Send + 'a,
@@ -1042,7 +1042,18 @@ impl PgBlocking {
         };
         let pg = &self.pg;
         std::thread::scope(|s| {
-            s.spawn(|| rt.block_on(f(pg))).join().unwrap_or_else(|_| {
+            s.spawn(|| {
+                rt.block_on(async {
+                    // A pooled connection the server closed (a restart) is found dead only
+                    // when used: once more, on a new one.
+                    match f(pg).await {
+                        Err(e) if e.transient => f(pg).await,
+                        r => r,
+                    }
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| {
                 Err(PgError {
                     message: "the query thread failed".into(),
                     transient: false,

@@ -16,7 +16,7 @@ use midcall::exec::{Budget, CacheStatus, Status};
 use midcall::{ActionSet, Automations, Call, CallInfo, MapSecrets, Runtime, Secret};
 
 use crate::support::servers::{Reply, TestServer};
-use crate::support::services::{shared_postgres, Redis};
+use crate::support::services::{shared_postgres, Postgres, Redis};
 use crate::support::{call_info, load_toml, loopback_policy, wait_until, AGENT};
 
 const FLEET_SECRET: &str = "fleet-secret-0123456789abcdef";
@@ -387,4 +387,246 @@ async fn one_webhook_id_on_two_processes_starts_one_run() {
     assert_eq!(runs.len(), 20);
     p1.shutdown(Duration::from_secs(1)).await;
     p2.shutdown(Duration::from_secs(1)).await;
+}
+
+// ---- three `midcall serve` processes on one database ----
+
+const KEY: &str = "k3y-for-the-fleet";
+
+struct Serve {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+async fn spawn_serve(file: &std::path::Path, db: &str, cache: &str) -> Serve {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_midcall"))
+        .args([
+            "serve",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db,
+            "--cache-url",
+            cache,
+            "--attempt-timeout-ms",
+            "1000",
+            "--allow-http",
+            "--allow-network",
+            "127.0.0.0/8",
+        ])
+        .env("MIDCALL_SECRET_INBOUND_KEY", KEY)
+        .env("MIDCALL_SECRET_CACHE_KEY", FLEET_SECRET)
+        .env(
+            "MIDCALL_SECRET_WHSEC",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().unwrap().unwrap();
+        // Keep reading so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        first
+    })
+    .await
+    .unwrap();
+    let addr = first.rsplit("http://").next().unwrap().parse().unwrap();
+    Serve { child, addr }
+}
+
+/// POSTs a webhook start; the status.
+async fn start_run(addr: std::net::SocketAddr, automation: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST /v1/automations/{automation}/webhook HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// 1,000 events published durably by one process and 100 webhook-started runs spread over
+/// three `midcall serve` processes on one PostgreSQL database; one server is killed with
+/// SIGKILL mid-delivery and PostgreSQL is restarted in the middle. Every event and every run's
+/// delivery arrives, duplicates (a killed worker's attempts taken over) share the webhook-id,
+/// every run succeeded once, and the delivery log across processes is complete. The cache: a
+/// run_action on B hits what A's filled in Redis; with Redis stopped runs still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_restart() {
+    let mut pg = Postgres::start();
+    let mut redis = Redis::start();
+    let db = pg.database();
+    let got: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let g = got.clone();
+    let receiver = TestServer::http(move |r, _| {
+        let j = r.json();
+        let what = if r.uri.starts_with("/events") {
+            format!("event {}", j["payload"]["n"])
+        } else {
+            format!("run {}", j["n"])
+        };
+        g.lock()
+            .unwrap()
+            .push((what, r.header("webhook-id").unwrap_or_default().to_string()));
+        Reply::After(
+            Duration::from_millis(20),
+            Box::new(Reply::Json(200, json!({}))),
+        )
+    })
+    .await;
+    let crm = TestServer::http(|_, n| Reply::ok(json!({"v": n}))).await;
+    let text = format!(
+        "{AGENT}[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"{crm}/c?p={{{{args.p}}}}\"\nparameters = {{ type = \"object\", properties = {{ p = {{ type = \"string\" }} }} }}\ncache = {{ ttl_s = 300, scope = \"tenant\" }}\nextract = {{ \"c.v\" = \"$.v\" }}\n\n[[webhooks]]\nlabel = \"events\"\nurl = \"{rx}/events\"\nsubscriptions = [\"message\"]\nsigning_secret = \"{{{{secrets.WHSEC}}}}\"\n\n[[automations]]\nid = \"notify\"\ntrigger = {{ on = \"webhook\" }}\nauth = {{ bearer = \"{{{{secrets.INBOUND_KEY}}}}\" }}\nsteps = [ {{ send_webhook = {{ url = \"{rx}/run\", body = {{ n = \"{{{{payload.n}}}}\" }} }} }} ]\n\n[[automations]]\nid = \"lookup\"\ntrigger = {{ on = \"webhook\" }}\nauth = {{ bearer = \"{{{{secrets.INBOUND_KEY}}}}\" }}\nsteps = [ {{ run_action = {{ action = \"lookup\", args = {{ p = \"{{{{payload.p}}}}\" }} }} }} ]\n",
+        crm = crm.origin(),
+        rx = receiver.origin()
+    );
+    let set = load_toml(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, &text).unwrap();
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(spawn_serve(&file, &db, &redis.url()).await);
+    }
+
+    // The shared cache across processes first (Redis up).
+    assert_eq!(
+        start_run(servers[0].addr, "lookup", r#"{"p": "ada"}"#).await,
+        202
+    );
+    let log = midcall::RunLog::open(&db).unwrap();
+    let succeeded = |automation: &str| {
+        log.runs(Some(automation), Some("succeeded"), 1000)
+            .unwrap()
+            .len()
+    };
+    wait_until("the first lookup run", || succeeded("lookup") == 1).await;
+    wait_for_entries(&redis, 1).await;
+    assert_eq!(
+        start_run(servers[1].addr, "lookup", r#"{"p": "ada"}"#).await,
+        202
+    );
+    wait_until("the second lookup run", || succeeded("lookup") == 2).await;
+    assert_eq!(
+        crm.request_count(),
+        1,
+        "B's run hit the entry A's run filled"
+    );
+
+    // 1,000 events, durably, on ten calls; 100 runs over the three servers.
+    let publisher = EventBus::builder(&db)
+        .webhooks(&set)
+        .deliver(false)
+        .build()
+        .unwrap();
+    let published = futures_util::future::join_all((0..1000).map(|i| {
+        let p = publisher.clone();
+        async move {
+            let call = CallInfo {
+                id: format!("call_{}", i % 10),
+                ..call_info()
+            };
+            p.publish_durable(&Event::new(EventType::Message, json!({"n": i})), &call)
+                .await
+        }
+    }))
+    .await;
+    assert!(published.iter().all(|r| r.is_ok()));
+    for n in 0..100 {
+        let s = &servers[n % 3];
+        assert_eq!(
+            start_run(s.addr, "notify", &format!(r#"{{"n": {n}}}"#)).await,
+            202
+        );
+    }
+    let delivered = |got: &Arc<Mutex<Vec<(String, String)>>>| {
+        got.lock()
+            .unwrap()
+            .iter()
+            .map(|(w, _)| w.clone())
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    wait_until("200 delivered", || delivered(&got) >= 200).await;
+    let mut killed = servers.remove(0);
+    killed.child.kill().unwrap(); // SIGKILL, mid-delivery
+    killed.child.wait().unwrap();
+    let at_kill = delivered(&got);
+    wait_until("500 delivered", || delivered(&got) >= 500).await;
+    pg.restart();
+    let at_restart = delivered(&got);
+    for _ in 0..6000 {
+        if delivered(&got) >= 1100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let all = got.lock().unwrap().clone();
+    let mut ids: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (what, id) in &all {
+        ids.entry(what.clone()).or_default().insert(id.clone());
+    }
+    assert_eq!(
+        ids.len(),
+        1100,
+        "every event and every run's delivery arrived (killed at {at_kill}, database restarted at {at_restart})"
+    );
+    assert!(
+        ids.values().all(|s| s.len() == 1),
+        "duplicates share the webhook-id"
+    );
+    let duplicates = all.len() - ids.len();
+    eprintln!(
+        "fleet: 1000 events + 100 runs delivered; {duplicates} duplicate attempts (same webhook-id); killed at {at_kill}, restarted at {at_restart}"
+    );
+    let runs = log.runs(Some("notify"), None, 1000).unwrap();
+    assert_eq!(runs.len(), 100, "one run per request");
+    assert!(runs.iter().all(|r| r.status == "succeeded"), "{runs:?}");
+    assert!(
+        runs.iter().all(|r| r.steps.len() == 1),
+        "each step recorded once"
+    );
+    let dlog = DeliveryLog::open(&db).unwrap();
+    let deliveries = dlog.deliveries(None, None, 5000).unwrap();
+    assert_eq!(deliveries.len(), 1100);
+    let pending: Vec<_> = deliveries
+        .iter()
+        .filter(|d| d.status != "delivered")
+        .collect();
+    assert!(pending.is_empty(), "{pending:?}");
+
+    // Redis stopped: a run whose action misses everywhere still succeeds, well within budget.
+    redis.stop();
+    assert_eq!(
+        start_run(servers[0].addr, "lookup", r#"{"p": "grace"}"#).await,
+        202
+    );
+    wait_until("a lookup with Redis down", || succeeded("lookup") == 3).await;
+    let r = &log.runs(Some("lookup"), Some("succeeded"), 1).unwrap()[0];
+    assert!(
+        r.steps[0].duration_ms < 2000,
+        "the step took {} ms with Redis down",
+        r.steps[0].duration_ms
+    );
+    assert_eq!(crm.request_count(), 2);
+    publisher.close().await;
+    for mut s in servers {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &s.child.id().to_string()])
+            .status();
+        let _ = s.child.wait();
+    }
 }
