@@ -28,16 +28,19 @@
 //!   every resolved address, `TCP_NODELAY`, rustls with ring, warm-up), one deadline over the
 //!   whole exchange, the body cap, `Retry-After` parsing.
 //! - [`cache`]: the response cache (extraction results, scoped, weighed in bytes, freshness on
-//!   tokio's clock) and request coalescing.
+//!   tokio's clock), request coalescing, and the shared tier on Redis (`cache::shared`: HMAC
+//!   keys under the fleet's secret, a deadline on every operation, invalidation by pub/sub).
 //! - [`events`]: event webhooks: envelope and payloads (the post-call payload among them),
-//!   Standard Webhooks signing, the durable SQLite outbox, delivery with retries and ordering,
+//!   Standard Webhooks signing, the durable outbox, delivery with retries and ordering,
 //!   the delivery log and replay. Deliveries of other modules' targets are resolved through
 //!   an interface they register.
 //! - [`automation`]: automations (call completed, inbound webhook), their durable run log
 //!   and worker, and the inbound webhook server; registers itself with the runtime (call
 //!   completion) and the bus (delivery targets).
-//! - `store` (internal): the SQLite schema the outbox, the delivery log, the run log and
-//!   inbound replay protection share, and opening the file.
+//! - `store` (internal): the durable state the outbox, the delivery log, the run log and
+//!   inbound replay protection share, on one of two engines behind one interface (`Db`): the
+//!   SQLite file (schema and opening in `store`, queries beside their modules) or PostgreSQL
+//!   (`store::pg`: leases with `SKIP LOCKED`, `NOTIFY`, advisory-locked migrations).
 //! - `cli` (binary only): one file per command.
 //!
 //! # Example

@@ -61,7 +61,8 @@ class Runtime:
     - ``allow_http`` / ``allow_networks``: extend the file's ``[egress]`` (plain http, private
       networks such as ``"127.0.0.0/8"`` for a local test server).
     - ``ca_certs``: PEM files whose certificates are trusted as extra roots.
-    - ``outbox``: a SQLite file; with it, event webhooks and automations run (durable,
+    - ``outbox``: a SQLite file, or a ``postgres://`` URL shared with the rest of a fleet;
+      with it, event webhooks and automations run (durable,
       signed, retried). Without it no events are sent.
     - ``mock``: answer every host the agent calls from the bundled mock CRM (in-process, demo
       secrets): the examples use it; no keys, no network.

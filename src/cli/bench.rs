@@ -26,7 +26,7 @@ use midcall::{ActionSet, ActionSpec, Call, CallInfo, Runtime, Syntax, ToolCall, 
 /// action against its real endpoint instead.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  midcall bench --quick\n  midcall bench --json benches/results/bench.json\n  midcall bench --soak --quick --cpu-hogs 2 --worker-nice -10\n  midcall bench --actions agent.toml --action lookup --concurrency 16 --requests 2000 --allow-http --allow-network 127.0.0.0/8"
+    after_help = "Examples:\n  midcall bench --quick\n  midcall bench --json benches/results/bench.json\n  midcall bench --soak --quick --cpu-hogs 2 --worker-nice -10\n  midcall bench --fleet --db postgres://postgres@127.0.0.1:5432/bench --cache-url redis://127.0.0.1:6379\n  midcall bench --actions agent.toml --action lookup --concurrency 16 --requests 2000 --allow-http --allow-network 127.0.0.0/8"
 )]
 pub(crate) struct BenchArgs {
     /// A small run that finishes in seconds.
@@ -92,6 +92,26 @@ pub(crate) struct BenchArgs {
     /// Internal: spin one core until stdin closes (a --cpu-hogs process).
     #[arg(long, hide = true)]
     hog: bool,
+    /// The fleet's figures beside SQLite's, measured in the same run: durable publishing from
+    /// 1 and 3 processes, delivery with 1 and 3 worker processes, and (with --cache-url) the
+    /// latency of a shared-tier hit. Needs --db postgres://... naming an empty database.
+    #[arg(long, requires = "db", conflicts_with_all = ["actions", "soak"])]
+    fleet: bool,
+    /// The PostgreSQL database for --fleet.
+    #[arg(long, value_name = "URL")]
+    db: Option<String>,
+    /// The shared cache tier for --fleet (`redis://host:port`).
+    #[arg(long, value_name = "URL", requires = "fleet")]
+    cache_url: Option<String>,
+    /// Internal: a --fleet child process (`publish` or `deliver`).
+    #[arg(long, hide = true, value_parser = ["publish", "deliver"], requires = "db")]
+    fleet_child: Option<String>,
+    /// Internal: events a `publish` child publishes.
+    #[arg(long, hide = true, default_value_t = 1000)]
+    fleet_events: usize,
+    /// Internal: the sink a `deliver` child delivers to.
+    #[arg(long, hide = true, default_value = "http://127.0.0.1:9/sink")]
+    fleet_sink: String,
 }
 
 #[derive(Debug, Clone)]
@@ -387,6 +407,18 @@ pub(crate) fn run(a: BenchArgs) -> Result<ExitCode, String> {
     rt.block_on(async move {
         if a.serve_upstreams {
             return serve_upstreams(a.body_bytes).await;
+        }
+        if let (Some(what), Some(db)) = (&a.fleet_child, &a.db) {
+            let what = match what.as_str() {
+                "publish" => super::fleet_bench::Child::Publish(a.fleet_events),
+                _ => super::fleet_bench::Child::Deliver,
+            };
+            return super::fleet_bench::child(what, db, &a.fleet_sink).await;
+        }
+        if a.fleet {
+            let db = a.db.as_deref().unwrap_or_default();
+            return super::fleet_bench::run(db, a.cache_url.as_deref(), a.quick, a.json.as_deref())
+                .await;
         }
         if let Some(file) = a.actions.clone() {
             return user_action(&a, &file).await;

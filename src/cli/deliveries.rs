@@ -17,7 +17,7 @@ use midcall::events::{time, DeliveryLog};
 pub(crate) struct DeliveriesArgs {
     #[command(subcommand)]
     command: Option<ReplayCommand>,
-    /// The outbox database.
+    /// The outbox database: a SQLite file, or `postgres://user@host:port/db`.
     #[arg(long)]
     db: Option<String>,
     /// Only this call's deliveries.
@@ -45,7 +45,7 @@ enum ReplayCommand {
     after_help = "Examples:\n  midcall deliveries replay --db outbox.db --id 42\n  midcall deliveries replay --db outbox.db --since 1700000000 --status failed"
 )]
 struct ReplayArgs {
-    /// The outbox database.
+    /// The outbox database: a SQLite file, or `postgres://user@host:port/db`.
     #[arg(long)]
     db: String,
     /// The delivery to replay.
@@ -87,7 +87,10 @@ pub(crate) fn run(a: DeliveriesArgs) -> Result<ExitCode, String> {
         let n = match (r.id, r.since, r.status) {
             (Some(id), _, _) => {
                 if !log.contains(id)? {
-                    return Err(format!("{}: no delivery {id}", r.db));
+                    return Err(format!(
+                        "{}: no delivery {id}",
+                        midcall::events::display_db(&r.db)
+                    ));
                 }
                 log.replay_id(id)?
             }
@@ -100,7 +103,7 @@ pub(crate) fn run(a: DeliveriesArgs) -> Result<ExitCode, String> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let db = a.db.ok_or("--db FILE is required")?;
+    let db = a.db.ok_or("--db FILE (or postgres://...) is required")?;
     let log = DeliveryLog::open(&db)?;
     let rows = log.deliveries(a.call.as_deref(), a.status.as_deref(), a.limit)?;
     if a.json {

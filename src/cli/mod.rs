@@ -4,6 +4,7 @@ pub(crate) mod bench;
 pub(crate) mod check;
 pub(crate) mod deliveries;
 pub(crate) mod exec;
+pub(crate) mod fleet_bench;
 pub(crate) mod jsonpath;
 pub(crate) mod render;
 pub(crate) mod runs;

@@ -13,10 +13,10 @@ use midcall::RunLog;
 /// each did, or why the run failed.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  midcall runs --db outbox.db\n  midcall runs --db outbox.db --automation crm-sync --status failed\n  midcall runs --db outbox.db --json"
+    after_help = "Examples:\n  midcall runs --db outbox.db\n  midcall runs --db outbox.db --automation crm-sync --status failed\n  midcall runs --db outbox.db --json\n  midcall runs --db postgres://midcall@db.internal:5432/midcall --status failed"
 )]
 pub(crate) struct RunsArgs {
-    /// The outbox database.
+    /// The outbox database: a SQLite file, or `postgres://user@host:port/db`.
     #[arg(long)]
     db: String,
     /// Only this automation's runs.

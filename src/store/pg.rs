@@ -453,38 +453,75 @@ impl Pg {
     }
 
     /// Records a batch of attempts in one transaction. A delivery whose lease this process no
-    /// longer holds keeps its attempt row but is not moved on (its new holder decides).
+    /// longer holds keeps its attempt row but is not moved on (its new holder decides). The
+    /// common case is set-based (one statement for every attempt row, one for every delivered
+    /// delivery), and the endpoint's row is touched once per batch and only when its state
+    /// changes, last in the transaction: workers of several processes delivering to one
+    /// endpoint would otherwise queue on that row's lock.
     pub(crate) async fn record_batch(&self, batch: &[(Claimed, Attempt, Next)]) -> R<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        for (c, a, next) in batch {
-            let code = a.status_code.map(i32::from);
-            tx.execute(
-                "INSERT INTO attempts (delivery_id, at_ms, duration_ms, status_code, error, response_prefix) VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&c.id, &a.at_ms, &a.duration_ms, &code, &a.error, &a.response_prefix],
-            )
-            .await?;
+        let owner = &*self.owner;
+        let ids: Vec<i64> = batch.iter().map(|(c, _, _)| c.id).collect();
+        let at: Vec<i64> = batch.iter().map(|(_, a, _)| a.at_ms).collect();
+        let dur: Vec<i64> = batch.iter().map(|(_, a, _)| a.duration_ms).collect();
+        let codes: Vec<Option<i32>> = batch
+            .iter()
+            .map(|(_, a, _)| a.status_code.map(i32::from))
+            .collect();
+        let errors: Vec<Option<&str>> = batch.iter().map(|(_, a, _)| a.error.as_deref()).collect();
+        let prefixes: Vec<&[u8]> = batch
+            .iter()
+            .map(|(_, a, _)| a.response_prefix.as_slice())
+            .collect();
+        tx.execute(
+            "INSERT INTO attempts (delivery_id, at_ms, duration_ms, status_code, error, response_prefix)
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[], $5::text[], $6::bytea[])",
+            &[&ids, &at, &dur, &codes, &errors, &prefixes],
+        )
+        .await?;
+        let delivered: Vec<&(Claimed, Attempt, Next)> = batch
+            .iter()
+            .filter(|(_, _, n)| *n == Next::Delivered)
+            .collect();
+        let mut succeeded: Vec<(&str, i64)> = Vec::new();
+        if !delivered.is_empty() {
+            let d_ids: Vec<i64> = delivered.iter().map(|(c, _, _)| c.id).collect();
+            let d_done: Vec<i64> = delivered
+                .iter()
+                .map(|(_, a, _)| a.at_ms + a.duration_ms)
+                .collect();
+            let moved = tx
+                .query(
+                    "UPDATE deliveries d SET status = 'delivered', attempts = d.attempts + 1, done_ms = u.done, lease_ms = 0, lease_owner = NULL, last_error = NULL
+                     FROM unnest($1::bigint[], $2::bigint[]) AS u(id, done)
+                     WHERE d.id = u.id AND d.lease_owner = $3
+                     RETURNING d.id",
+                    &[&d_ids, &d_done, &owner],
+                )
+                .await?;
+            if moved.len() < delivered.len() {
+                tracing::warn!(
+                    lost = delivered.len() - moved.len(),
+                    "deliveries' leases passed to another worker before their attempts were recorded"
+                );
+            }
+            for (c, a, _) in &delivered {
+                let done = a.at_ms + a.duration_ms;
+                match succeeded.iter_mut().find(|(e, _)| *e == c.endpoint) {
+                    Some((_, t)) => *t = (*t).max(done),
+                    None => succeeded.push((&c.endpoint, done)),
+                }
+            }
+        }
+        for (c, a, next) in batch.iter().filter(|(_, _, n)| *n != Next::Delivered) {
             let now = a.at_ms + a.duration_ms;
             let err = a
                 .error
                 .clone()
                 .or(a.status_code.map(|s| format!("HTTP {s}")));
-            let owner = &*self.owner;
             let moved = match next {
-                Next::Delivered => {
-                    let n = tx.execute(
-                        "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, done_ms = $2, lease_ms = 0, lease_owner = NULL, last_error = NULL WHERE id = $1 AND lease_owner = $3",
-                        &[&c.id, &now, &owner],
-                    ).await?;
-                    if n > 0 {
-                        tx.execute(
-                            "INSERT INTO endpoints (endpoint, last_success_ms) VALUES ($1, $2)
-                             ON CONFLICT (endpoint) DO UPDATE SET last_success_ms = $2, failing_since_ms = NULL",
-                            &[&c.endpoint, &now],
-                        ).await?;
-                    }
-                    n
-                }
+                Next::Delivered => 0,
                 Next::Retry { due_ms } => {
                     let n = tx.execute(
                         "UPDATE deliveries SET attempts = attempts + 1, due_ms = $2, lease_ms = 0, lease_owner = NULL, last_error = $3 WHERE id = $1 AND lease_owner = $4",
@@ -530,6 +567,21 @@ impl Pg {
                     "the delivery's lease passed to another worker before its attempt was recorded"
                 );
             }
+        }
+        // A success clears the failing state; last_success_ms is kept to the second (a row
+        // every worker would otherwise rewrite on every batch).
+        for (endpoint, done) in succeeded {
+            tx.execute(
+                "INSERT INTO endpoints (endpoint, last_success_ms) VALUES ($1, $2) ON CONFLICT (endpoint) DO NOTHING",
+                &[&endpoint, &done],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE endpoints SET last_success_ms = $2::bigint, failing_since_ms = NULL
+                 WHERE endpoint = $1 AND (failing_since_ms IS NOT NULL OR last_success_ms IS NULL OR last_success_ms < $2::bigint - 1000)",
+                &[&endpoint, &done],
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(())

@@ -398,6 +398,14 @@ struct Serve {
     addr: std::net::SocketAddr,
 }
 
+impl Drop for Serve {
+    /// A failing test must not leave servers running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 async fn spawn_serve(file: &std::path::Path, db: &str, cache: &str) -> Serve {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
@@ -561,9 +569,8 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
             .len()
     };
     wait_until("200 delivered", || delivered(&got) >= 200).await;
-    let mut killed = servers.remove(0);
-    killed.child.kill().unwrap(); // SIGKILL, mid-delivery
-    killed.child.wait().unwrap();
+    let killed = servers.remove(0);
+    drop(killed); // SIGKILL, mid-delivery
     let at_kill = delivered(&got);
     wait_until("500 delivered", || delivered(&got) >= 500).await;
     pg.restart();
@@ -623,10 +630,5 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
     );
     assert_eq!(crm.request_count(), 2);
     publisher.close().await;
-    for mut s in servers {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &s.child.id().to_string()])
-            .status();
-        let _ = s.child.wait();
-    }
+    drop(servers);
 }

@@ -42,9 +42,14 @@ pub(crate) struct SimulateArgs {
     /// The call script.
     #[arg(default_value = DEFAULT_SCRIPT)]
     script: String,
-    /// Keep the outbox (events, deliveries, runs) in this file instead of a temporary one.
+    /// Keep the outbox (events, deliveries, runs) in this file instead of a temporary one
+    /// (or in a PostgreSQL database: `postgres://user@host:port/db`).
     #[arg(long)]
     db: Option<String>,
+    /// Use a shared cache tier (`redis://host:port`; the fleet's secret from
+    /// MIDCALL_SECRET_CACHE_KEY): what the call caches is there for the next process.
+    #[arg(long)]
+    cache_url: Option<String>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -158,6 +163,7 @@ pub(crate) fn run(a: SimulateArgs) -> Result<ExitCode, String> {
         Arc::new(set),
         &agent_path,
         a.db.as_deref(),
+        super::shared_cache(a.cache_url.as_deref())?,
         progress,
     ))?;
     if a.json {
@@ -339,6 +345,7 @@ async fn play(
     set: Arc<ActionSet>,
     agent_path: &Path,
     db: Option<&str>,
+    shared: Option<midcall::cache::SharedCacheConfig>,
     progress: bool,
 ) -> Result<Report, String> {
     let secrets = Arc::new(DemoSecrets::default());
@@ -366,9 +373,14 @@ async fn play(
     if let Some(n) = script.runtime.breaker_threshold {
         builder = builder.breaker_threshold(n);
     }
-    let runtime = builder
-        .build()
-        .map_err(|e| format!("{}: {e}", db_path.display()))?;
+    if let Some(cfg) = shared {
+        builder = builder.shared_cache(cfg);
+    }
+    let runtime = builder.build().map_err(|e| format!("--db: {e}"))?;
+    runtime
+        .check_shared_cache(Duration::from_secs(2))
+        .await
+        .map_err(|e| format!("--cache-url: {e}"))?;
     let bus = runtime
         .event_bus()
         .cloned()
