@@ -80,6 +80,62 @@ impl ScopeId {
         }
         ScopeId(s)
     }
+
+    /// The tenant it belongs to (its first part).
+    pub(crate) fn tenant(&self) -> &str {
+        self.0
+            .split_once(':')
+            .and_then(|(len, rest)| rest.get(..len.parse::<usize>().ok()?))
+            .unwrap_or_default()
+    }
+}
+
+/// What a cache key is made of: scope, action fingerprint, method, URL, the headers named as
+/// key headers, and the body. Both tiers hash the same parts, length-prefixed
+/// ([`KeyParts::each`]).
+pub(crate) struct KeyParts<'a> {
+    pub(crate) scope: &'a ScopeId,
+    pub(crate) fingerprint: u64,
+    pub(crate) method: &'a str,
+    pub(crate) url: &'a str,
+    pub(crate) key_headers: &'a [(&'a str, &'a [u8])],
+    pub(crate) body: &'a [u8],
+}
+
+impl KeyParts<'_> {
+    /// Calls `part` with every part in order; the caller writes each one's length first, so
+    /// adjacent parts cannot run into each other.
+    pub(crate) fn each(&self, mut part: impl FnMut(&[u8])) {
+        part(self.scope.0.as_bytes());
+        part(&self.fingerprint.to_le_bytes());
+        part(self.method.as_bytes());
+        part(self.url.as_bytes());
+        for (k, v) in self.key_headers {
+            part(k.as_bytes());
+            part(v);
+        }
+        part(self.body);
+    }
+}
+
+/// The values of a policy's key headers in `headers` (empty for a missing one).
+pub(crate) fn key_headers<'a>(
+    policy: &'a CachePolicy,
+    headers: &'a http::HeaderMap,
+) -> Vec<(&'a str, &'a [u8])> {
+    policy
+        .key_headers
+        .iter()
+        .map(|h| {
+            (
+                h.as_str(),
+                headers
+                    .get(h.as_str())
+                    .map(|v| v.as_bytes())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 /// A cache key: two keyed SipHash-1-3 hashes (128 bits, keys random per process) over scope,
@@ -88,29 +144,12 @@ impl ScopeId {
 pub(crate) struct CacheKey(u128);
 
 impl CacheKey {
-    pub(crate) fn new(
-        scope: &ScopeId,
-        fingerprint: u64,
-        method: &str,
-        url: &str,
-        key_headers: &[(&str, &[u8])],
-        body: &[u8],
-    ) -> CacheKey {
+    pub(crate) fn new(parts: &KeyParts<'_>) -> CacheKey {
         CacheKey(keyed_hash128(|h| {
-            // Lengths first, so adjacent parts cannot run into each other.
-            let mut part = |b: &[u8]| {
+            parts.each(|b| {
                 h.write_usize(b.len());
                 h.write(b);
-            };
-            part(scope.0.as_bytes());
-            part(&fingerprint.to_le_bytes());
-            part(method.as_bytes());
-            part(url.as_bytes());
-            for (k, v) in key_headers {
-                part(k.as_bytes());
-                part(v);
-            }
-            part(body);
+            })
         }))
     }
 }
@@ -161,32 +200,22 @@ impl Entry {
         } else {
             policy.ttl
         };
-        let bytes = 96
-            + scope.0.len()
-            + values
-                .iter()
-                .map(|(k, v)| 48 + k.as_str().len() + crate::state::json_len(v))
-                .sum::<usize>();
-        Entry {
+        let stale = if negative {
+            Duration::ZERO
+        } else {
+            policy.stale
+        };
+        Entry::with_deadlines(
             values,
             http_status,
             negative,
-            fresh_until: now + ttl,
-            stale_until: now
-                + ttl
-                + if negative {
-                    Duration::ZERO
-                } else {
-                    policy.stale
-                },
+            now + ttl,
+            now + ttl + stale,
             fingerprint,
             scope,
-            bytes: bytes.min(u32::MAX as usize) as u32,
-        }
+        )
     }
-}
 
-impl Entry {
     /// An entry with its deadlines given (one read from the shared tier).
     pub(crate) fn with_deadlines(
         values: Vec<(StatePath, Value)>,

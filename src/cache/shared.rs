@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 
-use super::{Entry, ScopeId};
+use super::{Entry, KeyParts, ScopeId};
 use crate::state::StatePath;
 use crate::template::Secret;
 
@@ -216,36 +216,18 @@ impl SharedTier {
         }
     }
 
-    /// The key of a request: the same in every process that shares the secret.
-    #[allow(clippy::too_many_arguments)] // the parts of the in-process key, plus the tenant
-    pub(crate) fn key(
-        &self,
-        tenant: &str,
-        scope: &ScopeId,
-        fingerprint: u64,
-        method: &str,
-        url: &str,
-        key_headers: &[(&str, &[u8])],
-        body: &[u8],
-    ) -> SharedKey {
+    /// The key of a request: the same in every process that shares the secret, under its
+    /// scope's tenant.
+    pub(crate) fn key(&self, parts: &KeyParts<'_>) -> SharedKey {
         let mut ctx = ring::hmac::Context::with_key(&self.hmac);
-        let mut part = |b: &[u8]| {
+        parts.each(|b| {
             ctx.update(&(b.len() as u64).to_le_bytes());
             ctx.update(b);
-        };
-        part(scope.0.as_bytes());
-        part(&fingerprint.to_le_bytes());
-        part(method.as_bytes());
-        part(url.as_bytes());
-        for (k, v) in key_headers {
-            part(k.as_bytes());
-            part(v);
-        }
-        part(body);
+        });
         let tag = ctx.sign();
         SharedKey(format!(
             "midcall:c:{}:{}",
-            hex(tenant.as_bytes()),
+            hex(parts.scope.tenant().as_bytes()),
             hex(&tag.as_ref()[..20])
         ))
     }

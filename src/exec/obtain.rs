@@ -11,7 +11,8 @@ use super::error::{Failure, Fault, Kind, Retry};
 use super::outcome::Timings;
 use super::plan::Prepared;
 use super::runtime::Runtime;
-use crate::cache::{CacheStatus, Entry, Join, Lookup, ScopeId};
+use crate::cache::shared::{SharedKey, SharedTier};
+use crate::cache::{key_headers, CacheStatus, Entry, Join, KeyParts, Lookup, ScopeId};
 use crate::config::{ActionSpec, CachePolicy};
 use crate::state::StatePath;
 use crate::transport::Deadline;
@@ -102,6 +103,24 @@ async fn wait_shared(
     }
 }
 
+/// A request's key in the shared tier (the URL as sent, the policy's key headers as sent).
+fn shared_key_of(
+    tier: &SharedTier,
+    p: &Prepared,
+    policy: &CachePolicy,
+    scope: &ScopeId,
+    fingerprint: u64,
+) -> SharedKey {
+    tier.key(&KeyParts {
+        scope,
+        fingerprint,
+        method: p.method.as_str(),
+        url: &p.uri.to_string(),
+        key_headers: &key_headers(policy, &p.headers),
+        body: &p.body,
+    })
+}
+
 impl Runtime {
     /// The cache step: a fresh entry, a stale one (with one refresh), a fetch shared with
     /// identical requests in flight, or a plain fetch for actions that are not cacheable.
@@ -124,9 +143,10 @@ impl Runtime {
         };
         let cache = self.cache();
         let mut found = cache.lookup(&key).await;
-        if let (Lookup::Missing, Some(tier), Some(sk)) =
-            (&found, self.shared_cache(), p.shared_key.as_ref())
-        {
+        // The shared tier's key is made only past a miss here (a hit never needs it).
+        let mut shared_key = None;
+        if let (Lookup::Missing, Some(tier)) = (&found, self.shared_cache()) {
+            let sk = shared_key.insert(shared_key_of(tier, &p, policy, &scope, action.fingerprint));
             // The shared tier, within what the budget has left (never more than its own
             // deadline); a hit there fills this process's cache.
             let left = deadline
@@ -154,7 +174,7 @@ impl Runtime {
                 let r = from_entry(&e, &p.action);
                 // One refresh at a time: a refresh already in flight is left alone.
                 if let Join::Lead(flight, _) = cache.join(key) {
-                    self.spawn_shared(flight, p, action, policy.clone(), scope, false);
+                    self.spawn_shared(flight, p, action, policy.clone(), scope, None, false);
                 }
                 (r, CacheStatus::Stale)
             }
@@ -173,6 +193,7 @@ impl Runtime {
                                 action,
                                 policy.clone(),
                                 scope.clone(),
+                                shared_key.take(),
                                 true,
                             );
                             (rx, CacheStatus::Miss)
@@ -208,7 +229,9 @@ impl Runtime {
 
     /// Runs a cacheable fetch on its own task, bounded by the action's timeout, fills the cache
     /// and hands the result to every waiter. With `while_waited`, the fetch is dropped as soon
-    /// as no waiter is left.
+    /// as no waiter is left. With a shared tier the entry goes there too, under `shared_key`
+    /// (made here when the caller has not made it).
+    #[allow(clippy::too_many_arguments)]
     fn spawn_shared(
         &self,
         flight: crate::cache::Flight<FetchResult>,
@@ -216,13 +239,18 @@ impl Runtime {
         action: &ActionSpec,
         policy: CachePolicy,
         scope: ScopeId,
+        shared_key: Option<SharedKey>,
         while_waited: bool,
     ) {
         let this = self.clone();
         let extractor = action.extractor_arc();
         let fingerprint = action.fingerprint;
         let key = p.cache.as_ref().map(|(k, _)| *k);
-        let shared = this.shared_cache().cloned().zip(p.shared_key.clone());
+        let shared = this.shared_cache().cloned().map(|t| {
+            let sk = shared_key
+                .unwrap_or_else(|| shared_key_of(&t, &p, &policy, &scope, action.fingerprint));
+            (t, sk)
+        });
         tokio::spawn(
             async move {
                 let fetch = this.fetch(&p, &extractor, ActionDeadline::own(&p));

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::error::{Failure, Fault, Kind, Retry};
 use super::runtime::Runtime;
 use super::ToolCall;
-use crate::cache::{CacheKey, ScopeId};
+use crate::cache::{key_headers, CacheKey, KeyParts, ScopeId};
 use crate::config::{ActionSpec, Method, RenderedRequest, RequestError};
 use crate::state::Call;
 use crate::template::RenderContext;
@@ -36,8 +36,6 @@ pub(crate) struct Prepared {
     pub(crate) log_url: String,
     /// The cache key and scope, for cacheable actions.
     pub(crate) cache: Option<(CacheKey, ScopeId)>,
-    /// Its key in the shared tier, when there is one.
-    pub(crate) shared_key: Option<crate::cache::shared::SharedKey>,
     /// What the idempotency key is made from.
     pub(crate) idempotency: Option<Idempotency>,
     /// Set once the request has been handed to the transport: from then on a `finish`
@@ -122,44 +120,16 @@ impl Runtime {
         let body = rendered.body.map(Bytes::from).unwrap_or_default();
         let cache = action.cache().filter(|_| !action.is_async()).map(|policy| {
             let scope = ScopeId::of(policy.scope, &call.info);
-            let key_headers: Vec<(&str, &[u8])> = policy
-                .key_headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.as_str(),
-                        headers
-                            .get(h.as_str())
-                            .map(|v| v.as_bytes())
-                            .unwrap_or_default(),
-                    )
-                })
-                .collect();
-            let key = CacheKey::new(
-                &scope,
-                action.fingerprint,
-                action.method().as_str(),
-                &rendered.url,
-                &key_headers,
-                &body,
-            );
-            let shared = self.shared_cache().map(|t| {
-                t.key(
-                    &call.info.tenant,
-                    &scope,
-                    action.fingerprint,
-                    action.method().as_str(),
-                    &rendered.url,
-                    &key_headers,
-                    &body,
-                )
+            let key = CacheKey::new(&KeyParts {
+                scope: &scope,
+                fingerprint: action.fingerprint,
+                method: action.method().as_str(),
+                url: &rendered.url,
+                key_headers: &key_headers(policy, &headers),
+                body: &body,
             });
-            (key, scope, shared)
+            (key, scope)
         });
-        let (cache, shared_key) = match cache {
-            Some((k, s, sh)) => (Some((k, s)), sh),
-            None => (None, None),
-        };
         Ok(Prepared {
             action: name.into(),
             method: action.method(),
@@ -174,7 +144,6 @@ impl Runtime {
             hedge: action.hedge(),
             log_url: rendered.redactor.redact(path_only),
             cache,
-            shared_key,
             idempotency,
             sent: Arc::new(AtomicBool::new(false)),
             redactor: rendered.redactor,
