@@ -79,19 +79,8 @@ impl AutomationsBuilder {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err("automations must be started inside a tokio runtime".into());
         }
-        let db = self
-            .bus
-            .store()
-            .reopen(self.bus.location())
-            .map_err(|e| e.to_string())?;
-        let resumed = match &db {
-            Db::Sqlite(_) => {
-                let db2 = db.clone();
-                crate::store::on_own_runtime(async move { db2.requeue_running().await })
-                    .map_err(|e| e.to_string())?
-            }
-            Db::Postgres(_) => 0,
-        };
+        let db = self.bus.store().reopen().map_err(|e| e.to_string())?;
+        let resumed = db.requeue_running().map_err(|e| e.to_string())?;
         if resumed > 0 {
             tracing::info!(resumed, "automation runs resumed");
         }

@@ -176,10 +176,7 @@ impl EventBusBuilder {
         let (tx, rx) = mpsc::channel::<Msg>(self.capacity);
         let notify = Arc::new(Notify::new());
         let writer = match &db {
-            Db::Sqlite(_) => {
-                let Location::Sqlite(path) = &location else {
-                    unreachable!("a SQLite store has a path")
-                };
+            Db::Sqlite(_, path) => {
                 let conn = outbox::open(path).map_err(|e| e.to_string())?;
                 let n2 = notify.clone();
                 Writer::Thread(
@@ -254,7 +251,6 @@ impl EventBusBuilder {
             notify,
             task: Arc::new(Mutex::new(task)),
             db: self.db,
-            location,
             store: db,
         })
     }
@@ -376,14 +372,13 @@ pub struct EventBus {
     notify: Arc<Notify>,
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
     db: PathBuf,
-    location: Location,
     store: Db,
 }
 
 impl std::fmt::Debug for EventBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventBus")
-            .field("db", &self.location)
+            .field("db", &Location::of(&self.db))
             .finish_non_exhaustive()
     }
 }
@@ -521,11 +516,6 @@ impl EventBus {
     /// The outbox database's path (or `postgres://` URL) as given.
     pub fn db_path(&self) -> &Path {
         &self.db
-    }
-
-    /// Where the outbox is.
-    pub(crate) fn location(&self) -> &Location {
-        &self.location
     }
 
     /// The store the bus writes (the automations share a PostgreSQL pool with it).

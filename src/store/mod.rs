@@ -73,17 +73,17 @@ pub(crate) fn on_own_runtime<T: Send>(
 }
 
 /// The durable store the bus and the automations use: one SQLite connection (each call on a
-/// blocking thread) or a PostgreSQL pool. Cheap to clone.
+/// blocking thread) and the file's path, or a PostgreSQL pool. Cheap to clone.
 #[derive(Clone)]
 pub(crate) enum Db {
-    Sqlite(Arc<Mutex<Connection>>),
+    Sqlite(Arc<Mutex<Connection>>, Arc<Path>),
     Postgres(pg::Pg),
 }
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Db::Sqlite(_) => f.write_str("Db::Sqlite"),
+            Db::Sqlite(..) => f.write_str("Db::Sqlite"),
             Db::Postgres(p) => p.fmt(f),
         }
     }
@@ -107,7 +107,10 @@ impl Db {
     /// use; both migrated first). Synchronous: PostgreSQL is reached on a thread of its own.
     pub(crate) fn open(loc: &Location) -> Result<Db, OutboxError> {
         match loc {
-            Location::Sqlite(p) => Ok(Db::Sqlite(Arc::new(Mutex::new(open(p)?)))),
+            Location::Sqlite(p) => Ok(Db::Sqlite(
+                Arc::new(Mutex::new(open(p)?)),
+                Arc::from(p.as_path()),
+            )),
             Location::Postgres(url) => {
                 let url2 = url.clone();
                 on_own_runtime(async move {
@@ -121,17 +124,17 @@ impl Db {
 
     /// Another handle on the same store (SQLite: its own connection, so the two never wait
     /// on one lock; PostgreSQL: the same pool).
-    pub(crate) fn reopen(&self, loc: &Location) -> Result<Db, OutboxError> {
-        match (self, loc) {
-            (Db::Postgres(p), _) => Ok(Db::Postgres(p.clone())),
-            (Db::Sqlite(_), loc) => Db::open(loc),
+    pub(crate) fn reopen(&self) -> Result<Db, OutboxError> {
+        match self {
+            Db::Postgres(p) => Ok(Db::Postgres(p.clone())),
+            Db::Sqlite(_, path) => Db::open(&Location::Sqlite(path.to_path_buf())),
         }
     }
 
     pub(crate) fn pg(&self) -> Option<&pg::Pg> {
         match self {
             Db::Postgres(p) => Some(p),
-            Db::Sqlite(_) => None,
+            Db::Sqlite(..) => None,
         }
     }
 
@@ -143,7 +146,7 @@ impl Db {
         limit: i64,
     ) -> Result<Vec<Claimed>, OutboxError> {
         match self {
-            Db::Sqlite(c) => {
+            Db::Sqlite(c, _) => {
                 blocking(c, move |c| outbox::claim(c, now, lease_ms, hold_ms, limit)).await
             }
             Db::Postgres(p) => Ok(p.claim(now, lease_ms, hold_ms, limit).await?),
@@ -152,14 +155,14 @@ impl Db {
 
     pub(crate) async fn renew(&self, ids: Vec<i64>, until: i64) -> Result<(), OutboxError> {
         match self {
-            Db::Sqlite(c) => blocking(c, move |c| outbox::renew(c, &ids, until)).await,
+            Db::Sqlite(c, _) => blocking(c, move |c| outbox::renew(c, &ids, until)).await,
             Db::Postgres(p) => Ok(p.renew(&ids, until).await?),
         }
     }
 
     pub(crate) async fn next_due(&self) -> Result<Option<i64>, OutboxError> {
         match self {
-            Db::Sqlite(c) => blocking(c, |c| outbox::next_due(c)).await,
+            Db::Sqlite(c, _) => blocking(c, |c| outbox::next_due(c)).await,
             Db::Postgres(p) => Ok(p.next_due().await?),
         }
     }
@@ -169,21 +172,21 @@ impl Db {
         batch: Vec<(Claimed, Attempt, Next)>,
     ) -> Result<(), OutboxError> {
         match self {
-            Db::Sqlite(c) => blocking(c, move |c| outbox::record_batch(c, &batch)).await,
+            Db::Sqlite(c, _) => blocking(c, move |c| outbox::record_batch(c, &batch)).await,
             Db::Postgres(p) => Ok(p.record_batch(&batch).await?),
         }
     }
 
     pub(crate) async fn failing_since(&self, endpoint: String) -> Result<Option<i64>, OutboxError> {
         match self {
-            Db::Sqlite(c) => blocking(c, move |c| outbox::failing_since(c, &endpoint)).await,
+            Db::Sqlite(c, _) => blocking(c, move |c| outbox::failing_since(c, &endpoint)).await,
             Db::Postgres(p) => Ok(p.failing_since(&endpoint).await?),
         }
     }
 
     pub(crate) async fn purge(&self, before_ms: i64, batch: i64) -> Result<usize, OutboxError> {
         match self {
-            Db::Sqlite(c) => blocking(c, move |c| outbox::purge(c, before_ms, batch)).await,
+            Db::Sqlite(c, _) => blocking(c, move |c| outbox::purge(c, before_ms, batch)).await,
             Db::Postgres(p) => Ok(p.purge(before_ms, batch).await?),
         }
     }
@@ -194,7 +197,7 @@ impl Db {
         now: i64,
     ) -> Result<(), OutboxError> {
         match self {
-            Db::Sqlite(c) => {
+            Db::Sqlite(c, _) => {
                 blocking(c, move |c| {
                     let runs: Vec<NewRun<'_>> = runs.iter().map(OwnedRun::borrow).collect();
                     runlog::insert(c, &runs, now)
@@ -216,7 +219,7 @@ impl Db {
         now: i64,
     ) -> Result<bool, OutboxError> {
         match self {
-            Db::Sqlite(c) => {
+            Db::Sqlite(c, _) => {
                 blocking(c, move |c| {
                     runlog::insert_once(c, &run.borrow(), webhook_id.as_deref(), window_ms, now)
                 })
@@ -237,23 +240,26 @@ impl Db {
         lease_ms: i64,
     ) -> Result<Vec<ClaimedRun>, OutboxError> {
         match self {
-            Db::Sqlite(c) => blocking(c, move |c| runlog::claim(c, now, limit)).await,
+            Db::Sqlite(c, _) => blocking(c, move |c| runlog::claim(c, now, limit)).await,
             Db::Postgres(p) => Ok(p.claim_runs(now, limit, lease_ms).await?),
         }
     }
 
     pub(crate) async fn renew_run(&self, id: String, until: i64) -> Result<(), OutboxError> {
         match self {
-            Db::Sqlite(_) => Ok(()),
+            Db::Sqlite(..) => Ok(()),
             Db::Postgres(p) => Ok(p.renew_run(&id, until).await?),
         }
     }
 
     /// At start: SQLite queues again the runs a stopped process left running (it was the only
     /// process); PostgreSQL leaves them to their leases (another process may be running them).
-    pub(crate) async fn requeue_running(&self) -> Result<usize, OutboxError> {
+    /// Synchronous: called once, when the automations start.
+    pub(crate) fn requeue_running(&self) -> Result<usize, OutboxError> {
         match self {
-            Db::Sqlite(c) => blocking(c, |c| runlog::requeue_running(c)).await,
+            Db::Sqlite(c, _) => {
+                runlog::requeue_running(&c.lock().unwrap_or_else(|e| e.into_inner()))
+            }
             Db::Postgres(_) => Ok(0),
         }
     }
@@ -267,7 +273,7 @@ impl Db {
         now: i64,
     ) -> Result<Option<i64>, OutboxError> {
         match self {
-            Db::Sqlite(c) => {
+            Db::Sqlite(c, _) => {
                 blocking(c, move |c| {
                     let d = delivery.as_ref().map(|(e, t)| (e, t.as_str()));
                     runlog::record_step(c, &run, &step, d, new_context.as_deref(), now)
@@ -289,7 +295,7 @@ impl Db {
         now: i64,
     ) -> Result<(), OutboxError> {
         match self {
-            Db::Sqlite(c) => {
+            Db::Sqlite(c, _) => {
                 blocking(c, move |c| runlog::finish(c, &run, error.as_deref(), now)).await
             }
             Db::Postgres(p) => Ok(p.finish_run(&run, error.as_deref(), now).await?),
@@ -298,7 +304,7 @@ impl Db {
 
     pub(crate) async fn unfinished(&self) -> Result<i64, OutboxError> {
         match self {
-            Db::Sqlite(c) => blocking(c, |c| runlog::unfinished(c)).await,
+            Db::Sqlite(c, _) => blocking(c, |c| runlog::unfinished(c)).await,
             Db::Postgres(p) => Ok(p.unfinished().await?),
         }
     }

@@ -514,14 +514,14 @@ impl Pg {
                 }
             }
         }
-        for (c, a, next) in batch.iter().filter(|(_, _, n)| *n != Next::Delivered) {
+        for (c, a, next) in batch {
             let now = a.at_ms + a.duration_ms;
             let err = a
                 .error
                 .clone()
                 .or(a.status_code.map(|s| format!("HTTP {s}")));
             let moved = match next {
-                Next::Delivered => 0,
+                Next::Delivered => continue,
                 Next::Retry { due_ms } => {
                     let n = tx.execute(
                         "UPDATE deliveries SET attempts = attempts + 1, due_ms = $2, lease_ms = 0, lease_owner = NULL, last_error = $3 WHERE id = $1 AND lease_owner = $4",
@@ -532,31 +532,30 @@ impl Pg {
                     }
                     n
                 }
-                Next::Failed => {
+                Next::Failed | Next::Disable { .. } => {
+                    let reason = match next {
+                        Next::Disable { reason } => Some(reason.as_str()),
+                        _ => None,
+                    };
                     let n = tx.execute(
                         "UPDATE deliveries SET status = 'failed', attempts = attempts + 1, done_ms = $2, lease_ms = 0, lease_owner = NULL, last_error = $3 WHERE id = $1 AND lease_owner = $4",
-                        &[&c.id, &now, &err, &owner],
+                        &[&c.id, &now, &reason.or(err.as_deref()), &owner],
                     ).await?;
-                    if n > 0 {
-                        self.failing(&tx, &c.endpoint, now).await?;
-                    }
-                    n
-                }
-                Next::Disable { reason } => {
-                    let n = tx.execute(
-                        "UPDATE deliveries SET status = 'failed', attempts = attempts + 1, done_ms = $2, lease_ms = 0, lease_owner = NULL, last_error = $3 WHERE id = $1 AND lease_owner = $4",
-                        &[&c.id, &now, reason, &owner],
-                    ).await?;
-                    if n > 0 {
-                        tx.execute(
-                            "INSERT INTO endpoints (endpoint, disabled, disabled_reason) VALUES ($1, 1, $2)
-                             ON CONFLICT (endpoint) DO UPDATE SET disabled = 1, disabled_reason = $2",
-                            &[&c.endpoint, reason],
-                        ).await?;
-                        tx.execute(
-                            "UPDATE deliveries SET status = 'skipped', lease_ms = 0, lease_owner = NULL WHERE endpoint = $1 AND status = 'pending'",
-                            &[&c.endpoint],
-                        ).await?;
+                    match (n > 0, reason) {
+                        (false, _) => {}
+                        (true, None) => self.failing(&tx, &c.endpoint, now).await?,
+                        (true, Some(reason)) => {
+                            tx.execute(
+                                "INSERT INTO endpoints (endpoint, disabled, disabled_reason) VALUES ($1, 1, $2)
+                                 ON CONFLICT (endpoint) DO UPDATE SET disabled = 1, disabled_reason = $2",
+                                &[&c.endpoint, &reason],
+                            ).await?;
+                            // Later events for this endpoint are kept, as skipped.
+                            tx.execute(
+                                "UPDATE deliveries SET status = 'skipped', lease_ms = 0, lease_owner = NULL WHERE endpoint = $1 AND status = 'pending'",
+                                &[&c.endpoint],
+                            ).await?;
+                        }
                     }
                     n
                 }
