@@ -164,7 +164,7 @@ pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
     }
 }
 
-fn call_info(i: usize) -> CallInfo {
+pub(crate) fn call_info(i: usize) -> CallInfo {
     CallInfo {
         id: format!("call_bench_{i}"),
         agent_id: "bench".into(),
@@ -178,7 +178,7 @@ fn call_info(i: usize) -> CallInfo {
 
 /// How an upstream answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Answer {
+pub(crate) enum Answer {
     /// At once.
     Now,
     /// Never.
@@ -189,7 +189,7 @@ enum Answer {
 
 /// A minimal HTTP/1.1 keep-alive upstream (TCP_NODELAY) answering every request with `body`;
 /// with `tls`, behind rustls.
-async fn upstream(
+pub(crate) async fn upstream(
     body: Arc<Vec<u8>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     answer: Answer,
@@ -281,7 +281,7 @@ fn bench_action(name: &str, url: &str, extra: &str) -> String {
     )
 }
 
-const EXTRACT_NAME: &str = "extract = { \"customer.name\" = \"$.data.customer.name\" }";
+pub(crate) const EXTRACT_NAME: &str = "extract = { \"customer.name\" = \"$.data.customer.name\" }";
 const LOOKUP: &str = "/v1/customers?phone={{call.from_number}}";
 
 fn agent(http: &str, https: &str, hang: &str, tail: &str) -> Result<ActionSet, String> {

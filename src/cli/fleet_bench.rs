@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use midcall::events::{DeliveryLog, Event, EventBus, EventType};
 use midcall::{ActionSet, CallInfo, Syntax};
 
-use super::bench::percentile;
+use super::bench::{call_info as call, percentile, upstream, Answer, EXTRACT_NAME};
 
 /// What the parent asked a child process to do.
 pub(crate) enum Child {
@@ -32,18 +32,6 @@ fn set(sink: &str) -> Result<ActionSet, String> {
         Syntax::Toml,
     )
     .map_err(|e| e.to_string())
-}
-
-fn call(i: usize) -> CallInfo {
-    CallInfo {
-        id: format!("call_fleet_{i}"),
-        agent_id: "bench".into(),
-        tenant: "bench".into(),
-        from_number: "+15551234567".into(),
-        to_number: "+15557654321".into(),
-        is_outgoing: false,
-        started_at: "2025-11-03T19:33:18.330Z".into(),
-    }
 }
 
 fn event(i: usize) -> Event {
@@ -91,9 +79,13 @@ pub(crate) async fn child(what: Child, db: &str, sink: &str) -> Result<ExitCode,
                 .egress(policy())
                 .build()?;
             let log = DeliveryLog::open(db)?;
-            loop {
-                if log.deliveries(None, Some("pending"), 1)?.is_empty() {
-                    break;
+            // Bounded: a sink that never accepts leaves deliveries pending for hours of
+            // retries; the bench says so instead of waiting for them.
+            let until = Instant::now() + Duration::from_secs(120);
+            while !log.deliveries(None, Some("pending"), 1)?.is_empty() {
+                if Instant::now() >= until {
+                    bus.close().await;
+                    return Err("deliveries still pending after 120 s".into());
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -231,42 +223,16 @@ async fn deliver(db: &str, procs: usize, n: usize) -> Result<f64, String> {
 /// tier, and fetched from a local upstream.
 async fn cache_latency(redis: &str, samples: usize) -> Result<Value, String> {
     use midcall::exec::{Budget, CacheStatus};
-    let body = Arc::new(b"{\"customer\": {\"name\": \"Ada\", \"tier\": \"gold\"}}".to_vec());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        use hyper::service::service_fn;
-        use hyper_util::rt::TokioIo;
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let body = body.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                    let body = body.clone();
-                    async move {
-                        let mut r = http::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from((*body).clone()),
-                        ));
-                        r.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("application/json"),
-                        );
-                        Ok::<_, std::convert::Infallible>(r)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    // The main bench's upstream and response (1 KiB of CRM JSON), in this process.
+    let port = upstream(
+        Arc::new(midcall::bench_data::crm_response(1024)),
+        None,
+        Answer::Now,
+    )
+    .await;
     let set = ActionSet::from_str(
         "bench.toml",
-        &format!("[agent]\nid = \"bench\"\ntenant = \"bench\"\n[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"http://{addr}/c?p={{{{call.from_number}}}}\"\ncache = {{ ttl_s = 300, scope = \"tenant\" }}\nextract = {{ \"c.name\" = \"$.customer.name\" }}\ndedupe = false\n"),
+        &format!("[agent]\nid = \"bench\"\ntenant = \"bench\"\n[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"http://127.0.0.1:{port}/c?p={{{{call.from_number}}}}\"\ncache = {{ ttl_s = 300, scope = \"tenant\" }}\n{EXTRACT_NAME}\ndedupe = false\n"),
         Syntax::Toml,
     )
     .map_err(|e| e.to_string())?;
