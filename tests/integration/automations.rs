@@ -897,40 +897,13 @@ async fn queued_work_survives_a_shutdown_and_resumes() {
 async fn spawn_serve(
     file: &std::path::Path,
     db: &std::path::Path,
-) -> (
-    std::process::Child,
-    SocketAddr,
-    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-) {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_midcall"))
-        .args([
-            "serve",
-            file.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--db",
-            db.to_str().unwrap(),
-            "--allow-http",
-            "--allow-network",
-            "127.0.0.0/8",
-        ])
-        .env("MIDCALL_SECRET_INBOUND_KEY", INBOUND_KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (first, rest) = tokio::task::spawn_blocking(move || {
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let first = lines.next().unwrap().unwrap();
-        (first, lines)
-    })
+) -> (std::process::Child, SocketAddr, crate::support::StdoutLines) {
+    crate::support::spawn_serve(
+        file,
+        &["--db", db.to_str().unwrap()],
+        &[("MIDCALL_SECRET_INBOUND_KEY", INBOUND_KEY)],
+    )
     .await
-    .unwrap();
-    let addr: SocketAddr = first.rsplit("http://").next().unwrap().parse().unwrap();
-    (child, addr, rest)
 }
 
 /// SIGTERM, and the exit status.

@@ -58,20 +58,20 @@ async fn run(rt: &Runtime, set: &ActionSet, action: &str, call: &mut Call) -> mi
     .await
 }
 
+/// The cache entries Redis holds.
+fn redis_entries(redis: &Redis) -> usize {
+    let port = redis.port.to_string();
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "--scan", "--pattern", "midcall:c:*"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
 /// Waits until Redis holds `n` cache entries (a put runs on its own task).
 async fn wait_for_entries(redis: &Redis, n: usize) {
     for _ in 0..500 {
-        let out = std::process::Command::new("redis-cli")
-            .args([
-                "-p",
-                &redis.port.to_string(),
-                "--scan",
-                "--pattern",
-                "midcall:c:*",
-            ])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stdout).lines().count() == n {
+        if redis_entries(redis) == n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -168,23 +168,16 @@ async fn redis_down_costs_nothing_but_the_hit() {
             "call {i} took {took:?} with Redis down (each Redis operation is capped at 50 ms here)"
         );
     }
-    // Back up: the tier is used again.
+    // Back up: the tier is used again (a new caller each time: a miss, so a write).
     redis.restart();
     let mut filled = false;
-    for _ in 0..300 {
-        let mut c = call_in("acme", "again");
+    for i in 0..300 {
+        let mut c = Call::new(CallInfo {
+            from_number: format!("+1555100{i:04}"),
+            ..call_info()
+        });
         run(&a, &set, "lookup", &mut c).await;
-        let out = std::process::Command::new("redis-cli")
-            .args([
-                "-p",
-                &redis.port.to_string(),
-                "--scan",
-                "--pattern",
-                "midcall:c:*",
-            ])
-            .output()
-            .unwrap();
-        if !out.stdout.is_empty() {
+        if redis_entries(&redis) > 0 {
             filled = true;
             break;
         }
@@ -323,8 +316,12 @@ async fn two_workers_share_the_outbox_never_send_one_attempt_twice_and_keep_call
             .await
             .unwrap();
     }
-    wait_until("300 delivered", || got.lock().unwrap().len() >= 300).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every delivery recorded as delivered: nothing is left to be sent again.
+    let log = DeliveryLog::open(&url).unwrap();
+    wait_until("300 recorded as delivered", || {
+        log.deliveries(None, Some("delivered"), 1000).unwrap().len() == 300
+    })
+    .await;
     let got = got.lock().unwrap().clone();
     assert_eq!(got.len(), 300, "no attempt was sent twice");
     let ids: BTreeSet<&String> = got.iter().map(|(_, _, id)| id).collect();
@@ -340,6 +337,55 @@ async fn two_workers_share_the_outbox_never_send_one_attempt_twice_and_keep_call
     }
     w1.close().await;
     w2.close().await;
+}
+
+/// An idle worker in one process is woken by another process's commit (`NOTIFY`), not at its
+/// next poll: 20 events published one at a time by a publisher that delivers nothing, each
+/// waited for, arrive in well under the ~10 s that the idle poll (up to 1 s each, 0.5 s on
+/// average) would take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_in_one_process_wakes_an_idle_worker_in_another() {
+    let server = TestServer::http(|_, _| Reply::Json(200, json!({}))).await;
+    let url = shared_postgres().database();
+    let set = hook_set(&format!("{}/h", server.origin()));
+    let bus = |deliver: bool| {
+        EventBus::builder(&url)
+            .webhooks(&set)
+            .secrets(secrets())
+            .egress(loopback_policy())
+            .deliver(deliver)
+            .build()
+            .unwrap()
+    };
+    let (publisher, worker) = (bus(false), bus(true));
+    // The worker's listening connection is up once a first event has been woken for.
+    publisher
+        .publish_durable(
+            &Event::new(EventType::Message, json!({"n": -1})),
+            &call_info(),
+        )
+        .await
+        .unwrap();
+    wait_until("the first event", || server.request_count() == 1).await;
+    let started = Instant::now();
+    for i in 0..20 {
+        let call = CallInfo {
+            id: format!("call_{i}"),
+            ..call_info()
+        };
+        publisher
+            .publish_durable(&Event::new(EventType::Message, json!({"n": i})), &call)
+            .await
+            .unwrap();
+        wait_until("the event", || server.request_count() == i + 2).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "20 events took {took:?}: the idle worker waited for its poll instead of being notified"
+    );
+    publisher.close().await;
+    worker.close().await;
 }
 
 /// One signed webhook delivered to two processes starts one run; the second answer is what a
@@ -407,45 +453,28 @@ impl Drop for Serve {
 }
 
 async fn spawn_serve(file: &std::path::Path, db: &str, cache: &str) -> Serve {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_midcall"))
-        .args([
-            "serve",
-            file.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
+    let (child, addr, lines) = crate::support::spawn_serve(
+        file,
+        &[
             "--db",
             db,
             "--cache-url",
             cache,
             "--attempt-timeout-ms",
             "1000",
-            "--allow-http",
-            "--allow-network",
-            "127.0.0.0/8",
-        ])
-        .env("MIDCALL_SECRET_INBOUND_KEY", KEY)
-        .env("MIDCALL_SECRET_CACHE_KEY", FLEET_SECRET)
-        .env(
-            "MIDCALL_SECRET_WHSEC",
-            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let first = tokio::task::spawn_blocking(move || {
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let first = lines.next().unwrap().unwrap();
-        // Keep reading so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        first
-    })
-    .await
-    .unwrap();
-    let addr = first.rsplit("http://").next().unwrap().parse().unwrap();
+        ],
+        &[
+            ("MIDCALL_SECRET_INBOUND_KEY", KEY),
+            ("MIDCALL_SECRET_CACHE_KEY", FLEET_SECRET),
+            (
+                "MIDCALL_SECRET_WHSEC",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+        ],
+    )
+    .await;
+    // Keep reading so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
     Serve { child, addr }
 }
 

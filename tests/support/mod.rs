@@ -133,3 +133,37 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
         self.clone()
     }
 }
+
+/// The rest of a child's stdout, line by line.
+pub(crate) type StdoutLines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+/// Starts `midcall serve FILE --listen 127.0.0.1:0 --allow-http --allow-network 127.0.0.0/8`
+/// with `args` after them and `env` set; returns the child, the address of its first line,
+/// and the rest of its stdout.
+pub(crate) async fn spawn_serve(
+    file: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::net::SocketAddr, StdoutLines) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_midcall"))
+        .args(["serve", file.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(["--allow-http", "--allow-network", "127.0.0.0/8"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (first, rest) = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().unwrap().unwrap();
+        (first, lines)
+    })
+    .await
+    .unwrap();
+    let addr = first.rsplit("http://").next().unwrap().parse().unwrap();
+    (child, addr, rest)
+}
