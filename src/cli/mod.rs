@@ -165,6 +165,7 @@ impl Table {
 /// MIDCALL_SECRET_CACHE_KEY; an error names what is wrong.
 pub(crate) fn shared_cache(
     url: Option<&str>,
+    op_timeout: Option<std::time::Duration>,
 ) -> Result<Option<midcall::cache::SharedCacheConfig>, String> {
     let Some(url) = url else { return Ok(None) };
     use midcall::SecretSource;
@@ -175,6 +176,9 @@ pub(crate) fn shared_cache(
         )
     })?;
     midcall::cache::SharedCacheConfig::new(url, secret)
-        .map(Some)
+        .map(|c| match op_timeout {
+            Some(d) => Some(c.op_timeout(d)),
+            None => Some(c),
+        })
         .map_err(|e| format!("--cache-url {e}"))
 }

@@ -37,6 +37,10 @@ pub(crate) struct ServeArgs {
     /// process caches alone.
     #[arg(long)]
     cache_url: Option<String>,
+    /// The deadline of one shared cache operation, in milliseconds (never more than the
+    /// action's budget has left); past it the entry counts as missing.
+    #[arg(long, default_value_t = 5)]
+    cache_op_timeout_ms: u64,
     /// Time limit of one webhook delivery attempt, in milliseconds. A claimed delivery's lease
     /// is this plus as much again (1 to 10 s): another process takes over the deliveries of a
     /// process that died once it runs out.
@@ -108,7 +112,10 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             |b, pem| b.add_root_certificates_pem(pem),
         )?;
         let mut builder = Runtime::builder().egress(policy).event_bus(bus);
-        if let Some(cfg) = super::shared_cache(a.cache_url.as_deref())? {
+        if let Some(cfg) = super::shared_cache(
+            a.cache_url.as_deref(),
+            Some(Duration::from_millis(a.cache_op_timeout_ms)),
+        )? {
             builder = builder.shared_cache(cfg);
         }
         // Kept for the server's life: the stand-in for every host the agent calls.

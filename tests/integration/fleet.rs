@@ -462,6 +462,10 @@ async fn spawn_serve(file: &std::path::Path, db: &str, cache: &str) -> Serve {
             cache,
             "--attempt-timeout-ms",
             "1000",
+            // A loaded 2-core CI machine can take more than the default 5 ms to answer a
+            // first Redis GET; these tests are about what crosses processes, not the deadline.
+            "--cache-op-timeout-ms",
+            "1000",
         ],
         &[
             ("MIDCALL_SECRET_INBOUND_KEY", KEY),
@@ -526,7 +530,7 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
     .await;
     let crm = TestServer::http(|_, n| Reply::ok(json!({"v": n}))).await;
     let text = format!(
-        "{AGENT}[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"{crm}/c?p={{{{args.p}}}}\"\nparameters = {{ type = \"object\", properties = {{ p = {{ type = \"string\" }} }} }}\ncache = {{ ttl_s = 300, scope = \"tenant\" }}\nextract = {{ \"c.v\" = \"$.v\" }}\n\n[[webhooks]]\nlabel = \"events\"\nurl = \"{rx}/events\"\nsubscriptions = [\"message\"]\nsigning_secret = \"{{{{secrets.WHSEC}}}}\"\n\n[[automations]]\nid = \"notify\"\ntrigger = {{ on = \"webhook\" }}\nauth = {{ bearer = \"{{{{secrets.INBOUND_KEY}}}}\" }}\nsteps = [ {{ send_webhook = {{ url = \"{rx}/run\", body = {{ n = \"{{{{payload.n}}}}\" }} }} }} ]\n\n[[automations]]\nid = \"lookup\"\ntrigger = {{ on = \"webhook\" }}\nauth = {{ bearer = \"{{{{secrets.INBOUND_KEY}}}}\" }}\nsteps = [ {{ run_action = {{ action = \"lookup\", args = {{ p = \"{{{{payload.p}}}}\" }} }} }} ]\n",
+        "{AGENT}[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"{crm}/c?p={{{{args.p}}}}\"\nparameters = {{ type = \"object\", properties = {{ p = {{ type = \"string\" }} }} }}\ncache = {{ ttl_s = 300, scope = \"tenant\" }}\nextract = {{ \"c.v\" = \"$.v\" }}\n\n[[webhooks]]\nlabel = \"events\"\nurl = \"{rx}/events\"\nsubscriptions = [\"message\"]\nsigning_secret = \"{{{{secrets.WHSEC}}}}\"\n\n[[automations]]\nid = \"notify\"\ntrigger = {{ on = \"webhook\" }}\nauth = {{ bearer = \"{{{{secrets.INBOUND_KEY}}}}\" }}\nsteps = [ {{ send_webhook = {{ url = \"{rx}/run\", body = {{ n = \"{{{{payload.n}}}}\" }} }} }} ]\n\n[[automations]]\nid = \"lookup\"\ntrigger = {{ on = \"webhook\" }}\nauth = {{ bearer = \"{{{{secrets.INBOUND_KEY}}}}\" }}\nsteps = [ {{ run_action = {{ action = \"lookup\", args = {{ p = \"{{{{payload.p}}}}\" }} }} }} ]\n\n[inbound]\nrate_limit = {{ per_second = 1000, burst = 1000 }}\n",
         crm = crm.origin(),
         rx = receiver.origin()
     );
@@ -636,6 +640,14 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
         "each step recorded once"
     );
     let dlog = DeliveryLog::open(&db).unwrap();
+    // The receiver answers before the sender records the attempt: wait for the last records.
+    let all_recorded = || {
+        dlog.deliveries(None, None, 5000)
+            .unwrap()
+            .iter()
+            .all(|d| d.status == "delivered")
+    };
+    wait_until("every delivery recorded", all_recorded).await;
     let deliveries = dlog.deliveries(None, None, 5000).unwrap();
     assert_eq!(deliveries.len(), 1100);
     let pending: Vec<_> = deliveries

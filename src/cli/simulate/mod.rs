@@ -163,7 +163,7 @@ pub(crate) fn run(a: SimulateArgs) -> Result<ExitCode, String> {
         Arc::new(set),
         &agent_path,
         a.db.as_deref(),
-        super::shared_cache(a.cache_url.as_deref())?,
+        super::shared_cache(a.cache_url.as_deref(), None)?,
         progress,
     ))?;
     if a.json {
