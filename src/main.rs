@@ -27,6 +27,7 @@ enum Command {
     Deliveries(cli::deliveries::DeliveriesArgs),
     Serve(cli::serve::ServeArgs),
     Runs(cli::runs::RunsArgs),
+    Webhooks(cli::webhooks::WebhooksArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
             cli::serve::run(a, metrics)
         }
         Command::Runs(a) => cli::runs::run(a),
+        Command::Webhooks(a) => cli::webhooks::run(a),
     };
     match result {
         Ok(code) => code,

@@ -46,6 +46,8 @@ pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 #[derive(Clone)]
 pub struct InboundServer {
     automations: Automations,
+    admin_key: Option<crate::template::Secret>,
+    https_proxy: bool,
     metrics: Option<MetricsRender>,
     drain: Duration,
     header_timeout: Duration,
@@ -55,6 +57,7 @@ pub struct InboundServer {
 /// What the request handler shares: built once by [`InboundServer::serve`].
 struct Server {
     automations: Automations,
+    admin: super::admin::Admin,
     metrics: Option<MetricsRender>,
     limiter: Mutex<RateLimiter>,
     body_timeout: Duration,
@@ -77,6 +80,8 @@ impl InboundServer {
     pub fn new(automations: Automations) -> InboundServer {
         InboundServer {
             automations,
+            admin_key: None,
+            https_proxy: false,
             metrics: None,
             drain: Duration::from_secs(10),
             header_timeout: DEFAULT_READ_TIMEOUT,
@@ -95,6 +100,22 @@ impl InboundServer {
     /// Default 10 s.
     pub fn body_read_timeout(mut self, d: Duration) -> InboundServer {
         self.body_timeout = d;
+        self
+    }
+
+    /// Turns on the operator API (`/v1/admin/`) and the console (`/console`), both behind
+    /// `key` (the API as `Authorization: Bearer`, the console through its login form). Off by
+    /// default: they answer 404.
+    pub fn admin_key(mut self, key: crate::template::Secret) -> InboundServer {
+        self.admin_key = Some(key);
+        self
+    }
+
+    /// Says the server sits behind an HTTPS proxy: the console's cookie is `Secure` and the
+    /// admin surface answers peers beyond loopback. Default false: over plain HTTP they answer
+    /// loopback peers only.
+    pub fn behind_https_proxy(mut self, yes: bool) -> InboundServer {
+        self.https_proxy = yes;
         self
     }
 
@@ -124,10 +145,22 @@ impl InboundServer {
             .header_read_timeout(self.header_timeout);
         tokio::pin!(shutdown);
         let inbound = self.automations.set().inbound().clone();
+        let admin_db = match &self.admin_key {
+            Some(_) => Some(
+                self.automations
+                    .bus()
+                    .store()
+                    .reopen()
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let admin = super::admin::Admin::new(self.admin_key.clone(), admin_db, self.https_proxy);
         let mut seed = [0u8; 32];
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
         let server = Arc::new(Server {
             automations: self.automations,
+            admin,
             metrics: self.metrics,
             limiter: Mutex::new(RateLimiter::new(inbound.rate_per_second, inbound.burst)),
             body_timeout: self.body_timeout,
@@ -185,7 +218,7 @@ impl InboundServer {
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+pub(super) fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -195,7 +228,7 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     r
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
     reply(status, json!({ "error": message.into() }))
 }
 
@@ -225,11 +258,13 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
         }
         _ => {}
     }
-    let Some(id) = path
-        .strip_prefix("/v1/automations/")
-        .and_then(|p| p.strip_suffix("/webhook"))
-        .filter(|id| !id.is_empty() && !id.contains('/'))
-    else {
+    if path.starts_with("/v1/admin/") || path == "/v1/admin" {
+        return super::admin::handle(&s.admin, &s.automations, peer, req).await;
+    }
+    if path == "/console" || path.starts_with("/console/") {
+        return super::console::handle(&s.admin, &s.automations, peer, req).await;
+    }
+    let Some((agent, id)) = webhook_route(&path) else {
         return error(StatusCode::NOT_FOUND, format!("no route {path}"));
     };
     if req.method() != http::Method::POST {
@@ -241,16 +276,13 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
             .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
         return r;
     }
-    let automation = match s.automations.webhook_automation(id) {
+    let (set, automation) = match s.automations.webhook_automation(agent, id) {
         Ok(a) => a,
         Err(e @ StartError::NotFound(_)) => return error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e) => return error(StatusCode::CONFLICT, e.to_string()),
     };
-    let Some(auth) = automation
-        .auth
-        .as_ref()
-        .or(s.automations.set().inbound().auth.as_ref())
-    else {
+    let agent_id = set.agent().id.clone();
+    let Some(auth) = automation.auth.as_ref().or(set.inbound().auth.as_ref()) else {
         // The config loader refuses webhook automations without credentials.
         return error(StatusCode::UNAUTHORIZED, "no credentials are configured");
     };
@@ -265,11 +297,13 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
             let h = crate::cache::keyed_hash128(|h| h.write(token.trim().as_bytes()));
             format!("bearer:{h:032x}")
         }
-        None if headers.contains_key("webhook-signature") => format!("signed:{id}"),
+        None if headers.contains_key("webhook-signature") => format!("signed:{agent_id}/{id}"),
         None => ip_key.clone(),
     };
+    let (rate, burst) = (set.inbound().rate_per_second, set.inbound().burst);
     {
         let mut limiter = s.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        limiter.configure(rate, burst);
         let now = Instant::now();
         let wait = limiter
             .exhausted(&ip_key, now)
@@ -322,7 +356,7 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
             "the body must be JSON (Content-Type: application/json)",
         );
     }
-    let limit = s.automations.set().inbound().max_body_bytes;
+    let limit = set.inbound().max_body_bytes;
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -387,7 +421,7 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
     };
     match s
         .automations
-        .start_webhook_once(id, payload, signed_id.as_deref())
+        .start_agent_webhook(Some(&agent_id), id, payload, signed_id.as_deref())
         .await
     {
         Ok(run) => reply(StatusCode::ACCEPTED, json!({ "run_id": run })),
@@ -405,6 +439,23 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
         Err(e @ StartError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e) => error(StatusCode::CONFLICT, e.to_string()),
     }
+}
+
+/// The agent (when the route names one) and automation of an inbound webhook path:
+/// `/v1/agents/<agent>/automations/<id>/webhook` or `/v1/automations/<id>/webhook`.
+fn webhook_route(path: &str) -> Option<(Option<&str>, &str)> {
+    let plain = |p: &str| p.len() <= 200 && !p.is_empty() && !p.contains('/');
+    if let Some(rest) = path.strip_prefix("/v1/agents/") {
+        let (agent, rest) = rest.split_once('/')?;
+        let id = rest
+            .strip_prefix("automations/")?
+            .strip_suffix("/webhook")?;
+        return (plain(agent) && plain(id)).then_some((Some(agent), id));
+    }
+    let id = path
+        .strip_prefix("/v1/automations/")?
+        .strip_suffix("/webhook")?;
+    plain(id).then_some((None, id))
 }
 
 /// Checks Standard Webhooks headers against `secrets` (one or more `whsec_` secrets separated
@@ -487,19 +538,25 @@ fn secret(s: &Server, t: &Template) -> Option<String> {
 }
 
 /// Token buckets per key: `burst` tokens, refilled at `rate` per second.
-struct RateLimiter {
+pub(super) struct RateLimiter {
     rate: f64,
     burst: f64,
     buckets: HashMap<String, (f64, Instant)>,
 }
 
 impl RateLimiter {
-    fn new(rate: f64, burst: u32) -> Self {
+    pub(super) fn new(rate: f64, burst: u32) -> Self {
         RateLimiter {
             rate,
             burst: burst as f64,
             buckets: HashMap::new(),
         }
+    }
+
+    /// Uses `rate` and `burst` from now on (the agent being served; buckets are kept).
+    fn configure(&mut self, rate: f64, burst: u32) {
+        self.rate = rate;
+        self.burst = burst as f64;
     }
 
     fn level(&mut self, key: &str, now: Instant) -> f64 {
@@ -521,7 +578,7 @@ impl RateLimiter {
     }
 
     /// Takes a token, or says how long until one is there.
-    fn take(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
+    pub(super) fn take(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
         let level = self.level(key, now);
         if level >= 1.0 {
             if let Some((tokens, _)) = self.buckets.get_mut(key) {
@@ -534,7 +591,7 @@ impl RateLimiter {
     }
 
     /// How long until `key` has a token again, if it has none now.
-    fn exhausted(&mut self, key: &str, now: Instant) -> Option<Duration> {
+    pub(super) fn exhausted(&mut self, key: &str, now: Instant) -> Option<Duration> {
         let level = self.level(key, now);
         (level < 1.0).then(|| Duration::from_secs_f64((1.0 - level) / self.rate))
     }

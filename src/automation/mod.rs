@@ -7,11 +7,17 @@
 //! step stops its run and the run log says why. Runs interrupted by a shutdown resume at their
 //! first unfinished step on the next start.
 
+mod admin;
+mod agents;
+mod console;
 mod inbound;
 pub(crate) mod runlog;
 mod runner;
 
 pub use crate::state::CallEnd;
+pub use admin::{ADMIN_BURST, ADMIN_MAX_LIMIT, ADMIN_RATE_PER_SECOND};
+pub use agents::Agents;
+pub use console::{COOKIE as CONSOLE_COOKIE, SESSION_S as CONSOLE_SESSION_S};
 pub use inbound::{
     check_signature, is_json, parse_payload, InboundServer, MetricsRender, DEFAULT_READ_TIMEOUT,
     REPLAY_WINDOW, SIGNATURE_TOLERANCE_S,

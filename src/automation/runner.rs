@@ -1,11 +1,12 @@
 //! Queues automation runs durably and executes them on a worker task.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 
+use super::agents::Agents;
 use super::runlog::{ClaimedRun, RunLog, StepRecord};
 use super::{post_call_payload, RunContext, TargetRef};
 use crate::config::{ActionSet, AutomationSpec, Step, Trigger};
@@ -23,6 +24,11 @@ pub enum StartError {
     /// No automation has this id.
     #[error("no automation \"{0}\"")]
     NotFound(String),
+    /// Several loaded agents have an automation with this id: use the route naming the agent.
+    #[error(
+        "{0} agents have an automation \"{1}\": use /v1/agents/<agent>/automations/{1}/webhook"
+    )]
+    Ambiguous(usize, String),
     /// The automation exists but is not started by webhooks.
     #[error("automation \"{id}\" is triggered by {trigger} and cannot be started by a webhook")]
     NotWebhook {
@@ -51,7 +57,7 @@ const RUN_LEASE: Duration = Duration::from_secs(30);
 
 /// Builds [`Automations`]. Every setting has a default, given on its method.
 pub struct AutomationsBuilder {
-    set: Arc<ActionSet>,
+    agents: Agents,
     runtime: Runtime,
     bus: EventBus,
     concurrency: usize,
@@ -60,7 +66,7 @@ pub struct AutomationsBuilder {
 impl std::fmt::Debug for AutomationsBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AutomationsBuilder")
-            .field("agent", &self.set.agent().id)
+            .field("agents", &self.agents)
             .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
@@ -85,9 +91,10 @@ impl AutomationsBuilder {
             tracing::info!(resumed, "automation runs resumed");
         }
         let (stop, _) = watch::channel(Stop::Run);
+        let agents = Arc::new(RwLock::new(Arc::new(self.agents)));
         let inner = Arc::new(Inner {
             secrets: self.runtime.secret_source(),
-            set: self.set,
+            agents: agents.clone(),
             runtime: self.runtime,
             bus: self.bus,
             db,
@@ -98,9 +105,7 @@ impl AutomationsBuilder {
             task: Mutex::new(None),
         });
         // Weak registrations: the runtime and the bus must not keep the automations alive.
-        inner.bus.register_targets(Arc::new(StepTargets {
-            set: inner.set.clone(),
-        }));
+        inner.bus.register_targets(Arc::new(StepTargets { agents }));
         inner.runtime.register_call_completion(Arc::new(Completion {
             inner: Arc::downgrade(&inner),
         }));
@@ -114,7 +119,14 @@ impl AutomationsBuilder {
 
 /// Resolves an automation delivery's target: its step's templates and its run's context.
 struct StepTargets {
-    set: Arc<ActionSet>,
+    agents: Shared,
+}
+
+/// The agents, replaced whole by a reload.
+type Shared = Arc<RwLock<Arc<Agents>>>;
+
+fn current(agents: &Shared) -> Arc<Agents> {
+    agents.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 impl crate::events::DeliveryTargets for StepTargets {
@@ -125,12 +137,10 @@ impl crate::events::DeliveryTargets for StepTargets {
     ) -> Result<crate::events::ResolvedTarget, String> {
         let t: TargetRef =
             serde_json::from_str(target).map_err(|_| "unreadable automation target".to_string())?;
-        let step = self
-            .set
-            .automations()
-            .iter()
-            .find(|a| a.id == t.automation)
-            .and_then(|a| a.steps.get(t.step));
+        let agents = current(&self.agents);
+        let step = agents
+            .automation(&t.automation)
+            .and_then(|(_, a)| a.steps.get(t.step));
         let Some(Step::SendWebhook {
             url,
             headers,
@@ -187,7 +197,7 @@ enum Stop {
 }
 
 struct Inner {
-    set: Arc<ActionSet>,
+    agents: Shared,
     runtime: Runtime,
     bus: EventBus,
     secrets: Arc<dyn SecretSource>,
@@ -208,8 +218,7 @@ pub struct Automations {
 impl std::fmt::Debug for Automations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Automations")
-            .field("agent", &self.inner.set.agent().id)
-            .field("automations", &self.inner.set.automations().len())
+            .field("agents", &*self.agents())
             .finish_non_exhaustive()
     }
 }
@@ -219,17 +228,36 @@ impl Automations {
     /// delivering `send_webhook` steps through `bus` (whose outbox also holds the run log).
     /// Build `bus` with [`crate::events::EventBusBuilder::webhooks`] of the same `set`.
     pub fn builder(set: Arc<ActionSet>, runtime: Runtime, bus: EventBus) -> AutomationsBuilder {
+        Automations::for_agents(Agents::one(set), runtime, bus)
+    }
+
+    /// A builder for the automations of many agents (see [`Agents::many`]). Build `bus` with
+    /// [`crate::events::EventBusBuilder::agents`] of the same agents.
+    pub fn for_agents(agents: Agents, runtime: Runtime, bus: EventBus) -> AutomationsBuilder {
         AutomationsBuilder {
-            set,
+            agents,
             runtime,
             bus,
             concurrency: 16,
         }
     }
 
-    /// The config.
-    pub fn set(&self) -> &ActionSet {
-        &self.inner.set
+    /// The config (the first agent's, when there are several).
+    pub fn set(&self) -> Arc<ActionSet> {
+        self.agents().first().clone()
+    }
+
+    /// The agents, as of now.
+    pub fn agents(&self) -> Arc<Agents> {
+        current(&self.inner.agents)
+    }
+
+    /// Replaces the agents (a reload) and the bus's webhooks with them. Requests, runs and
+    /// deliveries under way keep the version they started with; what starts next sees the new
+    /// one. A run or delivery whose automation or webhook is gone fails naming it.
+    pub fn replace_agents(&self, agents: Agents) {
+        self.inner.bus.set_agents(&agents);
+        *self.inner.agents.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(agents);
     }
 
     pub(crate) fn secret_source(&self) -> Arc<dyn SecretSource> {
@@ -256,7 +284,12 @@ impl Automations {
         call: &Call,
         end: &CallEnd,
     ) -> Result<Vec<String>, StartError> {
-        let payload = post_call_payload(&self.inner.set, call, end);
+        let agents = self.agents();
+        let own = agents
+            .get(&call.info.agent_id)
+            .unwrap_or_else(|| agents.first())
+            .clone();
+        let payload = post_call_payload(&own, call, end);
         let bus = &self.inner.bus;
         let ended = Event::phone_call_ended(
             end.duration.as_millis() as f64 / 1000.0,
@@ -272,14 +305,24 @@ impl Automations {
         )
         .await
         .map_err(|e| StartError::Storage(e.to_string()))?;
-        let matching: Vec<&AutomationSpec> = self
-            .inner
-            .set
-            .automations()
+        // Only the automations of the call's own tenant (`agents = "all"` is all of its
+        // tenant's agents); with one agent file, that file's.
+        let tenant = own.agent().tenant.clone();
+        let scope: Vec<&Arc<ActionSet>> = if agents.qualified() {
+            agents.of_tenant(&tenant).collect()
+        } else {
+            vec![agents.first()]
+        };
+        let matching: Vec<String> = scope
             .iter()
-            .filter(|a| {
-                a.enabled
-                    && matches!(&a.trigger, Trigger::CallCompleted { agents } if agents.includes(&call.info.agent_id))
+            .flat_map(|s| {
+                s.automations()
+                    .iter()
+                    .filter(|a| {
+                        a.enabled
+                            && matches!(&a.trigger, Trigger::CallCompleted { agents } if agents.includes(&call.info.agent_id))
+                    })
+                    .map(|a| agents.name(&s.agent().id, &a.id))
             })
             .collect();
         if matching.is_empty() {
@@ -293,10 +336,8 @@ impl Automations {
         };
         let bytes = serde_json::to_vec(&context).map_err(|e| StartError::Storage(e.to_string()))?;
         let now = time::now_ms();
-        let rows: Vec<(String, String)> = matching
-            .iter()
-            .map(|a| (run_id(now), a.id.clone()))
-            .collect();
+        let rows: Vec<(String, String)> =
+            matching.iter().map(|a| (run_id(now), a.clone())).collect();
         let ids = rows.iter().map(|(id, _)| id.clone()).collect();
         let runs: Vec<OwnedRun> = rows
             .into_iter()
@@ -317,14 +358,38 @@ impl Automations {
         Ok(ids)
     }
 
-    /// The automation `id` if a webhook may start it: [`StartError::NotFound`],
-    /// [`StartError::NotWebhook`] or [`StartError::Disabled`] otherwise.
-    pub fn webhook_automation(&self, id: &str) -> Result<&AutomationSpec, StartError> {
-        let a = self
-            .inner
-            .set
+    /// The agent and automation `id` if a webhook may start it: `agent` names the agent; without
+    /// it the id must be unique across the agents ([`StartError::Ambiguous`] otherwise).
+    /// [`StartError::NotFound`], [`StartError::NotWebhook`] or [`StartError::Disabled`] when
+    /// it may not.
+    pub fn webhook_automation(
+        &self,
+        agent: Option<&str>,
+        id: &str,
+    ) -> Result<(Arc<ActionSet>, AutomationSpec), StartError> {
+        let agents = self.agents();
+        let set = match agent {
+            Some(agent) => agents
+                .get(agent)
+                .ok_or_else(|| StartError::NotFound(format!("{agent}/{id}")))?
+                .clone(),
+            None => {
+                let with: Vec<&Arc<ActionSet>> = agents
+                    .sets()
+                    .iter()
+                    .filter(|s| s.automation(id).is_some())
+                    .collect();
+                match with.as_slice() {
+                    [one] => (*one).clone(),
+                    [] => return Err(StartError::NotFound(id.to_string())),
+                    many => return Err(StartError::Ambiguous(many.len(), id.to_string())),
+                }
+            }
+        };
+        let a = set
             .automation(id)
-            .ok_or_else(|| StartError::NotFound(id.to_string()))?;
+            .ok_or_else(|| StartError::NotFound(id.to_string()))?
+            .clone();
         if !matches!(a.trigger, Trigger::Webhook) {
             return Err(StartError::NotWebhook {
                 id: id.to_string(),
@@ -334,7 +399,7 @@ impl Automations {
         if !a.enabled {
             return Err(StartError::Disabled(id.to_string()));
         }
-        Ok(a)
+        Ok((set, a))
     }
 
     /// Queues a run of the webhook automation `id` with `payload` (`payload.*` in its
@@ -346,6 +411,19 @@ impl Automations {
         self.start_webhook_once(id, payload, None).await
     }
 
+    /// [`Automations::start_webhook_once`] for the automation `id` of `agent` (or, without
+    /// one, the only loaded agent that has it).
+    pub async fn start_agent_webhook(
+        &self,
+        agent: Option<&str>,
+        id: &str,
+        payload: Value,
+        webhook_id: Option<&str>,
+    ) -> Result<String, StartError> {
+        let (set, a) = self.webhook_automation(agent, id)?;
+        self.queue_webhook_run(&set, &a, payload, webhook_id).await
+    }
+
     /// [`Automations::start_webhook`] for a signed request: `webhook_id` is stored with the run,
     /// in the same transaction, and a `webhook_id` seen in the last [`super::REPLAY_WINDOW`]
     /// is refused with [`StartError::Replayed`] (across restarts too).
@@ -355,14 +433,24 @@ impl Automations {
         payload: Value,
         webhook_id: Option<&str>,
     ) -> Result<String, StartError> {
-        let a = self.webhook_automation(id)?;
+        self.start_agent_webhook(None, id, payload, webhook_id)
+            .await
+    }
+
+    async fn queue_webhook_run(
+        &self,
+        set: &Arc<ActionSet>,
+        a: &AutomationSpec,
+        payload: Value,
+        webhook_id: Option<&str>,
+    ) -> Result<String, StartError> {
         let now = time::now_ms();
         let run = run_id(now);
         let context = RunContext {
             call: CallInfo {
                 id: run.clone(),
-                agent_id: self.inner.set.agent().id.clone(),
-                tenant: self.inner.set.agent().tenant.clone(),
+                agent_id: set.agent().id.clone(),
+                tenant: set.agent().tenant.clone(),
                 from_number: String::new(),
                 to_number: String::new(),
                 is_outgoing: false,
@@ -371,7 +459,7 @@ impl Automations {
             payload,
             ..RunContext::default()
         };
-        self.check_payload(a, &context)?;
+        self.check_payload(set, a, &context)?;
         let bytes = serde_json::to_vec(&context).map_err(|e| StartError::Storage(e.to_string()))?;
         let window = super::REPLAY_WINDOW.as_millis() as i64;
         let fresh = self
@@ -380,7 +468,7 @@ impl Automations {
             .insert_run_once(
                 OwnedRun {
                     id: run.clone(),
-                    automation: a.id.clone(),
+                    automation: self.agents().name(&set.agent().id, &a.id),
                     trigger: "webhook",
                     call_id: None,
                     context: bytes,
@@ -400,7 +488,12 @@ impl Automations {
         Ok(run)
     }
 
-    fn check_payload(&self, a: &AutomationSpec, context: &RunContext) -> Result<(), StartError> {
+    fn check_payload(
+        &self,
+        set: &ActionSet,
+        a: &AutomationSpec,
+        context: &RunContext,
+    ) -> Result<(), StartError> {
         for (i, step) in a.steps.iter().enumerate() {
             match step {
                 Step::SendWebhook { body, .. } => {
@@ -419,8 +512,7 @@ impl Automations {
                     };
                     // Arguments that read state are checked when the step runs.
                     let Some(args) = args else { continue };
-                    if let Some(schema) = self.inner.set.action(action).and_then(|s| s.parameters())
-                    {
+                    if let Some(schema) = set.action(action).and_then(|s| s.parameters()) {
                         schema.validate(action, &args).map_err(|e| {
                             StartError::InvalidPayload(format!("steps[{i}].run_action.args: {e}"))
                         })?;
@@ -601,7 +693,8 @@ async fn execute(inner: &Inner, run: ClaimedRun) {
         automation = %run.automation,
         "automation run started"
     );
-    let Some(a) = inner.set.automation(&run.automation) else {
+    let agents = current(&inner.agents);
+    let Some((set, a)) = agents.automation(&run.automation) else {
         return finish(Some(format!(
             "automation \"{}\" is no longer in the config",
             run.automation
@@ -618,11 +711,20 @@ async fn execute(inner: &Inner, run: ClaimedRun) {
                 url, headers, body, ..
             } => (
                 "send_webhook",
-                send_step(inner, a, &run.id, i, url, headers, body.as_ref(), &context),
+                send_step(
+                    inner,
+                    &agents,
+                    set.agent().id.as_str(),
+                    &run.automation,
+                    a,
+                    (&run.id, i),
+                    (url, headers, body.as_ref()),
+                    &context,
+                ),
             ),
             Step::RunAction { action, args } => (
                 "run_action",
-                action_step(inner, &run.id, i, action, args.as_ref(), &mut context).await,
+                action_step(inner, set, &run.id, i, action, args.as_ref(), &mut context).await,
             ),
         };
         let duration_ms = started.elapsed().as_millis() as i64;
@@ -684,12 +786,16 @@ enum StepDone {
 #[allow(clippy::too_many_arguments)]
 fn send_step(
     inner: &Inner,
+    agents: &Agents,
+    agent: &str,
+    stored: &str,
     a: &AutomationSpec,
-    run: &str,
-    index: usize,
-    url: &crate::template::UrlTemplate,
-    headers: &[(String, crate::template::Template)],
-    body: Option<&BodyTemplate>,
+    (run, index): (&str, usize),
+    (url, headers, body): (
+        &crate::template::UrlTemplate,
+        &[(String, crate::template::Template)],
+        Option<&BodyTemplate>,
+    ),
     context: &RunContext,
 ) -> Result<StepDone, String> {
     let ctx = context.render_context(&*inner.secrets);
@@ -712,7 +818,7 @@ fn send_step(
     let now = time::now_ms();
     let target = serde_json::to_string(&TargetRef {
         run: run.to_string(),
-        automation: a.id.clone(),
+        automation: stored.to_string(),
         step: index,
     })
     .map_err(|e| e.to_string())?;
@@ -727,7 +833,7 @@ fn send_step(
             kind: format!("automation:{}", a.id),
             call_id,
             body,
-            endpoints: vec![step_endpoint(&a.id, index)],
+            endpoints: vec![agents.name(agent, &step_endpoint(&a.id, index))],
         },
         target,
     ))
@@ -740,14 +846,14 @@ pub(crate) fn step_endpoint(automation: &str, index: usize) -> String {
 
 async fn action_step(
     inner: &Inner,
+    set: &ActionSet,
     run: &str,
     index: usize,
     action: &str,
     args: Option<&BodyTemplate>,
     context: &mut RunContext,
 ) -> Result<StepDone, String> {
-    let spec = inner
-        .set
+    let spec = set
         .action(action)
         .ok_or_else(|| format!("no action \"{action}\""))?
         .clone();

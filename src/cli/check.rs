@@ -9,14 +9,16 @@ use midcall::{ActionSet, ActionSpec};
 
 /// Validate agent files and report every problem at once.
 ///
-/// Validate agent config files: exit 0 with one summary line per action, or exit 2 with every
-/// error (file:line:column: action: field: message).
+/// Validate agent config files, or directories of them (every *.toml and *.json): exit 0 with
+/// one summary line per action, or exit 2 with every error (file:line:column: action: field:
+/// message). A directory is also checked as one `serve` would load it: agent ids unique, one
+/// [egress], no inbound secret shared by two tenants.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  midcall check examples/front-desk/agent.toml examples/outage-line/agent.toml"
+    after_help = "Examples:\n  midcall check examples/front-desk/agent.toml examples/outage-line/agent.toml\n  midcall check examples/agents/"
 )]
 pub(crate) struct CheckArgs {
-    /// Agent files (TOML, or JSON when the name ends in .json).
+    /// Agent files (TOML, or JSON when the name ends in .json), or directories of them.
     #[arg(required = true)]
     files: Vec<String>,
     /// Print one JSON object per file instead of the summary.
@@ -26,14 +28,18 @@ pub(crate) struct CheckArgs {
 
 pub(crate) fn run(args: CheckArgs) -> Result<ExitCode, String> {
     let mut failed = false;
-    for file in &args.files {
-        match ActionSet::load(file) {
+    let files = super::agents::expand(&args.files)?;
+    let mut sets = Vec::new();
+    for path in &files.paths {
+        let file = &path.display().to_string();
+        match ActionSet::load(path) {
             Ok(set) => {
                 if args.json {
                     println!("{}", summary_json(file, &set));
                 } else {
                     print_summary(file, &set);
                 }
+                sets.push(std::sync::Arc::new(set));
             }
             Err(e) => {
                 failed = true;
@@ -45,6 +51,20 @@ pub(crate) fn run(args: CheckArgs) -> Result<ExitCode, String> {
                         eprintln!("error: {err}");
                     }
                 }
+            }
+        }
+    }
+    let dir = args.files.iter().any(|f| std::path::Path::new(f).is_dir());
+    if dir && !failed {
+        if let Err(e) = midcall::automation::Agents::many(sets) {
+            failed = true;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"files": args.files, "ok": false, "errors": [e]})
+                );
+            } else {
+                eprintln!("error: {}: {e}", args.files.join(", "));
             }
         }
     }

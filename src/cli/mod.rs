@@ -1,5 +1,6 @@
 //! One module per command. Each returns `Ok(exit code)` or `Err(message)` (exit 2).
 
+pub(crate) mod agents;
 pub(crate) mod bench;
 pub(crate) mod check;
 pub(crate) mod deliveries;
@@ -12,6 +13,7 @@ pub(crate) mod serve;
 pub(crate) mod simulate;
 pub(crate) mod soak;
 pub(crate) mod tools;
+pub(crate) mod webhooks;
 
 use std::io::Read;
 

@@ -9,21 +9,31 @@ use clap::Args;
 use midcall::automation::MetricsRender;
 use midcall::{Automations, EventBus, InboundServer, Runtime, SecretSource};
 
+use super::agents::Loaded;
+
 use midcall::demo::{hosts, DemoSecrets, Mock, MockResolver};
 
-/// Serve an agent's automations: inbound webhooks, runs and event delivery.
+/// Serve agents' automations: inbound webhooks, runs, event delivery, the operator API.
 ///
-/// Serve an agent's automations: `POST /v1/automations/{id}/webhook` starts a webhook
-/// automation (202 with its run id), `GET /healthz`, `GET /metrics` (Prometheus). Runs and
-/// webhook deliveries are stored in the outbox database and survive restarts. SIGTERM or
-/// Ctrl-C: stop accepting, finish requests in flight, leave queued work in the outbox.
+/// Serve one agent file, several, or a directory of them:
+/// `POST /v1/agents/{agent}/automations/{id}/webhook` (and `/v1/automations/{id}/webhook` while
+/// the id is unique) starts a webhook automation (202 with its run id), `GET /healthz`,
+/// `GET /metrics` (Prometheus). With an admin key, the operator API under `/v1/admin/` and the
+/// console at `/console`. Runs and webhook deliveries are stored in the outbox database and
+/// survive restarts. The files are reloaded on SIGHUP and when one changes: a file with errors
+/// is refused (logged with file and line) and its agent's old version stays in service.
+/// SIGTERM or Ctrl-C: stop accepting, finish requests in flight, leave queued work in the
+/// outbox.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  MIDCALL_SECRET_INBOUND_KEY=k3y midcall serve examples/front-desk/agent.toml --listen 127.0.0.1:8080 --db outbox.db\n  curl -X POST http://127.0.0.1:8080/v1/automations/callback-request/webhook \\\n       -H 'Authorization: Bearer k3y' -H 'Content-Type: application/json' -d '{\"slot\": \"2025-11-04T15:00\"}'"
+    after_help = "Examples:\n  MIDCALL_SECRET_INBOUND_KEY=k3y midcall serve examples/front-desk/agent.toml --listen 127.0.0.1:8080 --db outbox.db\n  curl -X POST http://127.0.0.1:8080/v1/automations/callback-request/webhook \\\n       -H 'Authorization: Bearer k3y' -H 'Content-Type: application/json' -d '{\"slot\": \"2025-11-04T15:00\"}'\n  MIDCALL_SECRET_ADMIN_KEY=$(openssl rand -hex 16) midcall serve examples/agents/ --db outbox.db\n  kill -HUP $(pidof midcall)   # reload the agent files now"
 )]
 pub(crate) struct ServeArgs {
-    /// The agent file.
-    file: String,
+    /// Agent files, or directories of them (every *.toml and *.json in it). One file keeps
+    /// its names as written; several agents get theirs prefixed with the agent id in the
+    /// outbox (`front-desk/notify`).
+    #[arg(required = true)]
+    files: Vec<String>,
     /// The address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
@@ -46,6 +56,23 @@ pub(crate) struct ServeArgs {
     /// process that died once it runs out.
     #[arg(long, default_value_t = 15_000)]
     attempt_timeout_ms: u64,
+    /// The delay before each retry of a failed delivery, in milliseconds, comma-separated
+    /// (its length is the number of retries). Default 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+    #[arg(long, value_name = "MS,MS,...")]
+    retry_schedule_ms: Option<String>,
+    /// Turns on the operator API (/v1/admin/) and the console (/console), behind the secret of
+    /// this name (read from MIDCALL_SECRET_<NAME>, 16 characters or more). Without the flag
+    /// they are on only when MIDCALL_SECRET_ADMIN_KEY is set.
+    #[arg(long, value_name = "NAME")]
+    admin_secret: Option<String>,
+    /// The server sits behind an HTTPS proxy: the console's cookie is Secure and the admin
+    /// API and console answer beyond loopback (without it they answer loopback peers only).
+    #[arg(long)]
+    behind_https_proxy: bool,
+    /// How often the agent files are checked for changes, in milliseconds (0: only SIGHUP
+    /// reloads).
+    #[arg(long, default_value_t = 1000)]
+    watch_ms: u64,
     /// How long shutdown waits for requests and runs in progress, in seconds.
     #[arg(long, default_value_t = 10)]
     grace_s: u64,
@@ -70,8 +97,15 @@ macro_rules! say {
 }
 
 pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCode, String> {
-    let set = Arc::new(super::load(&a.file)?);
+    let files = super::agents::expand(&a.files)?;
+    let (loaded, problems) = Loaded::load(&files, None);
+    if !problems.is_empty() {
+        return Err(problems.join("\n"));
+    }
+    let agents = loaded.agents()?;
+    let set = agents.first().clone();
     let policy = a.net.policy(&set)?;
+    let admin_key = admin_key(a.admin_secret.as_deref())?;
     // The log: inbound requests, runs, delivery attempts, one line each on stderr. It is
     // written by the subscriber, never waited for by a request.
     let subscriber = tracing_subscriber::fmt()
@@ -84,12 +118,14 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         let _ = tracing::subscriber::set_global_default(subscriber.compact().finish());
     }
     // Tell the operator now which secrets are missing (a run that needs one fails naming it).
-    let missing: Vec<String> = set
-        .secret_names()
+    let mut missing: Vec<String> = agents
+        .sets()
         .iter()
+        .flat_map(|s| s.secret_names().iter().cloned())
         .filter(|n| midcall::EnvSecrets.secret(n).is_none())
-        .cloned()
         .collect();
+    missing.sort();
+    missing.dedup();
     let mut policy = policy;
     if a.mock {
         policy = policy.allow_network("127.0.0.0/8".parse().map_err(|_| "loopback")?);
@@ -105,12 +141,15 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             .map_err(|e| format!("--listen {}: {e}", a.listen))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         let shown_db = midcall::events::display_db(&a.db);
-        let bus = a.net.with_ca(
-            EventBus::builder(&a.db)
-                .webhooks(&set)
-                .attempt_timeout(Duration::from_millis(a.attempt_timeout_ms.max(1))),
-            |b, pem| b.add_root_certificates_pem(pem),
-        )?;
+        let mut bus = EventBus::builder(&a.db)
+            .agents(&agents)
+            .attempt_timeout(Duration::from_millis(a.attempt_timeout_ms.max(1)));
+        if let Some(s) = &a.retry_schedule_ms {
+            bus = bus.retry_schedule(retry_schedule(s)?);
+        }
+        let bus = a
+            .net
+            .with_ca(bus, |b, pem| b.add_root_certificates_pem(pem))?;
         let mut builder = Runtime::builder().egress(policy).event_bus(bus);
         if let Some(cfg) = super::shared_cache(
             a.cache_url.as_deref(),
@@ -122,7 +161,8 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         let mut _mock = None;
         if a.mock {
             let secrets = Arc::new(DemoSecrets::env_first());
-            let mock = Mock::start(&hosts(&set), &[], secrets.clone()).await?;
+            let all_hosts: Vec<String> = agents.sets().iter().flat_map(|s| hosts(s)).collect();
+            let mock = Mock::start(&all_hosts, &[], secrets.clone()).await?;
             builder = builder
                 .resolver(Arc::new(MockResolver(mock.addr)))
                 .add_root_certificate(mock.cert_der.clone())
@@ -139,32 +179,54 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             .await
             .map_err(|e| format!("--cache-url: {e}"))?;
         let bus = runtime.event_bus().cloned().ok_or("no event bus")?;
-        let automations = Automations::builder(set.clone(), runtime, bus.clone()).start()?;
+        let automations = Automations::for_agents(agents.clone(), runtime, bus.clone()).start()?;
         let grace = Duration::from_secs(a.grace_s);
-        let mut server = InboundServer::new(automations.clone()).drain_timeout(grace);
+        let mut server = InboundServer::new(automations.clone())
+            .drain_timeout(grace)
+            .behind_https_proxy(a.behind_https_proxy);
         if let Some(m) = metrics {
             server = server.metrics(m);
         }
-        let webhook_ids: Vec<&str> = set
-            .automations()
-            .iter()
-            .filter(|x| x.trigger.name() == "webhook")
-            .map(|x| x.id.as_str())
-            .collect();
-        say!(
-            "midcall serve: agent \"{}\" on http://{local}",
-            set.agent().id
-        );
-        for id in &webhook_ids {
-            say!("  POST http://{local}/v1/automations/{id}/webhook");
+        if let Some(k) = admin_key.clone() {
+            server = server.admin_key(k);
+        }
+        if agents.sets().len() == 1 {
+            say!(
+                "midcall serve: agent \"{}\" on http://{local}",
+                set.agent().id
+            );
+        } else {
+            say!(
+                "midcall serve: {} ({}) on http://{local}",
+                super::count(agents.sets().len(), "agent", "agents"),
+                agents.ids().join(", ")
+            );
+        }
+        for s in agents.sets() {
+            for x in s.automations().iter().filter(|x| x.trigger.name() == "webhook") {
+                say!(
+                    "  POST http://{local}/v1/agents/{}/automations/{}/webhook",
+                    s.agent().id,
+                    x.id
+                );
+            }
         }
         say!("  GET  http://{local}/healthz");
         say!("  GET  http://{local}/metrics");
+        if admin_key.is_some() {
+            say!("  GET  http://{local}/v1/admin/deliveries (Authorization: Bearer <admin key>)");
+            say!("  GET  http://{local}/console");
+        }
         if let Some(m) = &_mock {
             say!(
                 "  mock CRM on https://{} answering for {}",
                 m.addr,
-                hosts(&set).join(", ")
+                agents
+                    .sets()
+                    .iter()
+                    .flat_map(|s| hosts(s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             if !missing.is_empty() {
                 say!("  demo values for the secrets not set: {}", missing.join(", "));
@@ -181,10 +243,16 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             say!("  shared cache: {}", midcall::cache::shared::redact(u));
         }
         say!("  outbox: {shown_db}");
-        server
-            .serve(listener, shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())?;
+        let watcher = tokio::spawn(watch(
+            loaded,
+            files,
+            automations.clone(),
+            set.egress().clone(),
+            Duration::from_millis(a.watch_ms),
+        ));
+        let served = server.serve(listener, shutdown_signal()).await;
+        watcher.abort();
+        served.map_err(|e| e.to_string())?;
         say!(
             "midcall serve: stopping; runs in progress get {}s",
             a.grace_s
@@ -195,6 +263,113 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         Ok::<_, String>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--retry-schedule-ms 100,1000,60000`.
+fn retry_schedule(s: &str) -> Result<Vec<Duration>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim()
+                .parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| {
+                    format!(
+                        "--retry-schedule-ms: \"{}\" is not a number of milliseconds",
+                        p.trim()
+                    )
+                })
+        })
+        .collect()
+}
+
+/// The admin key: the secret `--admin-secret` names, or MIDCALL_SECRET_ADMIN_KEY when set.
+fn admin_key(name: Option<&str>) -> Result<Option<midcall::Secret>, String> {
+    let (name, required) = match name {
+        Some(n) => (n, true),
+        None => ("ADMIN_KEY", false),
+    };
+    let var = midcall::EnvSecrets::variable(name);
+    match midcall::EnvSecrets.secret(name) {
+        None if required => Err(format!(
+            "--admin-secret {name}: set {var} to the admin key (16 characters or more)"
+        )),
+        None => Ok(None),
+        Some(v) if v.expose().trim().len() < 16 => Err(format!(
+            "{var}: the admin key must be 16 characters or more"
+        )),
+        Some(v) => Ok(Some(midcall::Secret::new(v.expose().trim()))),
+    }
+}
+
+/// Reloads the agent files on SIGHUP and when one changes (checked every `every`; never when
+/// zero): what loads and checks replaces what is served; a file with errors is refused, logged
+/// with file and line, and its agent's old version stays.
+async fn watch(
+    mut loaded: Loaded,
+    files: super::agents::Files,
+    automations: Automations,
+    egress: midcall::config::EgressConfig,
+    every: Duration,
+) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let tick = async {
+            if every.is_zero() {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(every).await
+            }
+        };
+        #[cfg(unix)]
+        let forced = tokio::select! {
+            _ = tick => false,
+            _ = async {
+                match hup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => true,
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tick.await;
+            false
+        };
+        let Ok(files) = super::agents::expand_again(&files) else {
+            continue;
+        };
+        if !forced && !loaded.changed(&files) {
+            continue;
+        }
+        let (next, problems) = Loaded::load(&files, Some(&loaded));
+        for p in &problems {
+            tracing::error!(target: "midcall::reload", problem = %p, "reload: a file was refused; its agent's version in service stays");
+            say!("midcall serve: reload refused: {p}");
+        }
+        let agents = match next.agents() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(target: "midcall::reload", error = %e, "reload refused; nothing changed");
+                say!("midcall serve: reload refused: {e}");
+                loaded.remember(&next);
+                continue;
+            }
+        };
+        if agents.sets().iter().any(|s| *s.egress() != egress) {
+            let e = "an [egress] section changed: egress is fixed at start; restart to apply it";
+            tracing::error!(target: "midcall::reload", error = e, "reload refused; nothing changed");
+            say!("midcall serve: reload refused: {e}");
+            loaded.remember(&next);
+            continue;
+        }
+        let ids = agents.ids().join(", ");
+        automations.replace_agents(agents);
+        tracing::info!(target: "midcall::reload", agents = %ids, "agent files reloaded");
+        say!("midcall serve: reloaded: {ids}");
+        loaded = next;
+    }
 }
 
 /// SIGTERM or Ctrl-C.

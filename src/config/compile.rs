@@ -973,6 +973,25 @@ fn compile_webhook(s: &mut Scope<'_>, def: raw::WebhookDef) -> Option<WebhookSpe
         .signing_secret
         .as_deref()
         .and_then(|t| s.secret_template(at!["signing_secret"], t));
+    let signing_key = def.signing_key.as_deref().and_then(|text| {
+        let t = s.template(at!["signing_key"], text, &[Root::Secrets])?;
+        if t.is_literal() {
+            s.err(
+                at!["signing_key"],
+                "expected {{secrets.NAME}} holding a whsk_ ed25519 key (a private key never goes in a config file)",
+            );
+            return None;
+        }
+        Some(t)
+    });
+    if let Some(r) = def.max_per_second {
+        if !(r.is_finite() && (0.01..=100_000.0).contains(&r)) {
+            s.err(
+                at!["max_per_second"],
+                format!("{r} is out of range (0.01 to 100000 deliveries per second)"),
+            );
+        }
+    }
     if s.problems.len() != before {
         return None;
     }
@@ -982,6 +1001,8 @@ fn compile_webhook(s: &mut Scope<'_>, def: raw::WebhookDef) -> Option<WebhookSpe
         subscriptions,
         headers,
         signing_secret,
+        signing_key,
+        max_per_second: def.max_per_second,
         enabled: def.enabled,
     })
 }

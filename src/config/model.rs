@@ -348,6 +348,13 @@ pub struct WebhookSpec {
     pub headers: Vec<(String, Template)>,
     /// The `whsec_` signing secret, usually `{{secrets.NAME}}`.
     pub signing_secret: Option<Template>,
+    /// An ed25519 key (`whsk_`, from `{{secrets.NAME}}` only): every delivery also carries a
+    /// Standard Webhooks `v1a` signature that receivers check with the public key
+    /// (`midcall webhooks public-key`). Default none.
+    pub signing_key: Option<Template>,
+    /// The most deliveries per second this endpoint is sent, per process (a receiver coming
+    /// back from an outage is not flattened by the backlog). Default unlimited.
+    pub max_per_second: Option<f64>,
     /// Disabled webhooks receive nothing (default true).
     pub enabled: bool,
 }

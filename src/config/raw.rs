@@ -210,6 +210,10 @@ pub(crate) struct WebhookDef {
     pub(crate) headers: Pairs<String>,
     #[serde(default)]
     pub(crate) signing_secret: Option<String>,
+    #[serde(default)]
+    pub(crate) signing_key: Option<String>,
+    #[serde(default)]
+    pub(crate) max_per_second: Option<f64>,
     #[serde(default = "yes")]
     pub(crate) enabled: bool,
 }

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::outbox::{self, Attempt, Claimed, NewEvent, Next};
 use super::{signing, time, Event};
+use crate::automation::Agents;
 use crate::config::{ActionSet, WebhookSpec};
 use crate::state::CallInfo;
 use crate::store::{Db, Location, LogConn};
@@ -53,7 +54,7 @@ enum Msg {
 #[derive(Clone)]
 pub struct EventBusBuilder {
     db: PathBuf,
-    webhooks: Vec<WebhookSpec>,
+    webhooks: Vec<Hook>,
     secrets: Arc<dyn SecretSource>,
     policy: EgressPolicy,
     extra_roots: Vec<Vec<u8>>,
@@ -82,7 +83,14 @@ impl EventBusBuilder {
     /// The agent's `[[webhooks]]`. Default none. (Its automations' `send_webhook` steps are
     /// resolved by the [`crate::Automations`] that queue them, which register with the bus.)
     pub fn webhooks(mut self, set: &ActionSet) -> Self {
-        self.webhooks = set.webhooks().to_vec();
+        self.webhooks = hooks_of_set(set, None);
+        self
+    }
+    /// The `[[webhooks]]` of every agent (see [`Agents`]): with many, each receives only its own
+    /// agent's events and is named `<agent>/<label>` in the outbox. Replaced on a reload by
+    /// [`EventBus::set_agents`].
+    pub fn agents(mut self, agents: &Agents) -> Self {
+        self.webhooks = hooks_of(agents);
         self
     }
     /// Where signing secrets and URL secrets come from. Default [`EnvSecrets`].
@@ -217,12 +225,7 @@ impl EventBusBuilder {
         let inner = Arc::new(Inner {
             tx: Mutex::new(Some(tx)),
             overloaded: AtomicU64::new(0),
-            webhooks: self
-                .webhooks
-                .iter()
-                .enumerate()
-                .map(|(i, w)| (endpoint_name(i, w), w.clone()))
-                .collect(),
+            webhooks: Arc::new(std::sync::RwLock::new(Arc::new(self.webhooks.clone()))),
             writer: Mutex::new(Some(writer)),
             targets: targets.clone(),
         });
@@ -240,6 +243,7 @@ impl EventBusBuilder {
             retention: self.retention,
             retry_after_cap: self.retry_after_cap,
             notify: notify.clone(),
+            throttle: Mutex::default(),
         };
         let task = if self.deliver {
             Some(tokio::spawn(worker.run()))
@@ -256,7 +260,46 @@ impl EventBusBuilder {
     }
 }
 
-fn endpoint_name(i: usize, w: &WebhookSpec) -> String {
+/// A webhook endpoint: its outbox name, the agent whose calls it receives (`None`: every
+/// call's), its spec.
+#[derive(Clone)]
+pub(crate) struct Hook {
+    pub(crate) name: String,
+    pub(crate) agent: Option<String>,
+    pub(crate) spec: WebhookSpec,
+}
+
+type Hooks = Arc<std::sync::RwLock<Arc<Vec<Hook>>>>;
+
+fn hooks_of_set(set: &ActionSet, agent: Option<&str>) -> Vec<Hook> {
+    set.webhooks()
+        .iter()
+        .enumerate()
+        .map(|(i, w)| Hook {
+            name: match agent {
+                Some(a) => format!("{a}/{}", endpoint_name(i, w)),
+                None => endpoint_name(i, w),
+            },
+            agent: agent.map(str::to_string),
+            spec: w.clone(),
+        })
+        .collect()
+}
+
+fn hooks_of(agents: &Agents) -> Vec<Hook> {
+    if !agents.qualified() {
+        return hooks_of_set(agents.first(), None);
+    }
+    agents
+        .sets()
+        .iter()
+        .flat_map(|s| hooks_of_set(s, Some(&s.agent().id)))
+        .collect()
+}
+
+/// The outbox name of an agent's `i`th webhook (without the agent): its label, or its place
+/// and URL.
+pub(crate) fn endpoint_name(i: usize, w: &WebhookSpec) -> String {
     match &w.label {
         Some(l) => l.clone(),
         None => format!(
@@ -270,7 +313,7 @@ fn endpoint_name(i: usize, w: &WebhookSpec) -> String {
 struct Inner {
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
     overloaded: AtomicU64,
-    webhooks: Vec<(String, WebhookSpec)>,
+    webhooks: Hooks,
     writer: Mutex<Option<Writer>>,
     targets: Targets,
 }
@@ -407,12 +450,15 @@ impl EventBus {
     }
 
     fn prepare(&self, event: &Event, call: &CallInfo) -> Option<NewEvent> {
-        let endpoints: Vec<String> = self
-            .inner
-            .webhooks
+        let hooks = self.hooks();
+        let endpoints: Vec<String> = hooks
             .iter()
-            .filter(|(_, w)| w.enabled && w.subscriptions.contains(&event.kind))
-            .map(|(n, _)| n.clone())
+            .filter(|h| {
+                h.spec.enabled
+                    && h.spec.subscriptions.contains(&event.kind)
+                    && h.agent.as_ref().is_none_or(|a| *a == call.agent_id)
+            })
+            .map(|h| h.name.clone())
             .collect();
         if endpoints.is_empty() {
             return None;
@@ -431,6 +477,26 @@ impl EventBus {
     fn sender(&self) -> Result<mpsc::Sender<Msg>, PublishError> {
         let tx = self.inner.tx.lock().map_err(|_| PublishError::Closed)?;
         tx.clone().ok_or(PublishError::Closed)
+    }
+
+    /// The webhook endpoints, as of now.
+    pub(crate) fn hooks(&self) -> Arc<Vec<Hook>> {
+        self.inner
+            .webhooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the webhooks with those of `agents` (a reload): events published from now on
+    /// go to the new set; a queued delivery whose webhook is gone fails naming it.
+    pub fn set_agents(&self, agents: &Agents) {
+        *self
+            .inner
+            .webhooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(hooks_of(agents));
+        self.notify.notify_one();
     }
 
     /// Registers the resolver of delivery targets (replacing any earlier one).
@@ -594,7 +660,7 @@ struct Worker {
     db: Db,
     transport: Transport,
     secrets: Arc<dyn SecretSource>,
-    webhooks: Vec<(String, WebhookSpec)>,
+    webhooks: Hooks,
     targets: Targets,
     schedule: Vec<Duration>,
     jitter: f64,
@@ -604,9 +670,58 @@ struct Worker {
     retention: Duration,
     retry_after_cap: Duration,
     notify: Arc<Notify>,
+    /// Per-endpoint token buckets of webhooks with `max_per_second`: (tokens, last refill).
+    throttle: Mutex<std::collections::HashMap<String, (f64, tokio::time::Instant)>>,
 }
 
 impl Worker {
+    /// Splits claimed deliveries into those sent now and those a throttled endpoint has no
+    /// token for, each with the time it is due again (spread at the endpoint's rate).
+    fn throttled(&self, claimed: Vec<Claimed>) -> (Vec<Claimed>, Vec<(i64, i64)>) {
+        let hooks = self
+            .webhooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if hooks.iter().all(|h| h.spec.max_per_second.is_none()) {
+            return (claimed, Vec::new());
+        }
+        let mut buckets = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let now_ms = time::now_ms();
+        let mut waiting: std::collections::HashMap<String, u32> = Default::default();
+        let (mut go, mut later) = (Vec::new(), Vec::new());
+        for c in claimed {
+            let rate = if c.target.is_none() {
+                hooks
+                    .iter()
+                    .find(|h| h.name == c.endpoint)
+                    .and_then(|h| h.spec.max_per_second)
+            } else {
+                None
+            };
+            let Some(rate) = rate else {
+                go.push(c);
+                continue;
+            };
+            let burst = rate.max(1.0);
+            let (tokens, at) = buckets.entry(c.endpoint.clone()).or_insert((burst, now));
+            let level = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+            *at = now;
+            if level >= 1.0 {
+                *tokens = level - 1.0;
+                go.push(c);
+            } else {
+                *tokens = level;
+                let n = waiting.entry(c.endpoint.clone()).or_default();
+                *n += 1;
+                let wait_s = (*n as f64 - level) / rate;
+                later.push((c.id, now_ms + (wait_s * 1000.0).ceil() as i64));
+            }
+        }
+        (go, later)
+    }
+
     fn ok<T>(r: Result<T, outbox::OutboxError>) -> Option<T> {
         match r {
             Ok(v) => Some(v),
@@ -665,6 +780,22 @@ impl Worker {
                         _ = self.notify.notified() => {}
                         _ = tokio::time::sleep(wait) => {}
                     },
+                }
+                continue;
+            }
+            let (claimed, later) = self.throttled(claimed);
+            if !later.is_empty() {
+                metrics::counter!("midcall_webhook_throttled_total").increment(later.len() as u64);
+                Self::ok(self.db.defer(later).await);
+            }
+            if claimed.is_empty() {
+                let next = Self::ok(self.db.next_due().await).flatten();
+                let wait = next
+                    .map(|due| Duration::from_millis((due - time::now_ms()).clamp(1, 1000) as u64))
+                    .unwrap_or(Duration::from_millis(100));
+                tokio::select! {
+                    _ = self.notify.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 continue;
             }
@@ -735,13 +866,19 @@ impl Worker {
             }
         };
         let empty = RenderInputs::default();
+        let hooks = self
+            .webhooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let (target, context) = match &resolved {
-            None => match self.webhooks.iter().find(|(n, _)| *n == c.endpoint) {
-                Some((_, hook)) => (
+            None => match hooks.iter().find(|h| h.name == c.endpoint) {
+                Some(Hook { spec: hook, .. }) => (
                     Target {
                         url: &hook.url,
                         headers: &hook.headers,
                         signing_secret: hook.signing_secret.as_ref(),
+                        signing_key: hook.signing_key.as_ref(),
                     },
                     &empty,
                 ),
@@ -752,6 +889,7 @@ impl Worker {
                     url: &r.url,
                     headers: &r.headers,
                     signing_secret: r.signing_secret.as_ref(),
+                    signing_key: None,
                 },
                 &r.inputs,
             ),
@@ -887,13 +1025,27 @@ impl Worker {
         };
         set(h, "webhook-id", &c.webhook_id);
         set(h, "webhook-timestamp", &ts.to_string());
+        let mut signatures = Vec::new();
         if let Some(secret) = hook.signing_secret {
             let s = secret
                 .render_text(&ctx, &mut redactor)
                 .map_err(|e| format!("signing_secret: {e}"))?;
-            let sig = signing::signature_header(&s, &c.webhook_id, ts, &c.body)
-                .map_err(|e| e.to_string())?;
-            set(h, "webhook-signature", &sig);
+            signatures.push(
+                signing::signature_header(&s, &c.webhook_id, ts, &c.body)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        if let Some(key) = hook.signing_key {
+            let k = key
+                .render_text(&ctx, &mut redactor)
+                .map_err(|e| format!("signing_key: {e}"))?;
+            signatures.push(
+                signing::sign_ed25519(&k, &c.webhook_id, ts, &c.body)
+                    .map_err(|e| format!("signing_key: {e}"))?,
+            );
+        }
+        if !signatures.is_empty() {
+            set(h, "webhook-signature", &signatures.join(" "));
         }
         let deadline = Deadline::at(tokio::time::Instant::now() + self.attempt_timeout);
         match self
@@ -915,6 +1067,7 @@ struct Target<'a> {
     url: &'a UrlTemplate,
     headers: &'a [(String, Template)],
     signing_secret: Option<&'a Template>,
+    signing_key: Option<&'a Template>,
 }
 
 /// A number in [0, 1) from a seed (splitmix64): enough to spread retries.

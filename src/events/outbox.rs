@@ -300,6 +300,8 @@ pub struct DeliveryRecord {
     pub last_error: Option<String>,
     /// The `webhook-id` header it carries.
     pub webhook_id: String,
+    /// When the next attempt is due (ms since the epoch), while it is pending.
+    pub next_attempt_ms: Option<i64>,
 }
 
 /// One attempt as the log shows it.
@@ -324,25 +326,14 @@ pub(crate) fn list(
     status: Option<&str>,
     limit: i64,
 ) -> Result<Vec<DeliveryRecord>, OutboxError> {
-    let mut st = conn.prepare(
-        "SELECT d.id, e.type, d.call_id, d.endpoint, d.status, d.attempts, d.created_ms, d.last_error, d.webhook_id
-         FROM deliveries d JOIN events e ON e.seq = d.event_seq
+    let sql = format!(
+        "SELECT {} FROM deliveries d JOIN events e ON e.seq = d.event_seq
          WHERE (?1 IS NULL OR d.call_id = ?1) AND (?2 IS NULL OR d.status = ?2)
          ORDER BY d.id DESC LIMIT ?3",
-    )?;
-    let rows = st.query_map(params![call, status, limit], |r| {
-        Ok(DeliveryRecord {
-            id: r.get(0)?,
-            event_type: r.get(1)?,
-            call_id: r.get(2)?,
-            endpoint: r.get(3)?,
-            status: r.get(4)?,
-            attempts: r.get(5)?,
-            created_ms: r.get(6)?,
-            last_error: r.get(7)?,
-            webhook_id: r.get(8)?,
-        })
-    })?;
+        crate::store::DELIVERY_COLUMNS
+    );
+    let mut st = conn.prepare(&sql)?;
+    let rows = st.query_map(params![call, status, limit], crate::store::delivery_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 

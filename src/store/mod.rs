@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 
 pub(crate) mod pg;
+pub(crate) mod query;
+
+pub(crate) use query::{delivery_row, DELIVERY_COLUMNS};
 
 use crate::automation::runlog::{self, ClaimedRun, NewRun, RunRecord, StepRecord};
 use crate::events::outbox::{

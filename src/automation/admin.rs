@@ -1,0 +1,868 @@
+//! The operator API under `/v1/admin/`: deliveries and runs listed, filtered and paged;
+//! a delivery replayed; an endpoint's failures recovered; endpoints disabled and enabled.
+//!
+//! Off unless the server has an admin key ([`super::InboundServer::admin_key`]); sent as
+//! `Authorization: Bearer <key>`, compared in constant time, rate limited per address for
+//! failures and per key ([`ADMIN_RATE_PER_SECOND`], [`ADMIN_BURST`]). Answers are JSON, errors
+//! `{"error": "..."}` with the status that fits. Over plain HTTP it answers loopback peers
+//! only, unless the server is told it sits behind an HTTPS proxy.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::inbound::{error, reply, RateLimiter};
+use super::runlog::RunRecord;
+use super::Automations;
+use crate::config::Step;
+use crate::events::outbox::{AttemptRecord, DeliveryRecord};
+use crate::events::time;
+use crate::store::query::{DeliveryFilter, EndpointState, RunFilter};
+use crate::store::Db;
+use crate::template::Secret;
+
+/// Admin requests a key may make per second, sustained: 20.
+pub const ADMIN_RATE_PER_SECOND: f64 = 20.0;
+/// Admin requests a key may make at once: 100.
+pub const ADMIN_BURST: u32 = 100;
+/// The most rows one list answers: 500 (default 50).
+pub const ADMIN_MAX_LIMIT: i64 = 500;
+
+const STATUSES: &[&str] = &["pending", "delivered", "failed", "skipped"];
+const RUN_STATUSES: &[&str] = &["queued", "running", "succeeded", "failed"];
+
+/// What the operator API and the console share: the key, the store, the limiter.
+pub(crate) struct Admin {
+    key: Option<Secret>,
+    mac: ring::hmac::Key,
+    limiter: Mutex<RateLimiter>,
+    pub(crate) db: Option<Db>,
+    pub(crate) https: bool,
+    pub(crate) sessions: super::console::Sessions,
+}
+
+impl Admin {
+    pub(crate) fn new(key: Option<Secret>, db: Option<Db>, https: bool) -> Admin {
+        let mut seed = [0u8; 32];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+        Admin {
+            key,
+            mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed),
+            limiter: Mutex::new(RateLimiter::new(ADMIN_RATE_PER_SECOND, ADMIN_BURST)),
+            db,
+            https,
+            sessions: Default::default(),
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.key.is_some() && self.db.is_some()
+    }
+
+    /// Whether `presented` is the admin key (constant time: both sides MACed, tags compared).
+    pub(crate) fn is_key(&self, presented: &str) -> bool {
+        let Some(key) = &self.key else { return false };
+        let tag = ring::hmac::sign(&self.mac, presented.as_bytes());
+        ring::hmac::verify(&self.mac, key.expose().as_bytes(), tag.as_ref()).is_ok()
+    }
+
+    /// A MAC under this process's key (cookies and CSRF tokens), hex.
+    pub(crate) fn sign(&self, what: &str) -> String {
+        let tag = ring::hmac::sign(&self.mac, what.as_bytes());
+        tag.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Whether `tag` is [`Admin::sign`] of `what` (constant time).
+    pub(crate) fn verify(&self, what: &str, tag: &str) -> bool {
+        let want = self.sign(what);
+        want.len() == tag.len()
+            && want
+                .bytes()
+                .zip(tag.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// A refusal when this peer may not reach the admin surface over plain HTTP.
+    pub(crate) fn transport_refusal(&self, peer: IpAddr) -> Option<&'static str> {
+        (!self.https && !peer.is_loopback()).then_some(
+            "the admin API and console answer over plain HTTP on loopback only; serve them behind an HTTPS proxy (--behind-https-proxy)",
+        )
+    }
+
+    /// `Some(wait)` when `key` (or the peer, for failures) is out of tokens.
+    pub(crate) fn limited(&self, peer: IpAddr, key: &str) -> Option<std::time::Duration> {
+        let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let ip = format!("ip:{peer}");
+        l.exhausted(&ip, now).or_else(|| l.take(key, now).err())
+    }
+
+    /// Counts a failed authentication against the peer.
+    pub(crate) fn failed(&self, peer: IpAddr) {
+        let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = l.take(&format!("ip:{peer}"), Instant::now());
+    }
+}
+
+pub(crate) fn too_many(wait: std::time::Duration) -> Response<Full<Bytes>> {
+    let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+/// `/v1/admin/...`.
+pub(crate) async fn handle(
+    admin: &Admin,
+    automations: &Automations,
+    peer: IpAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let Some(db) = admin.db.as_ref().filter(|_| admin.enabled()) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the admin API is off: start the server with an admin key (--admin-secret)",
+        );
+    };
+    if let Some(why) = admin.transport_refusal(peer) {
+        return error(StatusCode::FORBIDDEN, why);
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if let Some(wait) = admin.limited(peer, "admin") {
+        return too_many(wait);
+    }
+    if !presented.is_some_and(|p| admin.is_key(p)) {
+        admin.failed(peer);
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            if presented.is_some() {
+                "invalid admin key"
+            } else {
+                "missing Authorization: Bearer <admin key>"
+            },
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let segments: Vec<String> = path
+        .trim_start_matches("/v1/admin")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let method = req.method().clone();
+    let result = match (&method, segs.as_slice()) {
+        (&Method::GET, ["agents"]) => Ok(agents_json(automations, Some(db)).await),
+        (&Method::GET, ["deliveries"]) => list_deliveries(automations, db, &query).await,
+        (&Method::GET, ["deliveries", id]) => one_delivery(automations, db, id).await,
+        (&Method::POST, ["deliveries", id, "replay"]) => replay(automations, db, id)
+            .await
+            .map(|n| json!({ "replayed": n })),
+        (&Method::GET, ["endpoints"]) => endpoints_json(automations, db).await,
+        (&Method::POST, ["endpoints", ep, "recover"]) => recover(automations, db, ep, &query).await,
+        (&Method::POST, ["endpoints", ep, "disable"]) => {
+            set_disabled(automations, db, ep, true).await
+        }
+        (&Method::POST, ["endpoints", ep, "enable"]) => {
+            set_disabled(automations, db, ep, false).await
+        }
+        (&Method::GET, ["runs"]) => list_runs(automations, db, &query).await,
+        (&Method::GET, ["runs", id]) => one_run(automations, db, id).await,
+        (
+            _,
+            ["deliveries"]
+            | ["deliveries", _]
+            | ["runs"]
+            | ["runs", _]
+            | ["agents"]
+            | ["endpoints"],
+        ) => Err(ApiError(StatusCode::METHOD_NOT_ALLOWED, "use GET".into())),
+        (_, ["deliveries", _, "replay"] | ["endpoints", _, _]) => {
+            Err(ApiError(StatusCode::METHOD_NOT_ALLOWED, "use POST".into()))
+        }
+        _ => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no admin route {}",
+                path.chars().take(200).collect::<String>()
+            ),
+        )),
+    };
+    match result {
+        Ok(v) => reply(StatusCode::OK, v),
+        Err(ApiError(status, message)) => error(status, message),
+    }
+}
+
+/// An answer other than 200: its status and message.
+#[derive(Debug)]
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+fn storage(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "admin: the outbox database");
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the outbox database is not answering; try again".into(),
+    )
+}
+
+/// The query string as pairs; a key outside `allowed` is an error naming it.
+pub(crate) fn query_pairs(
+    query: &str,
+    allowed: &[&str],
+) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out = Vec::new();
+    for part in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        let dec = |s: &str| {
+            percent_encoding::percent_decode_str(&s.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let (k, v) = (dec(k), dec(v));
+        if !allowed.contains(&k.as_str()) {
+            return Err(bad(format!(
+                "unknown query parameter \"{}\" (allowed: {})",
+                k.chars().take(40).collect::<String>(),
+                allowed.join(", ")
+            )));
+        }
+        if !v.is_empty() {
+            out.push((k, v));
+        }
+    }
+    Ok(out)
+}
+
+fn get<'a>(pairs: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .rev()
+        .find(|(key, _)| key == k)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A time given as RFC 3339 (`2026-12-01T10:00:00Z`) or milliseconds since the epoch.
+pub(crate) fn parse_time(name: &str, v: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    time_from_rfc3339(v).ok_or_else(|| {
+        bad(format!(
+            "{name}: \"{}\" is not a time (RFC 3339 such as 2026-12-01T10:00:00Z, or milliseconds since the epoch)",
+            v.chars().take(60).collect::<String>()
+        ))
+    })
+}
+
+fn time_from_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut ms = 0i64;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits: String = frac.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if digits.is_empty() {
+            return None;
+        }
+        let three: String = format!("{digits:0<3}").chars().take(3).collect();
+        ms = three.parse().ok()?;
+        rest = &frac[digits.len()..];
+    }
+    let offset_s = match rest {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+            let oh: i64 = o[1..3].parse().ok()?;
+            let om: i64 = o[4..6].parse().ok()?;
+            let v = oh * 3600 + om * 60;
+            if o.starts_with('-') {
+                -v
+            } else {
+                v
+            }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y2, m2) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 + se - offset_s) * 1000 + ms)
+}
+
+fn limit_of(pairs: &[(String, String)]) -> Result<i64, ApiError> {
+    match get(pairs, "limit") {
+        None => Ok(50),
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if (1..=ADMIN_MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(bad(format!(
+                "limit: \"{}\" is not a number from 1 to {ADMIN_MAX_LIMIT}",
+                v.chars().take(20).collect::<String>()
+            ))),
+        },
+    }
+}
+
+/// The name prefixes for `agent` and `tenant` filters (`None`: no filter).
+fn prefixes(
+    automations: &Automations,
+    agent: Option<&str>,
+    tenant: Option<&str>,
+) -> Option<Vec<String>> {
+    if agent.is_none() && tenant.is_none() {
+        return None;
+    }
+    let agents = automations.agents();
+    let ids: Vec<&str> = agents
+        .sets()
+        .iter()
+        .filter(|s| agent.is_none_or(|a| s.agent().id == a))
+        .filter(|s| tenant.is_none_or(|t| s.agent().tenant == t))
+        .map(|s| s.agent().id.as_str())
+        .collect();
+    if agents.qualified() {
+        Some(ids.iter().map(|a| format!("{a}/")).collect())
+    } else if ids.is_empty() {
+        Some(Vec::new())
+    } else {
+        None
+    }
+}
+
+/// The agent a stored endpoint or run name belongs to.
+pub(crate) fn agent_of(automations: &Automations, stored: &str) -> Option<String> {
+    let agents = automations.agents();
+    if agents.qualified() {
+        stored.split_once('/').map(|(a, _)| a.to_string())
+    } else {
+        Some(agents.first().agent().id.clone())
+    }
+}
+
+/// Parsed delivery filters (shared with the console).
+pub(crate) fn delivery_filter(
+    automations: &Automations,
+    query: &str,
+) -> Result<DeliveryFilter, ApiError> {
+    let q = query_pairs(
+        query,
+        &[
+            "agent", "tenant", "endpoint", "event", "status", "call_id", "since", "until", "limit",
+            "cursor",
+        ],
+    )?;
+    let status = get(&q, "status");
+    if let Some(s) = status {
+        if !STATUSES.contains(&s) {
+            return Err(bad(format!(
+                "status: \"{}\" is not one of {}",
+                s.chars().take(20).collect::<String>(),
+                STATUSES.join(", ")
+            )));
+        }
+    }
+    let event = get(&q, "event").map(|e| {
+        if e.starts_with("event_") || e.starts_with("automation:") {
+            e.to_string()
+        } else {
+            format!("event_{e}")
+        }
+    });
+    let before_id = match get(&q, "cursor") {
+        None => None,
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| bad("cursor: not a cursor this API gave"))?,
+        ),
+    };
+    Ok(DeliveryFilter {
+        prefixes: prefixes(automations, get(&q, "agent"), get(&q, "tenant")),
+        endpoint: get(&q, "endpoint").map(str::to_string),
+        event,
+        status: status.map(str::to_string),
+        call_id: get(&q, "call_id").map(str::to_string),
+        since_ms: get(&q, "since")
+            .map(|v| parse_time("since", v))
+            .transpose()?,
+        until_ms: get(&q, "until")
+            .map(|v| parse_time("until", v))
+            .transpose()?,
+        before_id,
+        limit: limit_of(&q)?,
+    })
+}
+
+fn snippet(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+pub(crate) fn attempt_json(a: &AttemptRecord, max: usize) -> Value {
+    json!({
+        "at": time::rfc3339_ms(a.at_ms),
+        "at_ms": a.at_ms,
+        "duration_ms": a.duration_ms,
+        "status_code": a.status_code,
+        "error": a.error,
+        "response_snippet": snippet(&a.response_prefix, max),
+    })
+}
+
+pub(crate) fn delivery_json(
+    automations: &Automations,
+    d: &DeliveryRecord,
+    attempts: &[AttemptRecord],
+    max: usize,
+) -> Value {
+    json!({
+        "id": d.id,
+        "agent": agent_of(automations, &d.endpoint),
+        "endpoint": d.endpoint,
+        "event": d.event_type,
+        "call_id": d.call_id,
+        "status": d.status,
+        "attempts_made": d.attempts,
+        "created": time::rfc3339_ms(d.created_ms),
+        "created_ms": d.created_ms,
+        "next_attempt_ms": d.next_attempt_ms,
+        "next_attempt": d.next_attempt_ms.map(time::rfc3339_ms),
+        "last_error": d.last_error,
+        "webhook_id": d.webhook_id,
+        "attempts": attempts.iter().map(|a| attempt_json(a, max)).collect::<Vec<_>>(),
+    })
+}
+
+/// Deliveries with their attempts, and the next page's cursor.
+pub(crate) async fn find_deliveries(
+    db: &Db,
+    f: DeliveryFilter,
+) -> Result<(Vec<(DeliveryRecord, Vec<AttemptRecord>)>, Option<String>), ApiError> {
+    let limit = f.limit;
+    let rows = db.find_deliveries(f).await.map_err(storage)?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|d| d.id.to_string()))
+        .flatten();
+    let mut out = Vec::with_capacity(rows.len());
+    for d in rows {
+        let a = db.delivery_attempts(d.id).await.map_err(storage)?;
+        out.push((d, a));
+    }
+    Ok((out, next))
+}
+
+async fn list_deliveries(
+    automations: &Automations,
+    db: &Db,
+    query: &str,
+) -> Result<Value, ApiError> {
+    let f = delivery_filter(automations, query)?;
+    let (rows, next) = find_deliveries(db, f).await?;
+    Ok(json!({
+        "deliveries": rows.iter().map(|(d, a)| delivery_json(automations, d, a, 256)).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
+}
+
+fn id_of(id: &str) -> Result<i64, ApiError> {
+    id.parse::<i64>().map_err(|_| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no delivery \"{}\"",
+                id.chars().take(40).collect::<String>()
+            ),
+        )
+    })
+}
+
+pub(crate) async fn delivery_with_attempts(
+    db: &Db,
+    id: &str,
+) -> Result<(DeliveryRecord, Vec<AttemptRecord>), ApiError> {
+    let n = id_of(id)?;
+    let d = db
+        .delivery(n)
+        .await
+        .map_err(storage)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no delivery {n}")))?;
+    let a = db.delivery_attempts(n).await.map_err(storage)?;
+    Ok((d, a))
+}
+
+async fn one_delivery(automations: &Automations, db: &Db, id: &str) -> Result<Value, ApiError> {
+    let (d, a) = delivery_with_attempts(db, id).await?;
+    Ok(delivery_json(automations, &d, &a, 2048))
+}
+
+/// Replays one delivery: 404 when there is none, 409 while it is pending.
+pub(crate) async fn replay(automations: &Automations, db: &Db, id: &str) -> Result<i64, ApiError> {
+    let (d, _) = delivery_with_attempts(db, id).await?;
+    if d.status == "pending" {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("delivery {} is pending already", d.id),
+        ));
+    }
+    let n = db.replay_one(d.id, time::now_ms()).await.map_err(storage)?;
+    automations.bus().wake();
+    tracing::info!(target: "midcall::admin", delivery = d.id, endpoint = %d.endpoint, "delivery replayed by an operator");
+    Ok(if n > 0 { d.id } else { 0 })
+}
+
+/// Every endpoint the config names, with the agent it belongs to.
+pub(crate) fn configured_endpoints(automations: &Automations) -> Vec<(String, String)> {
+    let agents = automations.agents();
+    let mut out: Vec<(String, String)> = automations
+        .bus()
+        .hooks()
+        .iter()
+        .map(|h| {
+            (
+                h.name.clone(),
+                h.agent
+                    .clone()
+                    .unwrap_or_else(|| agents.first().agent().id.clone()),
+            )
+        })
+        .collect();
+    for s in agents.sets() {
+        for a in s.automations() {
+            for (i, step) in a.steps.iter().enumerate() {
+                if matches!(step, Step::SendWebhook { .. }) {
+                    out.push((
+                        agents.name(&s.agent().id, &super::runner::step_endpoint(&a.id, i)),
+                        s.agent().id.clone(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn known_endpoint(automations: &Automations, db: &Db, ep: &str) -> Result<(), ApiError> {
+    if configured_endpoints(automations)
+        .iter()
+        .any(|(n, _)| n == ep)
+    {
+        return Ok(());
+    }
+    let states = db.endpoints().await.map_err(storage)?;
+    if states.iter().any(|s| s.endpoint == ep) {
+        return Ok(());
+    }
+    Err(ApiError(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint \"{}\" (GET /v1/admin/endpoints lists them)",
+            ep.chars().take(200).collect::<String>()
+        ),
+    ))
+}
+
+pub(crate) async fn endpoint_states(db: &Db) -> Result<Vec<EndpointState>, ApiError> {
+    db.endpoints().await.map_err(storage)
+}
+
+async fn endpoints_json(automations: &Automations, db: &Db) -> Result<Value, ApiError> {
+    let states = endpoint_states(db).await?;
+    let mut names: BTreeSet<(String, String)> =
+        configured_endpoints(automations).into_iter().collect();
+    for s in &states {
+        if !names.iter().any(|(n, _)| *n == s.endpoint) {
+            names.insert((
+                s.endpoint.clone(),
+                agent_of(automations, &s.endpoint).unwrap_or_default(),
+            ));
+        }
+    }
+    let list: Vec<Value> = names
+        .iter()
+        .map(|(n, agent)| {
+            let st = states.iter().find(|s| s.endpoint == *n);
+            json!({
+                "endpoint": n,
+                "agent": agent,
+                "disabled": st.is_some_and(|s| s.disabled),
+                "disabled_reason": st.and_then(|s| s.disabled_reason.clone()),
+                "last_success_ms": st.and_then(|s| s.last_success_ms),
+                "failing_since_ms": st.and_then(|s| s.failing_since_ms),
+            })
+        })
+        .collect();
+    Ok(json!({ "endpoints": list }))
+}
+
+pub(crate) async fn recover(
+    automations: &Automations,
+    db: &Db,
+    ep: &str,
+    query: &str,
+) -> Result<Value, ApiError> {
+    let q = query_pairs(query, &["since"])?;
+    let since = get(&q, "since")
+        .ok_or_else(|| bad("since: required (the time to replay failures from)"))?;
+    let since = parse_time("since", since)?;
+    known_endpoint(automations, db, ep).await?;
+    let n = db
+        .recover(ep.to_string(), since, time::now_ms())
+        .await
+        .map_err(storage)?;
+    automations.bus().wake();
+    tracing::info!(target: "midcall::admin", endpoint = %ep, replayed = n, "endpoint recovered by an operator");
+    Ok(json!({ "endpoint": ep, "replayed": n }))
+}
+
+pub(crate) async fn set_disabled(
+    automations: &Automations,
+    db: &Db,
+    ep: &str,
+    disabled: bool,
+) -> Result<Value, ApiError> {
+    known_endpoint(automations, db, ep).await?;
+    db.set_endpoint_disabled(
+        ep.to_string(),
+        disabled,
+        disabled.then(|| "disabled by an operator".to_string()),
+    )
+    .await
+    .map_err(storage)?;
+    if !disabled {
+        automations.bus().wake();
+    }
+    tracing::info!(target: "midcall::admin", endpoint = %ep, disabled, "endpoint changed by an operator");
+    Ok(json!({ "endpoint": ep, "disabled": disabled }))
+}
+
+/// Parsed run filters (shared with the console).
+pub(crate) fn run_filter(automations: &Automations, query: &str) -> Result<RunFilter, ApiError> {
+    let q = query_pairs(
+        query,
+        &[
+            "agent",
+            "tenant",
+            "automation",
+            "status",
+            "call_id",
+            "since",
+            "until",
+            "limit",
+            "cursor",
+        ],
+    )?;
+    let status = get(&q, "status");
+    if let Some(s) = status {
+        if !RUN_STATUSES.contains(&s) {
+            return Err(bad(format!(
+                "status: \"{}\" is not one of {}",
+                s.chars().take(20).collect::<String>(),
+                RUN_STATUSES.join(", ")
+            )));
+        }
+    }
+    let before = match get(&q, "cursor") {
+        None => None,
+        Some(c) => {
+            let (ms, id) = c
+                .split_once('.')
+                .ok_or_else(|| bad("cursor: not a cursor this API gave"))?;
+            let ms = ms
+                .parse::<i64>()
+                .map_err(|_| bad("cursor: not a cursor this API gave"))?;
+            Some((ms, id.to_string()))
+        }
+    };
+    let automation = get(&q, "automation").map(|a| {
+        let agents = automations.agents();
+        match get(&q, "agent") {
+            Some(agent) if agents.qualified() && !a.contains('/') => agents.name(agent, a),
+            _ => a.to_string(),
+        }
+    });
+    Ok(RunFilter {
+        prefixes: prefixes(automations, get(&q, "agent"), get(&q, "tenant")),
+        automation,
+        status: status.map(str::to_string),
+        call_id: get(&q, "call_id").map(str::to_string),
+        since_ms: get(&q, "since")
+            .map(|v| parse_time("since", v))
+            .transpose()?,
+        until_ms: get(&q, "until")
+            .map(|v| parse_time("until", v))
+            .transpose()?,
+        before,
+        limit: limit_of(&q)?,
+    })
+}
+
+pub(crate) fn run_json(automations: &Automations, r: &RunRecord) -> Value {
+    json!({
+        "id": r.id,
+        "agent": agent_of(automations, &r.automation),
+        "automation": r.automation,
+        "trigger": r.trigger,
+        "call_id": r.call_id,
+        "status": r.status,
+        "created": time::rfc3339_ms(r.created_ms),
+        "created_ms": r.created_ms,
+        "finished_ms": r.finished_ms,
+        "error": r.error,
+        "steps": r.steps.iter().map(|s| json!({
+            "index": s.index,
+            "kind": s.kind,
+            "status": s.status,
+            "detail": s.detail,
+            "duration_ms": s.duration_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub(crate) async fn find_runs(
+    db: &Db,
+    f: RunFilter,
+) -> Result<(Vec<RunRecord>, Option<String>), ApiError> {
+    let limit = f.limit;
+    let rows = db.find_runs(f).await.map_err(storage)?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| format!("{}.{}", r.created_ms, r.id)))
+        .flatten();
+    Ok((rows, next))
+}
+
+async fn list_runs(automations: &Automations, db: &Db, query: &str) -> Result<Value, ApiError> {
+    let f = run_filter(automations, query)?;
+    let (rows, next) = find_runs(db, f).await?;
+    Ok(json!({
+        "runs": rows.iter().map(|r| run_json(automations, r)).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
+}
+
+pub(crate) async fn run_by_id(db: &Db, id: &str) -> Result<RunRecord, ApiError> {
+    // The call_id filter also matches a run's own id.
+    let found = db
+        .find_runs(RunFilter {
+            call_id: Some(id.to_string()),
+            limit: 50,
+            ..RunFilter::default()
+        })
+        .await
+        .map_err(storage)?;
+    found.into_iter().find(|r| r.id == id).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no run \"{}\"", id.chars().take(60).collect::<String>()),
+        )
+    })
+}
+
+async fn one_run(automations: &Automations, db: &Db, id: &str) -> Result<Value, ApiError> {
+    let r = run_by_id(db, id).await?;
+    Ok(run_json(automations, &r))
+}
+
+/// Every agent with its actions, webhooks and automations (no secret: templates as written,
+/// so a `{{secrets.NAME}}` shows its name, never its value), and its webhooks' public keys.
+pub(crate) async fn agents_json(automations: &Automations, _db: Option<&Db>) -> Value {
+    let agents = automations.agents();
+    let hooks = automations.bus().hooks();
+    let secrets = automations.secret_source();
+    let list: Vec<Value> = agents
+        .sets()
+        .iter()
+        .map(|s| {
+            let id = &s.agent().id;
+            json!({
+                "id": id,
+                "tenant": s.agent().tenant,
+                "name": s.agent().name,
+                "actions": s.actions().iter().map(|a| json!({
+                    "name": a.name(),
+                    "description": a.description(),
+                    "method": a.method().as_str(),
+                    "url": a.url().source(),
+                })).collect::<Vec<_>>(),
+                "webhooks": hooks.iter().filter(|h| h.agent.as_deref().is_none_or(|a| a == id)).map(|h| json!({
+                    "endpoint": h.name,
+                    "label": h.spec.label,
+                    "url": h.spec.url.source(),
+                    "method": "POST",
+                    "subscriptions": h.spec.subscriptions.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                    "enabled": h.spec.enabled,
+                    "max_per_second": h.spec.max_per_second,
+                    "public_key": h.spec.signing_key.as_ref().and_then(|k| crate::events::signing::public_key_from(k, &*secrets).ok()),
+                })).collect::<Vec<_>>(),
+                "automations": s.automations().iter().map(|a| json!({
+                    "id": a.id,
+                    "stored_as": agents.name(id, &a.id),
+                    "trigger": a.trigger.name(),
+                    "enabled": a.enabled,
+                    "steps": a.steps.iter().map(|st| match st {
+                        Step::SendWebhook { url, .. } => json!({"send_webhook": url.source()}),
+                        Step::RunAction { action, .. } => json!({"run_action": action}),
+                    }).collect::<Vec<_>>(),
+                    "route": (a.trigger.name() == "webhook").then(|| format!("/v1/agents/{id}/automations/{}/webhook", a.id)),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "agents": list })
+}
