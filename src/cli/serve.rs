@@ -366,8 +366,15 @@ async fn watch(
         }
         let ids = agents.ids().join(", ");
         automations.replace_agents(agents);
-        tracing::info!(target: "midcall::reload", agents = %ids, "agent files reloaded");
-        say!("midcall serve: reloaded: {ids}");
+        tracing::info!(target: "midcall::reload", agents = %ids, refused = problems.len(), "agent files reloaded");
+        if problems.is_empty() {
+            say!("midcall serve: reloaded: {ids}");
+        } else {
+            say!(
+                "midcall serve: reloaded with {} refused (each keeps its version in service): {ids}",
+                super::count(problems.len(), "file", "files")
+            );
+        }
         loaded = next;
     }
 }

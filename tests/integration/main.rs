@@ -18,6 +18,7 @@ mod fleet;
 mod fuzz_corpus;
 mod hostile;
 mod observability;
+mod operator;
 mod serve;
 mod session;
 mod simulate;

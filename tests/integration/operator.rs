@@ -1,0 +1,778 @@
+//! `midcall serve DIR`: many agents and tenants, per-agent routes, tenant walls, reloads with
+//! requests in flight, and the operator API under /v1/admin/ (on both engines).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::servers::{Recorded, Reply, TestServer};
+use crate::support::{wait_until, Engine};
+
+const T1_KEY: &str = "tenant-one-inbound-key";
+const T2_KEY: &str = "tenant-two-inbound-key";
+const OPS_KEY: &str = "ops-admin-key-0123456789abcdef";
+
+/// An agent file: one webhook automation per id, each POSTing `{n}` to `rx/<agent>/<id>`.
+pub(crate) fn agent_file(agent: &str, tenant: &str, key: &str, ids: &[&str], rx: &str) -> String {
+    let mut t = format!(
+        "[agent]\nid = \"{agent}\"\ntenant = \"{tenant}\"\n\n[inbound]\nrate_limit = {{ per_second = 10000, burst = 10000 }}\n"
+    );
+    for id in ids {
+        t.push_str(&format!(
+            "\n[[automations]]\nid = \"{id}\"\ntrigger = {{ on = \"webhook\" }}\nauth = {{ bearer = \"{{{{secrets.{key}}}}}\" }}\nsteps = [ {{ send_webhook = {{ url = \"{rx}/{agent}/{id}\", body = {{ n = \"{{{{payload.n}}}}\" }} }} }} ]\n"
+        ));
+    }
+    t
+}
+
+/// A `midcall serve` child, killed on drop, its stdout lines sent to a channel.
+pub(crate) struct Served {
+    pub(crate) child: std::process::Child,
+    pub(crate) addr: SocketAddr,
+    pub(crate) lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Served {
+    pub(crate) async fn start(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
+        let (child, addr, lines) = crate::support::spawn_serve(path, args, env).await;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    // Keep draining so the server never blocks on a full pipe.
+                }
+            }
+        });
+        Served {
+            child,
+            addr,
+            lines: rx,
+        }
+    }
+
+    /// Waits (up to 20 s) for a stdout line containing `what`; the line.
+    pub(crate) async fn line(&self, what: &str) -> String {
+        for _ in 0..2000 {
+            while let Ok(l) = self.lines.try_recv() {
+                if l.contains(what) {
+                    return l;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("serve never printed a line with {what:?}");
+    }
+}
+
+/// One HTTP/1.1 request on a new connection: (status, body).
+pub(crate) async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    parse_response(&out)
+}
+
+fn parse_response(out: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(out);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn start(addr: SocketAddr, path: &str, key: &str, n: u32) -> u16 {
+    let auth = format!("Bearer {key}");
+    request(
+        addr,
+        "POST",
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        &format!(r#"{{"n": {n}}}"#),
+    )
+    .await
+    .0
+}
+
+async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
+    let auth = format!("Bearer {OPS_KEY}");
+    let (status, body) = request(addr, method, path, &[("Authorization", &auth)], "").await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or_else(|_| json!({"raw": body})),
+    )
+}
+
+fn paths(got: &Arc<Mutex<Vec<Recorded>>>) -> Vec<String> {
+    got.lock().unwrap().iter().map(|r| r.uri.clone()).collect()
+}
+
+async fn receiver(fail: Arc<AtomicBool>) -> (TestServer, Arc<Mutex<Vec<Recorded>>>) {
+    let got: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+    let g = got.clone();
+    let rx = TestServer::http(move |r, _| {
+        if fail.load(Ordering::SeqCst) {
+            Reply::Json(500, json!({"error": "crm down"}))
+        } else {
+            g.lock().unwrap().push(r.clone());
+            Reply::ok(json!({}))
+        }
+    })
+    .await;
+    (rx, got)
+}
+
+/// Routes name the agent; the plain route works while an id is unique; a key of one tenant
+/// never starts another tenant's automation; runs and endpoints carry their agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_of_agents_routes_per_agent_behind_tenant_walls() {
+    let (rx, got) = receiver(Arc::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agents = dir.path().join("agents");
+    std::fs::create_dir(&agents).unwrap();
+    let o = rx.origin();
+    std::fs::write(
+        agents.join("a1.toml"),
+        agent_file("a1", "t1", "T1_KEY", &["notify"], &o),
+    )
+    .unwrap();
+    std::fs::write(
+        agents.join("a2.toml"),
+        agent_file("a2", "t1", "T1_KEY", &["notify"], &o),
+    )
+    .unwrap();
+    std::fs::write(
+        agents.join("b.toml"),
+        agent_file("b", "t2", "T2_KEY", &["notify", "b-only"], &o),
+    )
+    .unwrap();
+    std::fs::write(agents.join("README.md"), "not an agent file").unwrap();
+    let db = dir.path().join("outbox.db");
+    let s = Served::start(
+        &agents,
+        &["--db", db.to_str().unwrap()],
+        &[
+            ("MIDCALL_SECRET_T1_KEY", T1_KEY),
+            ("MIDCALL_SECRET_T2_KEY", T2_KEY),
+        ],
+    )
+    .await;
+    let a = s.addr;
+    let r = |agent: &str, id: &str| format!("/v1/agents/{agent}/automations/{id}/webhook");
+    assert_eq!(start(a, &r("a1", "notify"), T1_KEY, 1).await, 202);
+    assert_eq!(
+        start(a, &r("a2", "notify"), T1_KEY, 2).await,
+        202,
+        "one tenant, one key"
+    );
+    assert_eq!(start(a, &r("b", "notify"), T2_KEY, 3).await, 202);
+    // The walls: each tenant's key opens only its own tenant's automations.
+    assert_eq!(start(a, &r("a1", "notify"), T2_KEY, 4).await, 401);
+    assert_eq!(start(a, &r("b", "notify"), T1_KEY, 5).await, 401);
+    assert_eq!(start(a, &r("b", "b-only"), T1_KEY, 6).await, 401);
+    assert_eq!(
+        start(a, "/v1/automations/b-only/webhook", T1_KEY, 7).await,
+        401
+    );
+    // The plain route: unique ids only.
+    assert_eq!(
+        start(a, "/v1/automations/b-only/webhook", T2_KEY, 8).await,
+        202
+    );
+    let (status, body) = request(
+        a,
+        "POST",
+        "/v1/automations/notify/webhook",
+        &[("Authorization", &format!("Bearer {T1_KEY}"))],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("/v1/agents/<agent>/automations/notify/webhook"),
+        "{body}"
+    );
+    assert_eq!(start(a, &r("nobody", "notify"), T1_KEY, 9).await, 404);
+    assert_eq!(start(a, &r("a1", "b-only"), T1_KEY, 10).await, 404);
+
+    wait_until("four deliveries", || paths(&got).len() == 4).await;
+    let mut p = paths(&got);
+    p.sort();
+    assert_eq!(p, ["/a1/notify", "/a2/notify", "/b/b-only", "/b/notify"]);
+    let bodies: BTreeSet<String> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}", r.uri, r.json()["n"]))
+        .collect();
+    assert!(bodies.contains("/b/b-only 8"), "{bodies:?}");
+    let log = midcall::RunLog::open(&db).unwrap();
+    let names: BTreeSet<String> = log
+        .runs(None, None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.automation)
+        .collect();
+    assert_eq!(
+        names,
+        ["a1/notify", "a2/notify", "b/b-only", "b/notify"]
+            .map(String::from)
+            .into(),
+    );
+    let endpoints: BTreeSet<String> = midcall::events::DeliveryLog::open(&db)
+        .unwrap()
+        .deliveries(None, None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.endpoint)
+        .collect();
+    assert!(
+        endpoints.contains("b/automation b-only step 1"),
+        "{endpoints:?}"
+    );
+}
+
+/// Two tenants reading one secret for inbound keys is refused by `check DIR` and by `serve`
+/// (a key of one would open the other's automations); so are two files with one agent id.
+#[test]
+fn a_secret_shared_across_tenants_or_a_duplicate_agent_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = "http://127.0.0.1:9";
+    std::fs::write(
+        dir.path().join("a.toml"),
+        agent_file("a", "t1", "SHARED", &["x"], o),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        agent_file("b", "t2", "SHARED", &["y"], o),
+    )
+    .unwrap();
+    let midcall = env!("CARGO_BIN_EXE_midcall");
+    let out = std::process::Command::new(midcall)
+        .args(["check", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("\"a\" (tenant \"t1\") and \"b\" (tenant \"t2\")")
+            && err.contains("secrets.SHARED"),
+        "{err}"
+    );
+    let out = std::process::Command::new(midcall)
+        .args([
+            "serve",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("MIDCALL_SECRET_SHARED", "k")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("secrets.SHARED"));
+
+    std::fs::write(
+        dir.path().join("b.toml"),
+        agent_file("a", "t1", "SHARED", &["y"], o),
+    )
+    .unwrap();
+    let out = std::process::Command::new(midcall)
+        .args(["check", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("two agent files have [agent] id = \"a\"")
+    );
+}
+
+/// 200 requests in flight (headers sent, body not yet) across a reload from a file change:
+/// every one answered 202, every run done once. A broken edit is refused with file and line
+/// and the version in service stays; SIGHUP reloads too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_requests_in_flight_across_a_reload_are_all_answered() {
+    let (rx, got) = receiver(Arc::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agents = dir.path().join("agents");
+    std::fs::create_dir(&agents).unwrap();
+    let file = agents.join("a1.toml");
+    let o = rx.origin();
+    std::fs::write(&file, agent_file("a1", "t1", "T1_KEY", &["notify"], &o)).unwrap();
+    let db = dir.path().join("outbox.db");
+    let s = Served::start(
+        &agents,
+        &["--db", db.to_str().unwrap(), "--watch-ms", "100"],
+        &[("MIDCALL_SECRET_T1_KEY", T1_KEY)],
+    )
+    .await;
+    let addr = s.addr;
+    let body = r#"{"n": 1}"#;
+    let mut open = Vec::new();
+    for i in 0..200 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/agents/a1/automations/notify/webhook HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {T1_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{{",
+            body.len() + i.to_string().len() - 1
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        open.push((c, i));
+    }
+    // The reload happens while all 200 wait for the rest of their body.
+    std::fs::write(
+        &file,
+        agent_file("a1", "t1", "T1_KEY", &["notify", "second"], &o),
+    )
+    .unwrap();
+    s.line("reloaded: a1").await;
+    let answers = futures_util::future::join_all(open.into_iter().map(|(mut c, i)| async move {
+        c.write_all(format!(r#""n": {i}}}"#).as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        parse_response(&out).0
+    }))
+    .await;
+    assert_eq!(answers.len(), 200);
+    assert!(answers.iter().all(|&s| s == 202), "{answers:?}");
+    assert_eq!(
+        start(
+            addr,
+            "/v1/agents/a1/automations/second/webhook",
+            T1_KEY,
+            500
+        )
+        .await,
+        202,
+        "the new automation is served"
+    );
+    wait_until("201 deliveries", || paths(&got).len() == 201).await;
+    let ns: BTreeSet<String> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.uri == "/a1/notify")
+        .map(|r| r.json()["n"].to_string())
+        .collect();
+    assert_eq!(ns.len(), 200, "every request's run, once");
+
+    // A broken edit: refused with file and line, the version in service stays.
+    std::fs::write(&file, "[agent]\nid = \"a1\"\ntenant = 7\n").unwrap();
+    let refused = s.line("reload refused").await;
+    assert!(refused.contains("a1.toml:3"), "{refused}");
+    assert_eq!(
+        start(
+            addr,
+            "/v1/agents/a1/automations/second/webhook",
+            T1_KEY,
+            501
+        )
+        .await,
+        202
+    );
+    // Fixed, without "second", applied by SIGHUP (the watcher also sees it).
+    std::fs::write(&file, agent_file("a1", "t1", "T1_KEY", &["notify"], &o)).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &s.child.id().to_string()])
+        .status();
+    s.line("reloaded: a1").await;
+    assert_eq!(
+        start(
+            addr,
+            "/v1/agents/a1/automations/second/webhook",
+            T1_KEY,
+            502
+        )
+        .await,
+        404
+    );
+    let log = midcall::RunLog::open(&db).unwrap();
+    wait_until("every run finished", || {
+        log.runs(None, Some("succeeded"), 1000).unwrap().len() == 202
+    })
+    .await;
+}
+
+fn qs(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// The operator API: key checks, filters, cursors, bad input, replay, recover, disable and
+/// enable, runs.
+async fn the_operator_api_lists_replays_recovers_and_disables(engine: Engine) {
+    let fail = Arc::new(AtomicBool::new(true));
+    let (rx, got) = receiver(fail.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agents = dir.path().join("agents");
+    std::fs::create_dir(&agents).unwrap();
+    let o = rx.origin();
+    std::fs::write(
+        agents.join("a1.toml"),
+        agent_file("a1", "t1", "T1_KEY", &["notify"], &o),
+    )
+    .unwrap();
+    std::fs::write(
+        agents.join("b.toml"),
+        agent_file("b", "t2", "T2_KEY", &["notify"], &o),
+    )
+    .unwrap();
+    let db = engine.db(dir.path(), "outbox.db");
+    let s = Served::start(
+        &agents,
+        &[
+            "--db",
+            db.to_str().unwrap(),
+            "--admin-secret",
+            "OPS_KEY",
+            "--retry-schedule-ms",
+            "20",
+        ],
+        &[
+            ("MIDCALL_SECRET_T1_KEY", T1_KEY),
+            ("MIDCALL_SECRET_T2_KEY", T2_KEY),
+            ("MIDCALL_SECRET_OPS_KEY", OPS_KEY),
+        ],
+    )
+    .await;
+    let a = s.addr;
+    for n in 0..3 {
+        assert_eq!(
+            start(a, "/v1/agents/a1/automations/notify/webhook", T1_KEY, n).await,
+            202
+        );
+    }
+    assert_eq!(
+        start(a, "/v1/agents/b/automations/notify/webhook", T2_KEY, 9).await,
+        202
+    );
+
+    // The key.
+    let (status, body) = request(a, "GET", "/v1/admin/deliveries", &[], "").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = request(
+        a,
+        "GET",
+        "/v1/admin/deliveries",
+        &[("Authorization", &format!("Bearer {T1_KEY}"))],
+        "",
+    )
+    .await;
+    assert_eq!(status, 401, "an inbound key is not the admin key");
+
+    // Four failed deliveries (two attempts each), then the filters.
+    for _ in 0..1000 {
+        let (_, v) = admin(a, "GET", "/v1/admin/deliveries?status=failed").await;
+        if v["deliveries"].as_array().map_or(0, Vec::len) == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, v) = admin(a, "GET", "/v1/admin/deliveries?status=failed&agent=a1").await;
+    assert_eq!(status, 200, "{v}");
+    let list = v["deliveries"].as_array().unwrap();
+    assert_eq!(list.len(), 3, "{v}");
+    for d in list {
+        assert_eq!(d["agent"], "a1");
+        assert_eq!(d["endpoint"], "a1/automation notify step 1");
+        let attempts = d["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "{d}");
+        assert_eq!(attempts[0]["status_code"], 500);
+        assert!(attempts[0]["response_snippet"]
+            .as_str()
+            .unwrap()
+            .contains("crm down"));
+        assert!(attempts[0]["duration_ms"].is_number());
+    }
+    let count = |v: &Value| v["deliveries"].as_array().map_or(0, Vec::len);
+    assert_eq!(
+        count(&admin(a, "GET", "/v1/admin/deliveries?tenant=t2").await.1),
+        1
+    );
+    assert_eq!(
+        count(&admin(a, "GET", "/v1/admin/deliveries?tenant=t1").await.1),
+        3
+    );
+    assert_eq!(
+        count(
+            &admin(a, "GET", "/v1/admin/deliveries?tenant=nobody")
+                .await
+                .1
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &admin(
+                a,
+                "GET",
+                "/v1/admin/deliveries?event=automation:notify&status=failed"
+            )
+            .await
+            .1
+        ),
+        4
+    );
+    assert_eq!(
+        count(&admin(a, "GET", "/v1/admin/deliveries?until=0").await.1),
+        0
+    );
+    assert_eq!(
+        count(
+            &admin(a, "GET", "/v1/admin/deliveries?since=2020-01-01T00:00:00Z")
+                .await
+                .1
+        ),
+        4
+    );
+    // Pages of two.
+    let (_, p1) = admin(a, "GET", "/v1/admin/deliveries?agent=a1&limit=2").await;
+    assert_eq!(count(&p1), 2);
+    let cursor = p1["next_cursor"].as_str().unwrap().to_string();
+    let (_, p2) = admin(
+        a,
+        "GET",
+        &format!("/v1/admin/deliveries?agent=a1&limit=2&cursor={cursor}"),
+    )
+    .await;
+    assert_eq!(count(&p2), 1);
+    assert!(p2["next_cursor"].is_null());
+    let ids: BTreeSet<i64> = p1["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(p2["deliveries"].as_array().unwrap())
+        .map(|d| d["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    // Bad input: 400 naming the parameter; unknown ids 404.
+    for (q, names) in [
+        ("status=lost", "status"),
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("colour=red", "colour"),
+        ("since=yesterday", "since"),
+        ("cursor=abc", "cursor"),
+    ] {
+        let (status, v) = admin(a, "GET", &format!("/v1/admin/deliveries?{q}")).await;
+        assert_eq!(status, 400, "{q}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(names), "{q}: {v}");
+    }
+    assert_eq!(admin(a, "GET", "/v1/admin/deliveries/999999").await.0, 404);
+    assert_eq!(admin(a, "GET", "/v1/admin/deliveries/abc").await.0, 404);
+    assert_eq!(admin(a, "GET", "/v1/admin/nothing").await.0, 404);
+    let first = *ids.iter().next().unwrap();
+    assert_eq!(
+        admin(a, "GET", &format!("/v1/admin/deliveries/{first}/replay"))
+            .await
+            .0,
+        405
+    );
+
+    // The receiver is back: replay one, then recover the endpoint's other failures.
+    fail.store(false, Ordering::SeqCst);
+    let (status, v) = admin(a, "POST", &format!("/v1/admin/deliveries/{first}/replay")).await;
+    assert_eq!(status, 200, "{v}");
+    for _ in 0..1000 {
+        if admin(a, "GET", &format!("/v1/admin/deliveries/{first}"))
+            .await
+            .1["status"]
+            == "delivered"
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, d) = admin(a, "GET", &format!("/v1/admin/deliveries/{first}")).await;
+    assert_eq!(d["status"], "delivered", "{d}");
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 3);
+    let ep = qs("a1/automation notify step 1");
+    let (status, v) = admin(a, "POST", &format!("/v1/admin/endpoints/{ep}/recover")).await;
+    assert_eq!(status, 400, "since is required: {v}");
+    let (status, v) = admin(
+        a,
+        "POST",
+        &format!("/v1/admin/endpoints/{ep}/recover?since=0"),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["replayed"], 2, "{v}");
+    wait_until("a1's three delivered", || {
+        paths(&got).iter().filter(|p| *p == "/a1/notify").count() == 3
+    })
+    .await;
+    assert_eq!(
+        admin(a, "POST", "/v1/admin/endpoints/nowhere/disable")
+            .await
+            .0,
+        404
+    );
+
+    // Disable b's endpoint: a new run's delivery is skipped; enable and recover: delivered.
+    let bep = qs("b/automation notify step 1");
+    let (status, v) = admin(a, "POST", &format!("/v1/admin/endpoints/{bep}/disable")).await;
+    assert_eq!((status, v["disabled"].clone()), (200, json!(true)), "{v}");
+    assert_eq!(
+        start(a, "/v1/agents/b/automations/notify/webhook", T2_KEY, 10).await,
+        202
+    );
+    for _ in 0..1000 {
+        if count(
+            &admin(a, "GET", "/v1/admin/deliveries?agent=b&status=skipped")
+                .await
+                .1,
+        ) == 1
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        count(
+            &admin(a, "GET", "/v1/admin/deliveries?agent=b&status=skipped")
+                .await
+                .1
+        ),
+        1
+    );
+    let (_, eps) = admin(a, "GET", "/v1/admin/endpoints").await;
+    let b_state = eps["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["endpoint"] == "b/automation notify step 1")
+        .cloned()
+        .unwrap();
+    assert_eq!(b_state["disabled"], true, "{eps}");
+    assert_eq!(b_state["agent"], "b");
+    assert_eq!(
+        admin(a, "POST", &format!("/v1/admin/endpoints/{bep}/enable"))
+            .await
+            .0,
+        200
+    );
+    let (_, v) = admin(
+        a,
+        "POST",
+        &format!("/v1/admin/endpoints/{bep}/recover?since=0"),
+    )
+    .await;
+    assert_eq!(v["replayed"], 2, "the failed one and the skipped one: {v}");
+    wait_until("b's two delivered", || {
+        paths(&got).iter().filter(|p| *p == "/b/notify").count() == 2
+    })
+    .await;
+
+    // Runs.
+    let (status, v) = admin(a, "GET", "/v1/admin/runs?agent=b").await;
+    assert_eq!(status, 200, "{v}");
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(runs
+        .iter()
+        .all(|r| r["automation"] == "b/notify" && r["agent"] == "b"));
+    let id = runs[0]["id"].as_str().unwrap();
+    let (status, r) = admin(a, "GET", &format!("/v1/admin/runs/{id}")).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["steps"][0]["kind"], "send_webhook");
+    assert_eq!(r["steps"][0]["status"], "ok");
+    assert_eq!(admin(a, "GET", "/v1/admin/runs/run_nothing").await.0, 404);
+    assert_eq!(admin(a, "GET", "/v1/admin/runs?status=lost").await.0, 400);
+    let (_, p1) = admin(a, "GET", "/v1/admin/runs?limit=3").await;
+    let c = p1["next_cursor"].as_str().unwrap().to_string();
+    let (_, p2) = admin(
+        a,
+        "GET",
+        &format!("/v1/admin/runs?limit=3&cursor={}", qs(&c)),
+    )
+    .await;
+    assert_eq!(
+        p1["runs"].as_array().unwrap().len() + p2["runs"].as_array().unwrap().len(),
+        5
+    );
+
+    // No secret anywhere in what the API shows.
+    let (_, agents) = admin(a, "GET", "/v1/admin/agents").await;
+    let text = agents.to_string();
+    assert!(text.contains("\"id\":\"a1\""), "{text}");
+    for secret in [T1_KEY, T2_KEY, OPS_KEY] {
+        assert!(!text.contains(secret));
+    }
+}
+both_engines!(the_operator_api_lists_replays_recovers_and_disables);
+
+/// Without an admin key the API and the console are off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_key_the_operator_api_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a1.toml");
+    std::fs::write(
+        &file,
+        agent_file("a1", "t1", "T1_KEY", &["notify"], "http://127.0.0.1:9"),
+    )
+    .unwrap();
+    let db = dir.path().join("outbox.db");
+    let s = Served::start(
+        &file,
+        &["--db", db.to_str().unwrap()],
+        &[("MIDCALL_SECRET_T1_KEY", T1_KEY)],
+    )
+    .await;
+    let (status, v) = admin(s.addr, "GET", "/v1/admin/deliveries").await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("--admin-secret"));
+    assert_eq!(request(s.addr, "GET", "/console", &[], "").await.0, 404);
+    // A key too short, or named and missing, stops the start with a clear error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_midcall"))
+        .args([
+            "serve",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-secret",
+            "NOPE",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MIDCALL_SECRET_NOPE"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_midcall"))
+        .args(["serve", file.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .env("MIDCALL_SECRET_ADMIN_KEY", "short")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("16 characters"));
+}
