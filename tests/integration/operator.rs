@@ -776,3 +776,225 @@ async fn without_an_admin_key_the_operator_api_is_off() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("16 characters"));
 }
+
+fn set(text: &str) -> Arc<midcall::ActionSet> {
+    Arc::new(midcall::ActionSet::from_str("t.toml", text, midcall::Syntax::Toml).unwrap())
+}
+
+fn hook(label: &str, url: &str, extra: &str) -> String {
+    format!("\n[[webhooks]]\nlabel = \"{label}\"\nurl = \"{url}\"\nsubscriptions = [\"message\", \"phone_call_ended\", \"post_call_processing_completed\"]\n{extra}\n")
+}
+
+/// With many agents, an event goes only to its own agent's webhooks; a call_completed
+/// automation with `agents = "all"` hears its own tenant's agents only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_and_call_completed_automations_stay_inside_their_tenant() {
+    let (rx, got) = receiver(Arc::default()).await;
+    let o = rx.origin();
+    let a = set(&format!(
+        "[agent]\nid = \"a\"\ntenant = \"t1\"\n{}\n[[automations]]\nid = \"everyone\"\ntrigger = {{ on = \"call_completed\", agents = \"all\" }}\nsteps = [ {{ send_webhook = {{ url = \"{o}/everyone\", body = {{ call = \"{{{{call.id}}}}\" }} }} }} ]\n",
+        hook("a-events", &format!("{o}/a-events"), "")
+    ));
+    let a2 = set(&format!(
+        "[agent]\nid = \"a2\"\ntenant = \"t1\"\n{}",
+        hook("events", &format!("{o}/a2-events"), "")
+    ));
+    let b = set(&format!(
+        "[agent]\nid = \"b\"\ntenant = \"t2\"\n{}",
+        hook("events", &format!("{o}/b-events"), "")
+    ));
+    let agents = midcall::automation::Agents::many(vec![a, a2, b]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = midcall::Runtime::builder()
+        .egress(crate::support::loopback_policy())
+        .build()
+        .unwrap();
+    let bus = midcall::EventBus::builder(dir.path().join("outbox.db"))
+        .agents(&agents)
+        .egress(crate::support::loopback_policy())
+        .build()
+        .unwrap();
+    let automations = midcall::Automations::for_agents(agents, runtime, bus.clone())
+        .start()
+        .unwrap();
+    let info = |agent: &str, id: &str| midcall::CallInfo {
+        id: id.into(),
+        agent_id: agent.into(),
+        ..crate::support::call_info()
+    };
+    bus.publish_durable(
+        &midcall::events::Event::new(midcall::events::EventType::Message, json!({"to": "b"})),
+        &info("b", "call_b"),
+    )
+    .await
+    .unwrap();
+    let end = midcall::CallEnd::new(Duration::from_secs(3), "user_hangup");
+    let from_b = automations
+        .complete_call(&midcall::Call::new(info("b", "call_b2")), &end)
+        .await
+        .unwrap();
+    assert!(from_b.is_empty(), "t1's automation never hears t2's calls");
+    let from_a2 = automations
+        .complete_call(&midcall::Call::new(info("a2", "call_a2")), &end)
+        .await
+        .unwrap();
+    assert_eq!(from_a2.len(), 1, "\"all\" is all of t1's agents");
+    // b's message and its two call-end events, a2's two, and one automation delivery.
+    wait_until("six deliveries", || paths(&got).len() == 6).await;
+    let mut p = paths(&got);
+    p.sort();
+    assert_eq!(
+        p,
+        ["/a2-events", "/a2-events", "/b-events", "/b-events", "/b-events", "/everyone"]
+    );
+    let everyone = got
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.uri == "/everyone")
+        .map(|r| r.json())
+        .unwrap();
+    assert_eq!(everyone["call"], "call_a2");
+    automations.shutdown(Duration::from_secs(1)).await;
+    bus.close().await;
+}
+
+/// `max_per_second` holds an endpoint to its rate: 12 events at 4/s (a burst of 4) take about
+/// two seconds, where unthrottled they land at once; all arrive. A generous bound only a
+/// missing throttle breaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_endpoint_gets_its_rate_and_every_event() {
+    let times: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let t = times.clone();
+    let rx = TestServer::http(move |_, _| {
+        t.lock().unwrap().push(std::time::Instant::now());
+        Reply::ok(json!({}))
+    })
+    .await;
+    let fast: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let f = fast.clone();
+    let rx2 = TestServer::http(move |_, _| {
+        f.lock().unwrap().push(std::time::Instant::now());
+        Reply::ok(json!({}))
+    })
+    .await;
+    let s = set(&format!(
+        "[agent]\nid = \"a\"\ntenant = \"t1\"\n{}{}",
+        hook("slow", &format!("{}/slow", rx.origin()), "max_per_second = 4"),
+        hook("fast", &format!("{}/fast", rx2.origin()), "")
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let bus = midcall::EventBus::builder(dir.path().join("outbox.db"))
+        .webhooks(&s)
+        .egress(crate::support::loopback_policy())
+        .build()
+        .unwrap();
+    for i in 0..12 {
+        let call = midcall::CallInfo {
+            id: format!("call_{i}"),
+            ..crate::support::call_info()
+        };
+        bus.publish_durable(
+            &midcall::events::Event::new(midcall::events::EventType::Message, json!({"n": i})),
+            &call,
+        )
+        .await
+        .unwrap();
+    }
+    for _ in 0..3000 {
+        if times.lock().unwrap().len() == 12 && fast.lock().unwrap().len() == 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let span = |v: &Arc<Mutex<Vec<std::time::Instant>>>| {
+        let v = v.lock().unwrap();
+        assert_eq!(v.len(), 12, "every event arrives");
+        *v.last().unwrap() - v[0]
+    };
+    let slow = span(&times);
+    assert!(
+        slow >= Duration::from_millis(1500),
+        "12 events at 4/s arrived within {slow:?}"
+    );
+    assert!(span(&fast) < slow / 2, "the unthrottled endpoint is not held back");
+    bus.close().await;
+}
+
+/// A webhook with a `signing_key` carries `v1a` (ed25519) beside `v1` (HMAC); the receiver
+/// checks it with the public key `midcall webhooks public-key` prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_carry_an_ed25519_signature_the_published_key_verifies() {
+    use midcall::events::signing;
+    let (secret, public) = signing::generate_key().unwrap();
+    let (rx, got) = receiver(Arc::default()).await;
+    let text = format!(
+        "[agent]\nid = \"a\"\ntenant = \"t1\"\n{}",
+        hook(
+            "signed",
+            &format!("{}/signed", rx.origin()),
+            "signing_secret = \"{{secrets.WHSEC}}\"\nsigning_key = \"{{secrets.ED_KEY}}\""
+        )
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.toml");
+    std::fs::write(&file, &text).unwrap();
+    let whsec = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let secrets = Arc::new(
+        midcall::MapSecrets::new()
+            .with("WHSEC", whsec)
+            .with("ED_KEY", secret.as_str()),
+    );
+    let bus = midcall::EventBus::builder(dir.path().join("outbox.db"))
+        .webhooks(&set(&text))
+        .secrets(secrets)
+        .egress(crate::support::loopback_policy())
+        .build()
+        .unwrap();
+    bus.publish_durable(
+        &midcall::events::Event::new(midcall::events::EventType::Message, json!({"n": 1})),
+        &crate::support::call_info(),
+    )
+    .await
+    .unwrap();
+    wait_until("the delivery", || paths(&got).len() == 1).await;
+    let r = got.lock().unwrap()[0].clone();
+    let (id, ts, sig) = (
+        r.header("webhook-id").unwrap().to_string(),
+        r.header("webhook-timestamp").unwrap().parse::<i64>().unwrap(),
+        r.header("webhook-signature").unwrap().to_string(),
+    );
+    assert!(sig.contains("v1,") && sig.contains("v1a,"), "{sig}");
+    let now = midcall::events::time::now_ms() / 1000;
+    assert!(signing::verify_ed25519(&public, &id, ts, &r.body, &sig, now, 300));
+    assert!(signing::verify(whsec, &id, ts, &r.body, &sig, now, 300));
+    let mut tampered = r.body.to_vec();
+    tampered.push(b' ');
+    assert!(!signing::verify_ed25519(&public, &id, ts, &tampered, &sig, now, 300));
+    bus.close().await;
+
+    let midcall = env!("CARGO_BIN_EXE_midcall");
+    let out = std::process::Command::new(midcall)
+        .args(["webhooks", "public-key", file.to_str().unwrap(), "--json"])
+        .env("MIDCALL_SECRET_ED_KEY", &secret)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["public_key"], public);
+    assert_eq!(line["webhook"], "signed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains(&secret[5..]), "the private key is never printed");
+    let out = std::process::Command::new(midcall)
+        .args(["webhooks", "public-key", file.to_str().unwrap()])
+        .env_remove("MIDCALL_SECRET_ED_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ED_KEY"));
+    // A literal key in a config file is refused.
+    let bad = text.replace("{{secrets.ED_KEY}}", &secret);
+    let e = midcall::ActionSet::from_str("t.toml", &bad, midcall::Syntax::Toml).unwrap_err();
+    assert!(e.to_string().contains("signing_key"), "{e}");
+    assert!(!e.to_string().contains(&secret[5..]));
+}
