@@ -83,7 +83,7 @@ fn html(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     h.insert(
         "content-security-policy",
         http::HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
     );
     h.insert("x-frame-options", http::HeaderValue::from_static("DENY"));
@@ -519,6 +519,9 @@ async fn agents_page(automations: &Automations, db: &Db, csrf: &str) -> Result<S
                 esc(s(x, "description"))
             );
         }
+        if ag["actions"].as_array().is_none_or(Vec::is_empty) {
+            b.push_str("<tr><td colspan=\"4\" class=\"muted\">None.</td></tr>");
+        }
         b.push_str("</tbody></table></div><h3>Webhooks</h3><div class=\"scroll\"><table class=\"webhooks\"><thead><tr><th>Label</th><th>Method</th><th>URL</th><th>Subscriptions</th><th>State</th><th>Throttle</th><th>Public key (v1a)</th><th></th></tr></thead><tbody>");
         for w in ag["webhooks"].as_array().into_iter().flatten() {
             let ep = s(w, "endpoint");
@@ -560,6 +563,9 @@ async fn agents_page(automations: &Automations, db: &Db, csrf: &str) -> Result<S
                 if disabled { "plain" } else { "danger" },
             );
         }
+        if ag["webhooks"].as_array().is_none_or(Vec::is_empty) {
+            b.push_str("<tr><td colspan=\"8\" class=\"muted\">None.</td></tr>");
+        }
         b.push_str("</tbody></table></div><h3>Automations</h3><div class=\"scroll\"><table class=\"automations\"><thead><tr><th>Id</th><th>Trigger</th><th>Steps</th><th>Route</th><th></th></tr></thead><tbody>");
         for x in ag["automations"].as_array().into_iter().flatten() {
             let steps: Vec<String> = x["steps"]
@@ -588,6 +594,9 @@ async fn agents_page(automations: &Automations, db: &Db, csrf: &str) -> Result<S
                 x["route"].as_str().map(|r| format!("<code>POST {}</code>", esc(r))).unwrap_or_else(|| "—".into()),
                 enc(s(x, "stored_as")),
             );
+        }
+        if ag["automations"].as_array().is_none_or(Vec::is_empty) {
+            b.push_str("<tr><td colspan=\"5\" class=\"muted\">None.</td></tr>");
         }
         b.push_str("</tbody></table></div></section>");
     }

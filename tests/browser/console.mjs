@@ -62,7 +62,14 @@ async function step(name, fn) {
   return r;
 }
 
+// Values that must never appear in a page (the admin key, inbound keys...), comma-separated.
+const SECRETS = (process.env.SECRETS || '').split(',').filter((s) => s.length > 0);
+
 async function shot(page, file, fullPage = true) {
+  const html = await page.content();
+  for (const s of [ADMIN_KEY, ...SECRETS]) {
+    check(!html.includes(s), `${path(page)} shows a secret`);
+  }
   await page.screenshot({ path: join(OUT_DIR, file), fullPage });
 }
 
@@ -184,7 +191,7 @@ async function main() {
       check((await csrf.count()) === 1, 'no input[name=csrf] in form#replay');
       check((await csrf.getAttribute('type')) === 'hidden', 'input[name=csrf] is not type=hidden');
       check(await csrf.inputValue(), 'input[name=csrf] has no value');
-      check((await count(page, 'form#replay button#replay')) === 1, 'no button#replay in form#replay');
+      check((await count(page, 'form#replay button#replay-button')) === 1, 'no button#replay-button in form#replay');
       await hasLogout(page);
       await shot(page, 'delivery.png');
       return { id, status, callId, url: page.url() };
@@ -211,8 +218,7 @@ async function main() {
       const deliveryPath = `/console/deliveries/${delivery.id}`;
       const [resp] = await Promise.all([
         page.waitForResponse((r) => r.request().method() === 'POST' && decodeURIComponent(new URL(r.url()).pathname) === `${deliveryPath}/replay`),
-        // form#replay and button#replay share the id: click the button, not the form.
-        page.click('form#replay button#replay'),
+        page.click('form#replay button#replay-button'),
       ]);
       check(resp.status() < 400, `replay POST answered ${resp.status()}`);
       await page.waitForURL((u) => decodeURIComponent(u.pathname) === deliveryPath);

@@ -8,6 +8,7 @@ mod automations;
 mod cache;
 mod cli;
 mod config_errors;
+mod console;
 mod cts;
 mod egress;
 mod events;

@@ -845,7 +845,14 @@ async fn events_and_call_completed_automations_stay_inside_their_tenant() {
     p.sort();
     assert_eq!(
         p,
-        ["/a2-events", "/a2-events", "/b-events", "/b-events", "/b-events", "/everyone"]
+        [
+            "/a2-events",
+            "/a2-events",
+            "/b-events",
+            "/b-events",
+            "/b-events",
+            "/everyone"
+        ]
     );
     let everyone = got
         .lock()
@@ -864,23 +871,27 @@ async fn events_and_call_completed_automations_stay_inside_their_tenant() {
 /// missing throttle breaks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_endpoint_gets_its_rate_and_every_event() {
-    let times: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let times: Arc<Mutex<Vec<tokio::time::Instant>>> = Arc::default();
     let t = times.clone();
     let rx = TestServer::http(move |_, _| {
-        t.lock().unwrap().push(std::time::Instant::now());
+        t.lock().unwrap().push(tokio::time::Instant::now());
         Reply::ok(json!({}))
     })
     .await;
-    let fast: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let fast: Arc<Mutex<Vec<tokio::time::Instant>>> = Arc::default();
     let f = fast.clone();
     let rx2 = TestServer::http(move |_, _| {
-        f.lock().unwrap().push(std::time::Instant::now());
+        f.lock().unwrap().push(tokio::time::Instant::now());
         Reply::ok(json!({}))
     })
     .await;
     let s = set(&format!(
         "[agent]\nid = \"a\"\ntenant = \"t1\"\n{}{}",
-        hook("slow", &format!("{}/slow", rx.origin()), "max_per_second = 4"),
+        hook(
+            "slow",
+            &format!("{}/slow", rx.origin()),
+            "max_per_second = 4"
+        ),
         hook("fast", &format!("{}/fast", rx2.origin()), "")
     ));
     let dir = tempfile::tempdir().unwrap();
@@ -907,7 +918,7 @@ async fn a_throttled_endpoint_gets_its_rate_and_every_event() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let span = |v: &Arc<Mutex<Vec<std::time::Instant>>>| {
+    let span = |v: &Arc<Mutex<Vec<tokio::time::Instant>>>| {
         let v = v.lock().unwrap();
         assert_eq!(v.len(), 12, "every event arrives");
         *v.last().unwrap() - v[0]
@@ -917,7 +928,10 @@ async fn a_throttled_endpoint_gets_its_rate_and_every_event() {
         slow >= Duration::from_millis(1500),
         "12 events at 4/s arrived within {slow:?}"
     );
-    assert!(span(&fast) < slow / 2, "the unthrottled endpoint is not held back");
+    assert!(
+        span(&fast) < slow / 2,
+        "the unthrottled endpoint is not held back"
+    );
     bus.close().await;
 }
 
@@ -961,16 +975,23 @@ async fn deliveries_carry_an_ed25519_signature_the_published_key_verifies() {
     let r = got.lock().unwrap()[0].clone();
     let (id, ts, sig) = (
         r.header("webhook-id").unwrap().to_string(),
-        r.header("webhook-timestamp").unwrap().parse::<i64>().unwrap(),
+        r.header("webhook-timestamp")
+            .unwrap()
+            .parse::<i64>()
+            .unwrap(),
         r.header("webhook-signature").unwrap().to_string(),
     );
     assert!(sig.contains("v1,") && sig.contains("v1a,"), "{sig}");
     let now = midcall::events::time::now_ms() / 1000;
-    assert!(signing::verify_ed25519(&public, &id, ts, &r.body, &sig, now, 300));
+    assert!(signing::verify_ed25519(
+        &public, &id, ts, &r.body, &sig, now, 300
+    ));
     assert!(signing::verify(whsec, &id, ts, &r.body, &sig, now, 300));
     let mut tampered = r.body.to_vec();
     tampered.push(b' ');
-    assert!(!signing::verify_ed25519(&public, &id, ts, &tampered, &sig, now, 300));
+    assert!(!signing::verify_ed25519(
+        &public, &id, ts, &tampered, &sig, now, 300
+    ));
     bus.close().await;
 
     let midcall = env!("CARGO_BIN_EXE_midcall");
@@ -984,7 +1005,10 @@ async fn deliveries_carry_an_ed25519_signature_the_published_key_verifies() {
     assert_eq!(line["public_key"], public);
     assert_eq!(line["webhook"], "signed");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!stdout.contains(&secret[5..]), "the private key is never printed");
+    assert!(
+        !stdout.contains(&secret[5..]),
+        "the private key is never printed"
+    );
     let out = std::process::Command::new(midcall)
         .args(["webhooks", "public-key", file.to_str().unwrap()])
         .env_remove("MIDCALL_SECRET_ED_KEY")
