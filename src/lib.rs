@@ -31,16 +31,19 @@
 //!   tokio's clock), request coalescing, and the shared tier on Redis (`cache::shared`: HMAC
 //!   keys under the fleet's secret, a deadline on every operation, invalidation by pub/sub).
 //! - [`events`]: event webhooks: envelope and payloads (the post-call payload among them),
-//!   Standard Webhooks signing, the durable outbox, delivery with retries and ordering,
-//!   the delivery log and replay. Deliveries of other modules' targets are resolved through
+//!   Standard Webhooks signing (HMAC `v1`, ed25519 `v1a`), the durable outbox, delivery with
+//!   retries, ordering and a per-endpoint throttle, the delivery log and replay. Deliveries of other modules' targets are resolved through
 //!   an interface they register.
 //! - [`automation`]: automations (call completed, inbound webhook), their durable run log
-//!   and worker, and the inbound webhook server; registers itself with the runtime (call
+//!   and worker, and the inbound webhook server, for one agent or many (`Agents`: names
+//!   prefixed by agent, replaced whole on a reload); the operator API (`/v1/admin/`) and the
+//!   console (`/console`) on the same server; registers itself with the runtime (call
 //!   completion) and the bus (delivery targets).
 //! - `store` (internal): the durable state the outbox, the delivery log, the run log and
 //!   inbound replay protection share, on one of two engines behind one interface (`Db`): the
 //!   SQLite file (schema and opening in `store`, queries beside their modules) or PostgreSQL
-//!   (`store::pg`: leases with `SKIP LOCKED`, `NOTIFY`, advisory-locked migrations).
+//!   (`store::pg`: leases with `SKIP LOCKED`, `NOTIFY`, advisory-locked migrations);
+//!   `store::query` is what the operator API reads and changes.
 //! - `cli` (binary only): one file per command.
 //!
 //! # Example
