@@ -2,8 +2,9 @@
 //! a delivery replayed; an endpoint's failures recovered; endpoints disabled and enabled.
 //!
 //! Off unless the server has an admin key ([`super::InboundServer::admin_key`]); sent as
-//! `Authorization: Bearer <key>`, compared in constant time, rate limited per address for
-//! failures and per key ([`ADMIN_RATE_PER_SECOND`], [`ADMIN_BURST`]). Answers are JSON, errors
+//! `Authorization: Bearer <key>`, compared in constant time, rate limited per key
+//! ([`ADMIN_RATE_PER_SECOND`], [`ADMIN_BURST`]) and, for failures, per address (so others'
+//! failures never lock the key out). Answers are JSON, errors
 //! `{"error": "..."}` with the status that fits. Over plain HTTP it answers loopback peers
 //! only, unless the server is told it sits behind an HTTPS proxy.
 
@@ -50,8 +51,21 @@ pub(crate) struct Admin {
 
 impl Admin {
     pub(crate) fn new(key: Option<Secret>, db: Option<Db>, https: bool) -> Admin {
+        // Keyed by the admin key, so every process of a fleet signs console sessions and CSRF
+        // tokens alike; random when there is no key (nothing is signed then).
         let mut seed = [0u8; 32];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+        match &key {
+            Some(k) => {
+                let d = ring::digest::digest(
+                    &ring::digest::SHA256,
+                    format!("midcall console mac v1\0{}", k.expose()).as_bytes(),
+                );
+                seed.copy_from_slice(d.as_ref());
+            }
+            None => {
+                let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+            }
+        }
         Admin {
             key,
             mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed),
@@ -100,18 +114,20 @@ impl Admin {
         )
     }
 
-    /// `Some(wait)` when `key` (or the peer, for failures) is out of tokens.
-    pub(crate) fn limited(&self, peer: IpAddr, key: &str) -> Option<std::time::Duration> {
+    /// Takes a token of an authenticated caller's bucket (`key`); `Some(wait)` when it is
+    /// out of them. Failures of others never drain it.
+    pub(crate) fn limited(&self, key: &str) -> Option<std::time::Duration> {
         let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let ip = format!("ip:{peer}");
-        l.exhausted(&ip, now).or_else(|| l.take(key, now).err())
+        l.take(key, Instant::now()).err()
     }
 
-    /// Counts a failed authentication against the peer.
-    pub(crate) fn failed(&self, peer: IpAddr) {
+    /// A failed authentication from `peer`: `Some(wait)` when its failures are over the rate
+    /// (then the answer is 429), otherwise the failure is counted and the answer is 401.
+    pub(crate) fn failed(&self, peer: IpAddr) -> Option<std::time::Duration> {
         let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = l.take(&format!("ip:{peer}"), Instant::now());
+        let ip = format!("ip:{peer}");
+        let now = Instant::now();
+        l.exhausted(&ip, now).or_else(|| l.take(&ip, now).err())
     }
 }
 
@@ -146,11 +162,10 @@ pub(crate) async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    if let Some(wait) = admin.limited(peer, "admin") {
-        return too_many(wait);
-    }
     if !presented.is_some_and(|p| admin.is_key(p)) {
-        admin.failed(peer);
+        if let Some(wait) = admin.failed(peer) {
+            return too_many(wait);
+        }
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             if presented.is_some() {
@@ -164,6 +179,9 @@ pub(crate) async fn handle(
             http::HeaderValue::from_static("Bearer"),
         );
         return r;
+    }
+    if let Some(wait) = admin.limited("admin") {
+        return too_many(wait);
     }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
@@ -316,9 +334,12 @@ fn time_from_rfc3339(s: &str) -> Option<i64> {
     }
     let offset_s = match rest {
         "Z" | "z" => 0,
-        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
-            let oh: i64 = o[1..3].parse().ok()?;
-            let om: i64 = o[4..6].parse().ok()?;
+        o if o.len() == 6
+            && (o.starts_with('+') || o.starts_with('-'))
+            && o.as_bytes()[3] == b':' =>
+        {
+            let oh: i64 = o.get(1..3)?.parse().ok()?;
+            let om: i64 = o.get(4..6)?.parse().ok()?;
             let v = oh * 3600 + om * 60;
             if o.starts_with('-') {
                 -v
@@ -340,6 +361,22 @@ fn time_from_rfc3339(s: &str) -> Option<i64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some((days * 86_400 + h * 3600 + mi * 60 + se - offset_s) * 1000 + ms)
+}
+
+/// `v` when it is one of `allowed`; an error naming the parameter otherwise.
+fn one_of<'a>(
+    name: &str,
+    v: Option<&'a str>,
+    allowed: &[&str],
+) -> Result<Option<&'a str>, ApiError> {
+    match v {
+        Some(s) if !allowed.contains(&s) => Err(bad(format!(
+            "{name}: \"{}\" is not one of {}",
+            s.chars().take(20).collect::<String>(),
+            allowed.join(", ")
+        ))),
+        v => Ok(v),
+    }
 }
 
 fn limit_of(pairs: &[(String, String)]) -> Result<i64, ApiError> {
@@ -403,16 +440,7 @@ pub(crate) fn delivery_filter(
             "cursor",
         ],
     )?;
-    let status = get(&q, "status");
-    if let Some(s) = status {
-        if !STATUSES.contains(&s) {
-            return Err(bad(format!(
-                "status: \"{}\" is not one of {}",
-                s.chars().take(20).collect::<String>(),
-                STATUSES.join(", ")
-            )));
-        }
-    }
+    let status = one_of("status", get(&q, "status"), STATUSES)?;
     let event = get(&q, "event").map(|e| {
         if e.starts_with("event_") || e.starts_with("automation:") {
             e.to_string()
@@ -708,16 +736,7 @@ pub(crate) fn run_filter(automations: &Automations, query: &str) -> Result<RunFi
             "cursor",
         ],
     )?;
-    let status = get(&q, "status");
-    if let Some(s) = status {
-        if !RUN_STATUSES.contains(&s) {
-            return Err(bad(format!(
-                "status: \"{}\" is not one of {}",
-                s.chars().take(20).collect::<String>(),
-                RUN_STATUSES.join(", ")
-            )));
-        }
-    }
+    let status = one_of("status", get(&q, "status"), RUN_STATUSES)?;
     let before = match get(&q, "cursor") {
         None => None,
         Some(c) => {
@@ -914,6 +933,9 @@ mod tests {
         );
         assert_eq!(time_from_rfc3339("2026-13-01T10:00:00Z"), None);
         assert_eq!(time_from_rfc3339("yesterday"), None);
+        assert_eq!(time_from_rfc3339("2026-12-01T10:00:00+0\u{e9}00"), None);
+        assert_eq!(time_from_rfc3339("2026-12-01T10:00:00\u{e9}"), None);
+        assert_eq!(time_from_rfc3339("2026-12-01T1\u{e9}:00:00Z"), None);
         assert_eq!(parse_time("since", "1234").unwrap(), 1234);
         assert!(parse_time("since", "soon").unwrap_err().1.contains("since"));
     }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::config::{ActionSet, AutomationSpec, InboundAuth};
+use crate::config::{ActionSet, AutomationSpec};
 
 /// The agents of one [`crate::Automations`] (and of its event bus): built once, replaced whole
 /// by a reload. Cheap to clone.
@@ -40,8 +40,8 @@ impl Agents {
     /// Many agents (`serve DIR`): run and endpoint names carry the agent
     /// (`front-desk/notify`, `front-desk/events`). Refused, naming the agents: two with one id;
     /// an id with `/`; different `[egress]` sections (one process has one egress policy: run
-    /// them apart); and two tenants whose inbound credentials read the same secret (a key of
-    /// one would start the other's automations).
+    /// them apart); and two tenants reading a secret of the same name (one would get the
+    /// other's value: an inbound key of one would start the other's automations).
     pub fn many(sets: Vec<Arc<ActionSet>>) -> Result<Agents, String> {
         let mut by_id = HashMap::new();
         for (i, s) in sets.iter().enumerate() {
@@ -66,20 +66,22 @@ impl Agents {
                 }
             }
         }
-        let mut readers: BTreeMap<String, (String, String)> = BTreeMap::new();
+        // Secrets are read by name from one environment: a name two tenants both read would
+        // give one tenant's value to the other (an inbound key that opens both, a token sent
+        // to the other's server).
+        let mut readers: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
         for s in &sets {
-            for name in inbound_secret_names(s) {
-                let tenant = &s.agent().tenant;
-                match readers.get(&name) {
-                    Some((t, agent)) if t != tenant => {
+            let (agent, tenant) = (s.agent().id.as_str(), s.agent().tenant.as_str());
+            for name in s.secret_names() {
+                match readers.get(name.as_str()) {
+                    Some((t, other)) if t != &tenant => {
                         return Err(format!(
-                            "agents \"{agent}\" (tenant \"{t}\") and \"{}\" (tenant \"{tenant}\") both authenticate inbound webhooks with secrets.{name}: a key of one tenant would start the other's automations; give each tenant its own secret",
-                            s.agent().id
+                            "agents \"{other}\" (tenant \"{t}\") and \"{agent}\" (tenant \"{tenant}\") both read secrets.{name}: one tenant would get the other's value (its inbound key would open the other's automations); give each tenant its own secret names"
                         ));
                     }
                     Some(_) => {}
                     None => {
-                        readers.insert(name, (tenant.clone(), s.agent().id.clone()));
+                        readers.insert(name, (tenant, agent));
                     }
                 }
             }
@@ -144,60 +146,24 @@ impl Agents {
         Some((set, set.automation(id)?))
     }
 
+    /// Refuses agents that read the secret `name` (the admin key's: no agent file may read
+    /// it).
+    pub fn refuse_secret(&self, name: &str, what: &str) -> Result<(), String> {
+        match self
+            .sets
+            .iter()
+            .find(|s| s.secret_names().iter().any(|n| n == name))
+        {
+            Some(s) => Err(format!(
+                "agent \"{}\" reads secrets.{name}, the {what}: an agent file may not read it",
+                s.agent().id
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The agents of `tenant`.
     pub fn of_tenant<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a Arc<ActionSet>> {
         self.sets.iter().filter(move |s| s.agent().tenant == tenant)
-    }
-}
-
-/// The secret names an agent's inbound credentials read.
-fn inbound_secret_names(set: &ActionSet) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut add = |auth: &InboundAuth| {
-        for t in [&auth.bearer, &auth.signing_secret].into_iter().flatten() {
-            out.extend(secret_refs(t.source()));
-        }
-    };
-    if let Some(a) = &set.inbound().auth {
-        add(a);
-    }
-    for a in set.automations() {
-        if let Some(auth) = &a.auth {
-            add(auth);
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// `NAME` for every `secrets.NAME` in a template's source.
-fn secret_refs(source: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = source;
-    while let Some(i) = rest.find("secrets.") {
-        rest = &rest[i + "secrets.".len()..];
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        if !name.is_empty() {
-            out.push(name);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::secret_refs;
-
-    #[test]
-    fn secret_references_are_found() {
-        assert_eq!(
-            secret_refs("{{secrets.A_1}} x {{ secrets.b }}"),
-            vec!["A_1".to_string(), "b".to_string()]
-        );
-        assert!(secret_refs("{{payload.x}}").is_empty());
     }
 }

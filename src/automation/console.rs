@@ -29,42 +29,53 @@ use crate::store::Db;
 pub const COOKIE: &str = "midcall_console";
 /// How long a console session lasts: 12 hours.
 pub const SESSION_S: i64 = 12 * 3600;
-const MAX_SESSIONS: usize = 1000;
+/// Logged-out sessions remembered until they expire: at most 10 000.
+const MAX_REVOKED: usize = 10_000;
 const MAX_FORM_BYTES: usize = 4096;
 
-/// Live console sessions: token → expiry (seconds since the epoch).
+/// Console sessions: a token is `expiry.nonce.mac`, signed with a key derived from the admin
+/// key, so every process of a fleet with that key accepts it. Logging out revokes it in the
+/// process that served the logout (and clears the browser's cookie).
 #[derive(Default)]
-pub(crate) struct Sessions(Mutex<HashMap<String, i64>>);
+pub(crate) struct Sessions {
+    revoked: Mutex<HashMap<String, i64>>,
+}
 
 impl Sessions {
-    fn create(&self) -> String {
-        let mut raw = [0u8; 24];
+    pub(crate) fn create(&self, a: &Admin) -> String {
+        let mut raw = [0u8; 16];
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw);
-        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        let now = time::now_ms() / 1000;
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.retain(|_, exp| *exp > now);
-        if m.len() >= MAX_SESSIONS {
-            // The oldest goes.
-            if let Some(k) = m.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone()) {
-                m.remove(&k);
-            }
-        }
-        m.insert(token.clone(), now + SESSION_S);
-        token
+        let nonce: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let exp = time::now_ms() / 1000 + SESSION_S;
+        let body = format!("{exp}.{nonce}");
+        let mac = a.sign(&format!("session:{body}"));
+        format!("{body}.{mac}")
     }
 
-    fn valid(&self, token: &str) -> bool {
-        let now = time::now_ms() / 1000;
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(token).is_some_and(|exp| *exp > now)
+    pub(crate) fn valid(&self, a: &Admin, token: &str) -> bool {
+        let mut parts = token.splitn(3, '.');
+        let (Some(exp), Some(nonce), Some(mac)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
+        let Ok(exp_s) = exp.parse::<i64>() else {
+            return false;
+        };
+        exp_s > time::now_ms() / 1000
+            && a.verify(&format!("session:{exp}.{nonce}"), mac)
+            && !self
+                .revoked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(token)
     }
 
     fn end(&self, token: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(token);
+        let now = time::now_ms() / 1000;
+        let mut m = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, exp| *exp > now);
+        if m.len() < MAX_REVOKED {
+            m.insert(token.to_string(), now + SESSION_S);
+        }
     }
 }
 
@@ -329,7 +340,7 @@ pub(crate) async fn handle(
             _ => html(StatusCode::OK, login_page(None)),
         };
     }
-    let token = cookie_token(&req).filter(|t| a.sessions.valid(t));
+    let token = cookie_token(&req).filter(|t| a.sessions.valid(a, t));
     let Some(token) = token else {
         if method == Method::GET {
             return redirect("/console/login");
@@ -339,7 +350,7 @@ pub(crate) async fn handle(
             page("Refused", "", None, "<p class=\"error\">Log in first.</p>"),
         );
     };
-    if let Some(wait) = a.limited(peer, "console") {
+    if let Some(wait) = a.limited("console") {
         return admin::too_many(wait);
     }
     let csrf = a.sign(&format!("csrf:{token}"));
@@ -444,23 +455,22 @@ fn error_page(csrf: &str, ApiError(status, message): ApiError) -> Response<Full<
 }
 
 async fn login(a: &Admin, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Some(wait) = a.limited(peer, "console-login") {
-        return admin::too_many(wait);
-    }
     let fields = match form(req).await {
         Ok(f) => f,
         Err(r) => return r,
     };
     let presented = fields.get("secret").map(|s| s.trim()).unwrap_or_default();
     if presented.is_empty() || !a.is_key(presented) {
-        a.failed(peer);
+        if let Some(wait) = a.failed(peer) {
+            return admin::too_many(wait);
+        }
         tracing::warn!(target: "midcall::admin", %peer, "console: a login with a wrong key was refused");
         return html(
             StatusCode::UNAUTHORIZED,
             login_page(Some("Wrong admin key.")),
         );
     }
-    let token = a.sessions.create();
+    let token = a.sessions.create(a);
     let mut r = redirect("/console/agents");
     if let Ok(v) = http::HeaderValue::from_str(&format!(
         "{COOKIE}={token}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={SESSION_S}{}",
@@ -636,6 +646,20 @@ fn param<'a>(pairs: &'a [(String, String)], k: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// The "Older →" link to the next page, when there is one.
+fn pager(path: &str, pairs: &[(String, String)], next: Option<&str>) -> String {
+    let Some(c) = next else {
+        return String::new();
+    };
+    let q = without_cursor(pairs);
+    format!(
+        "<p class=\"pager\"><a href=\"{path}?{}{}cursor={}\">Older →</a></p>",
+        esc(&q),
+        if q.is_empty() { "" } else { "&amp;" },
+        enc(c)
+    )
+}
+
 /// The query without `cursor`, to build the next page's link.
 fn without_cursor(pairs: &[(String, String)]) -> String {
     pairs
@@ -716,16 +740,7 @@ async fn deliveries_page(
         b.push_str("<tr><td colspan=\"8\" class=\"muted\">No deliveries match.</td></tr>");
     }
     b.push_str("</tbody></table></div>");
-    if let Some(c) = next {
-        let q = without_cursor(&pairs);
-        let _ = write!(
-            b,
-            "<p class=\"pager\"><a href=\"/console/deliveries?{}{}cursor={}\">Older →</a></p>",
-            esc(&q),
-            if q.is_empty() { "" } else { "&amp;" },
-            enc(&c)
-        );
-    }
+    b.push_str(&pager("/console/deliveries", &pairs, next.as_deref()));
     Ok(page("Deliveries", "deliveries", Some(csrf), &b))
 }
 
@@ -870,16 +885,7 @@ async fn runs_page(
         b.push_str("<tr><td colspan=\"7\" class=\"muted\">No runs match.</td></tr>");
     }
     b.push_str("</tbody></table></div>");
-    if let Some(c) = next {
-        let q = without_cursor(&pairs);
-        let _ = write!(
-            b,
-            "<p class=\"pager\"><a href=\"/console/runs?{}{}cursor={}\">Older →</a></p>",
-            esc(&q),
-            if q.is_empty() { "" } else { "&amp;" },
-            enc(&c)
-        );
-    }
+    b.push_str(&pager("/console/runs", &pairs, next.as_deref()));
     Ok(page("Runs", "runs", Some(csrf), &b))
 }
 

@@ -59,7 +59,8 @@ struct Server {
     automations: Automations,
     admin: super::admin::Admin,
     metrics: Option<MetricsRender>,
-    limiter: Mutex<RateLimiter>,
+    /// Token buckets per agent (each with its `[inbound] rate_limit`).
+    limiters: Mutex<HashMap<String, RateLimiter>>,
     body_timeout: Duration,
     /// Keys the constant-time comparison of bearer keys (both sides are MACed and the tags
     /// compared by ring).
@@ -144,7 +145,6 @@ impl InboundServer {
         http.timer(TokioTimer::new())
             .header_read_timeout(self.header_timeout);
         tokio::pin!(shutdown);
-        let inbound = self.automations.set().inbound().clone();
         let admin_db = match &self.admin_key {
             Some(_) => Some(
                 self.automations
@@ -162,7 +162,7 @@ impl InboundServer {
             automations: self.automations,
             admin,
             metrics: self.metrics,
-            limiter: Mutex::new(RateLimiter::new(inbound.rate_per_second, inbound.burst)),
+            limiters: Mutex::new(HashMap::new()),
             body_timeout: self.body_timeout,
             mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed),
         });
@@ -302,7 +302,11 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
     };
     let (rate, burst) = (set.inbound().rate_per_second, set.inbound().burst);
     {
-        let mut limiter = s.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let mut limiters = s.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        let limiter = limiters
+            .entry(agent_id.clone())
+            .or_insert_with(|| RateLimiter::new(rate, burst));
+        // A reload may have changed the agent's rate.
         limiter.configure(rate, burst);
         let now = Instant::now();
         let wait = limiter
@@ -318,8 +322,10 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
         }
     }
     let unauthorized = |message: &str| {
-        let mut limiter = s.limiter.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = limiter.take(&ip_key, Instant::now());
+        let mut limiters = s.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(limiter) = limiters.get_mut(&agent_id) {
+            let _ = limiter.take(&ip_key, Instant::now());
+        }
         let mut r = error(StatusCode::UNAUTHORIZED, message);
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,

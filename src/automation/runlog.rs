@@ -211,6 +211,42 @@ pub(crate) fn unfinished(conn: &Connection) -> Result<i64, OutboxError> {
     )?)
 }
 
+/// A run from `SELECT id, automation, trigger, call_id, status, created_ms, finished_ms, error`
+/// (its steps loaded by [`load_steps`]).
+pub(crate) fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    Ok(RunRecord {
+        id: r.get(0)?,
+        automation: r.get(1)?,
+        trigger: r.get(2)?,
+        call_id: r.get(3)?,
+        status: r.get(4)?,
+        created_ms: r.get(5)?,
+        finished_ms: r.get(6)?,
+        error: r.get(7)?,
+        steps: Vec::new(),
+    })
+}
+
+/// Fills each run's finished steps, in order.
+pub(crate) fn load_steps(conn: &Connection, runs: &mut [RunRecord]) -> Result<(), OutboxError> {
+    let mut steps = conn.prepare_cached(
+        "SELECT idx, kind, status, detail, duration_ms FROM run_steps WHERE run_id = ?1 ORDER BY idx",
+    )?;
+    for run in runs {
+        let it = steps.query_map(params![run.id], |r| {
+            Ok(StepRecord {
+                index: r.get(0)?,
+                kind: r.get(1)?,
+                status: r.get(2)?,
+                detail: r.get(3)?,
+                duration_ms: r.get(4)?,
+            })
+        })?;
+        run.steps = it.collect::<Result<_, _>>()?;
+    }
+    Ok(())
+}
+
 /// Runs with their steps, newest first (SQLite).
 pub(crate) fn query(
     conn: &Connection,
@@ -224,35 +260,9 @@ pub(crate) fn query(
          WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR automation = ?2) AND (?3 IS NULL OR status = ?3)
          ORDER BY created_ms DESC, rowid DESC LIMIT ?4",
     )?;
-    let rows = st.query_map(params![id, automation, status, limit], |r| {
-        Ok(RunRecord {
-            id: r.get(0)?,
-            automation: r.get(1)?,
-            trigger: r.get(2)?,
-            call_id: r.get(3)?,
-            status: r.get(4)?,
-            created_ms: r.get(5)?,
-            finished_ms: r.get(6)?,
-            error: r.get(7)?,
-            steps: Vec::new(),
-        })
-    })?;
+    let rows = st.query_map(params![id, automation, status, limit], run_row)?;
     let mut runs: Vec<RunRecord> = rows.collect::<Result<_, _>>()?;
-    let mut steps = conn.prepare(
-        "SELECT idx, kind, status, detail, duration_ms FROM run_steps WHERE run_id = ?1 ORDER BY idx",
-    )?;
-    for run in &mut runs {
-        let it = steps.query_map(params![run.id], |r| {
-            Ok(StepRecord {
-                index: r.get(0)?,
-                kind: r.get(1)?,
-                status: r.get(2)?,
-                detail: r.get(3)?,
-                duration_ms: r.get(4)?,
-            })
-        })?;
-        run.steps = it.collect::<Result<_, _>>()?;
-    }
+    load_steps(conn, &mut runs)?;
     Ok(runs)
 }
 

@@ -285,10 +285,18 @@ impl Automations {
         end: &CallEnd,
     ) -> Result<Vec<String>, StartError> {
         let agents = self.agents();
-        let own = agents
-            .get(&call.info.agent_id)
-            .unwrap_or_else(|| agents.first())
-            .clone();
+        let own = match agents.get(&call.info.agent_id) {
+            Some(s) => s.clone(),
+            // One agent file: its automations choose by their `agents` (as always).
+            None if !agents.qualified() => agents.first().clone(),
+            // Many: a call of an agent not served here (gone in a reload) starts nothing of
+            // another agent's, whatever the tenant; its events still go out (to no webhook).
+            None => {
+                tracing::warn!(target: "midcall::automation", agent = %call.info.agent_id, call = %call.info.id,
+                    "a call of an agent not loaded ended: no automation runs for it");
+                return Ok(Vec::new());
+            }
+        };
         let payload = post_call_payload(&own, call, end);
         let bus = &self.inner.bus;
         let ended = Event::phone_call_ended(

@@ -62,13 +62,26 @@ pub(crate) fn expand(given: &[String]) -> Result<Files, String> {
     })
 }
 
-/// The same paths, listed again (files added to or removed from a directory).
-pub(crate) fn expand_again(f: &Files) -> Result<Files, String> {
-    Ok(Files {
-        given: f.given.clone(),
-        many: f.many,
-        paths: list(&f.given)?,
-    })
+/// The same paths, listed again for a reload: files added to a directory are in, files gone
+/// (or a directory emptied) are out, and what is gone is said (their agents are no longer
+/// served).
+pub(crate) fn expand_again(f: &Files) -> (Files, Vec<String>) {
+    let mut paths = Vec::new();
+    let mut gone = Vec::new();
+    for g in &f.given {
+        match list(std::slice::from_ref(g)) {
+            Ok(p) => paths.extend(p),
+            Err(e) => gone.push(e),
+        }
+    }
+    (
+        Files {
+            given: f.given.clone(),
+            many: f.many,
+            paths,
+        },
+        gone,
+    )
 }
 
 type Stamp = Option<(SystemTime, u64)>;

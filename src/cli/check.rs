@@ -11,8 +11,8 @@ use midcall::{ActionSet, ActionSpec};
 ///
 /// Validate agent config files, or directories of them (every *.toml and *.json): exit 0 with
 /// one summary line per action, or exit 2 with every error (file:line:column: action: field:
-/// message). A directory is also checked as one `serve` would load it: agent ids unique, one
-/// [egress], no inbound secret shared by two tenants.
+/// message). Several files or a directory are also checked as `serve` would load them: agent
+/// ids unique, one [egress], no secret name read by two tenants.
 #[derive(Debug, Args)]
 #[command(
     after_help = "Examples:\n  midcall check examples/front-desk/agent.toml examples/outage-line/agent.toml\n  midcall check examples/agents/"
@@ -54,8 +54,8 @@ pub(crate) fn run(args: CheckArgs) -> Result<ExitCode, String> {
             }
         }
     }
-    let dir = args.files.iter().any(|f| std::path::Path::new(f).is_dir());
-    if dir && !failed {
+    // What serve would refuse when given the same arguments.
+    if files.many && !failed {
         if let Err(e) = midcall::automation::Agents::many(sets) {
             failed = true;
             if args.json {

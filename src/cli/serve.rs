@@ -105,7 +105,12 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
     let agents = loaded.agents()?;
     let set = agents.first().clone();
     let policy = a.net.policy(&set)?;
-    let admin_key = admin_key(a.admin_secret.as_deref())?;
+    let admin = admin_key(a.admin_secret.as_deref())?;
+    if let Some((name, _)) = &admin {
+        agents.refuse_secret(name, "admin key")?;
+    }
+    let admin_name = admin.as_ref().map(|(n, _)| n.clone());
+    let admin_key = admin.map(|(_, k)| k);
     // The log: inbound requests, runs, delivery attempts, one line each on stderr. It is
     // written by the subscriber, never waited for by a request.
     let subscriber = tracing_subscriber::fmt()
@@ -135,6 +140,11 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
+        // SIGHUP means reload from now on (its default would end the process).
+        #[cfg(unix)]
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        #[cfg(not(unix))]
+        let hup = None::<()>;
         // The port first: a server that cannot listen creates no database.
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
@@ -247,8 +257,9 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             loaded,
             files,
             automations.clone(),
-            set.egress().clone(),
+            (set.egress().clone(), admin_name),
             Duration::from_millis(a.watch_ms),
+            hup,
         ));
         let served = server.serve(listener, shutdown_signal()).await;
         watcher.abort();
@@ -283,8 +294,9 @@ fn retry_schedule(s: &str) -> Result<Vec<Duration>, String> {
         .collect()
 }
 
-/// The admin key: the secret `--admin-secret` names, or MIDCALL_SECRET_ADMIN_KEY when set.
-fn admin_key(name: Option<&str>) -> Result<Option<midcall::Secret>, String> {
+/// The admin key and its secret's name: the secret `--admin-secret` names, or
+/// MIDCALL_SECRET_ADMIN_KEY when set.
+fn admin_key(name: Option<&str>) -> Result<Option<(String, midcall::Secret)>, String> {
     let (name, required) = match name {
         Some(n) => (n, true),
         None => ("ADMIN_KEY", false),
@@ -298,22 +310,30 @@ fn admin_key(name: Option<&str>) -> Result<Option<midcall::Secret>, String> {
         Some(v) if v.expose().trim().len() < 16 => Err(format!(
             "{var}: the admin key must be 16 characters or more"
         )),
-        Some(v) => Ok(Some(midcall::Secret::new(v.expose().trim()))),
+        Some(v) => Ok(Some((
+            name.to_string(),
+            midcall::Secret::new(v.expose().trim()),
+        ))),
     }
 }
 
 /// Reloads the agent files on SIGHUP and when one changes (checked every `every`; never when
 /// zero): what loads and checks replaces what is served; a file with errors is refused, logged
 /// with file and line, and its agent's old version stays.
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
 async fn watch(
     mut loaded: Loaded,
     files: super::agents::Files,
     automations: Automations,
-    egress: midcall::config::EgressConfig,
+    (egress, admin_name): (midcall::config::EgressConfig, Option<String>),
     every: Duration,
+    #[allow(unused_mut)] mut hup: Hangup,
 ) {
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut last_gone = Vec::new();
     loop {
         let tick = async {
             if every.is_zero() {
@@ -337,9 +357,14 @@ async fn watch(
             tick.await;
             false
         };
-        let Ok(files) = super::agents::expand_again(&files) else {
-            continue;
-        };
+        let (files, gone) = super::agents::expand_again(&files);
+        if gone != last_gone {
+            for g in &gone {
+                tracing::warn!(target: "midcall::reload", problem = %g, "reload: gone; its agents are no longer served");
+                say!("midcall serve: {g}: its agents are no longer served");
+            }
+            last_gone = gone;
+        }
         if !forced && !loaded.changed(&files) {
             continue;
         }
@@ -357,6 +382,15 @@ async fn watch(
                 continue;
             }
         };
+        if let Some(Err(e)) = admin_name
+            .as_deref()
+            .map(|n| agents.refuse_secret(n, "admin key"))
+        {
+            tracing::error!(target: "midcall::reload", error = %e, "reload refused; nothing changed");
+            say!("midcall serve: reload refused: {e}");
+            loaded.remember(&next);
+            continue;
+        }
         if agents.sets().iter().any(|s| *s.egress() != egress) {
             let e = "an [egress] section changed: egress is fixed at start; restart to apply it";
             tracing::error!(target: "midcall::reload", error = e, "reload refused; nothing changed");

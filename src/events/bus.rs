@@ -670,8 +670,8 @@ struct Worker {
     retention: Duration,
     retry_after_cap: Duration,
     notify: Arc<Notify>,
-    /// Per-endpoint token buckets of webhooks with `max_per_second`: (tokens, last refill).
-    throttle: Mutex<std::collections::HashMap<String, (f64, tokio::time::Instant)>>,
+    /// Per-endpoint token buckets of webhooks with `max_per_second`.
+    throttle: Mutex<std::collections::HashMap<String, Bucket>>,
 }
 
 impl Worker {
@@ -689,7 +689,6 @@ impl Worker {
         let mut buckets = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
         let now = tokio::time::Instant::now();
         let now_ms = time::now_ms();
-        let mut waiting: std::collections::HashMap<String, u32> = Default::default();
         let (mut go, mut later) = (Vec::new(), Vec::new());
         for c in claimed {
             let rate = if c.target.is_none() {
@@ -705,18 +704,25 @@ impl Worker {
                 continue;
             };
             let burst = rate.max(1.0);
-            let (tokens, at) = buckets.entry(c.endpoint.clone()).or_insert((burst, now));
-            let level = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
-            *at = now;
+            let b = buckets.entry(c.endpoint.clone()).or_insert(Bucket {
+                tokens: burst,
+                at: now,
+                next_slot_ms: 0,
+            });
+            let level = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+            b.at = now;
             if level >= 1.0 {
-                *tokens = level - 1.0;
+                b.tokens = level - 1.0;
                 go.push(c);
             } else {
-                *tokens = level;
-                let n = waiting.entry(c.endpoint.clone()).or_default();
-                *n += 1;
-                let wait_s = (*n as f64 - level) / rate;
-                later.push((c.id, now_ms + (wait_s * 1000.0).ceil() as i64));
+                b.tokens = level;
+                // Each deferred delivery takes the next free slot at the endpoint's rate,
+                // across claims: a backlog is spread over its whole length, each delivery
+                // handed back once, not stacked on the next second.
+                let step = (1000.0 / rate).ceil() as i64;
+                let slot = b.next_slot_ms.max(now_ms) + step;
+                b.next_slot_ms = slot;
+                later.push((c.id, slot));
             }
         }
         (go, later)
@@ -768,7 +774,7 @@ impl Worker {
             if claimed.is_empty() {
                 let next = Self::ok(self.db.next_due().await).flatten();
                 let wait = next
-                    .map(|due| Duration::from_millis((due - time::now_ms()).clamp(1, 1000) as u64))
+                    .map(|due| Duration::from_millis((due - time::now_ms()).clamp(10, 1000) as u64))
                     .unwrap_or(Duration::from_secs(1));
                 match &wakes {
                     Some(w) => tokio::select! {
@@ -791,7 +797,7 @@ impl Worker {
             if claimed.is_empty() {
                 let next = Self::ok(self.db.next_due().await).flatten();
                 let wait = next
-                    .map(|due| Duration::from_millis((due - time::now_ms()).clamp(1, 1000) as u64))
+                    .map(|due| Duration::from_millis((due - time::now_ms()).clamp(10, 1000) as u64))
                     .unwrap_or(Duration::from_millis(100));
                 tokio::select! {
                     _ = self.notify.notified() => {}
@@ -1053,13 +1059,27 @@ impl Worker {
             .exchange(req, deadline, 16 * 1024 * 1024)
             .await
         {
-            Ok(ex) => Ok((ex.status, ex.headers, ex.body)),
+            Ok(ex) => {
+                // Only the log's first 8 KiB is kept, with any secret the request carried
+                // (a receiver that echoes its request) shown as ***.
+                let kept = &ex.body[..ex.body.len().min(8192)];
+                let shown = redactor.redact(&String::from_utf8_lossy(kept));
+                Ok((ex.status, ex.headers, Bytes::from(shown)))
+            }
             Err(TransportError::Timeout { .. }) => Err("timeout".into()),
             Err(TransportError::Connect(e)) => Err(redactor.redact(&e.to_string())),
             Err(TransportError::Io { message, .. }) => Err(redactor.redact(&message)),
             Err(TransportError::TooLarge { .. }) => Err("response too large".into()),
         }
     }
+}
+
+/// A throttled endpoint's token bucket, and the next free slot for a delivery it had no token
+/// for (ms since the epoch).
+struct Bucket {
+    tokens: f64,
+    at: tokio::time::Instant,
+    next_slot_ms: i64,
 }
 
 /// Where a delivery goes: a webhook's or an automation step's templates.

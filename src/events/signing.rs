@@ -59,19 +59,11 @@ pub fn verify(
     now: i64,
     tolerance_s: i64,
 ) -> bool {
-    if now
-        .checked_sub(timestamp)
-        .is_none_or(|d| d.checked_abs().is_none_or(|d| d > tolerance_s))
-    {
+    if !fresh(timestamp, now, tolerance_s) {
         return false;
     }
     let Ok(key) = key(secret) else { return false };
-    let mut msg = Vec::with_capacity(id.len() + body.len() + 24);
-    msg.extend_from_slice(id.as_bytes());
-    msg.push(b'.');
-    msg.extend_from_slice(timestamp.to_string().as_bytes());
-    msg.push(b'.');
-    msg.extend_from_slice(body);
+    let msg = signed_content(id, timestamp, body);
     header.split_whitespace().any(|entry| {
         entry
             .strip_prefix("v1,")
@@ -97,6 +89,13 @@ fn key_pair(key: &str) -> Result<ring::signature::Ed25519KeyPair, BadKey> {
     }
 }
 
+/// Whether `timestamp` is within `tolerance_s` of `now` (seconds).
+fn fresh(timestamp: i64, now: i64, tolerance_s: i64) -> bool {
+    now.checked_sub(timestamp)
+        .is_some_and(|d| d.checked_abs().is_some_and(|d| d <= tolerance_s))
+}
+
+/// What both schemes sign: `id.timestamp.body`.
 fn signed_content(id: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
     let mut msg = Vec::with_capacity(id.len() + body.len() + 24);
     msg.extend_from_slice(id.as_bytes());
@@ -145,10 +144,7 @@ pub fn verify_ed25519(
     now: i64,
     tolerance_s: i64,
 ) -> bool {
-    if now
-        .checked_sub(timestamp)
-        .is_none_or(|d| d.checked_abs().is_none_or(|d| d > tolerance_s))
-    {
+    if !fresh(timestamp, now, tolerance_s) {
         return false;
     }
     let Some(raw) = public

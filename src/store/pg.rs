@@ -948,40 +948,7 @@ impl Pg {
                 &[&id, &automation, &status, &limit],
             )
             .await?;
-        let mut runs: Vec<RunRecord> = rows
-            .iter()
-            .map(|r| RunRecord {
-                id: r.get(0),
-                automation: r.get(1),
-                trigger: r.get(2),
-                call_id: r.get(3),
-                status: r.get(4),
-                created_ms: r.get(5),
-                finished_ms: r.get(6),
-                error: r.get(7),
-                steps: Vec::new(),
-            })
-            .collect();
-        let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
-        let steps = client
-            .query(
-                "SELECT run_id, idx, kind, status, detail, duration_ms FROM run_steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
-                &[&ids],
-            )
-            .await?;
-        for s in &steps {
-            let run: String = s.get(0);
-            if let Some(r) = runs.iter_mut().find(|r| r.id == run) {
-                r.steps.push(StepRecord {
-                    index: s.get(1),
-                    kind: s.get(2),
-                    status: s.get(3),
-                    detail: s.get(4),
-                    duration_ms: s.get(5),
-                });
-            }
-        }
-        Ok(runs)
+        runs_with_steps(&client, &rows).await
     }
 }
 
@@ -1106,6 +1073,48 @@ impl Drop for PgBlocking {
             rt.shutdown_background();
         }
     }
+}
+
+/// Runs from `SELECT id, automation, trigger, call_id, status, created_ms, finished_ms, error`
+/// rows, with their finished steps.
+async fn runs_with_steps(
+    client: &tokio_postgres::Client,
+    rows: &[tokio_postgres::Row],
+) -> R<Vec<RunRecord>> {
+    let mut runs: Vec<RunRecord> = rows
+        .iter()
+        .map(|r| RunRecord {
+            id: r.get(0),
+            automation: r.get(1),
+            trigger: r.get(2),
+            call_id: r.get(3),
+            status: r.get(4),
+            created_ms: r.get(5),
+            finished_ms: r.get(6),
+            error: r.get(7),
+            steps: Vec::new(),
+        })
+        .collect();
+    let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+    let steps = client
+        .query(
+            "SELECT run_id, idx, kind, status, detail, duration_ms FROM run_steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
+            &[&ids],
+        )
+        .await?;
+    for s in &steps {
+        let run: String = s.get(0);
+        if let Some(r) = runs.iter_mut().find(|r| r.id == run) {
+            r.steps.push(StepRecord {
+                index: s.get(1),
+                kind: s.get(2),
+                status: s.get(3),
+                detail: s.get(4),
+                duration_ms: s.get(5),
+            });
+        }
+    }
+    Ok(runs)
 }
 
 const PG_DELIVERY_COLUMNS: &str = "d.id, e.type, d.call_id, d.endpoint, d.status, d.attempts, d.created_ms, d.last_error, d.webhook_id, d.due_ms";
@@ -1285,39 +1294,6 @@ impl Pg {
                 ],
             )
             .await?;
-        let mut runs: Vec<RunRecord> = rows
-            .iter()
-            .map(|r| RunRecord {
-                id: r.get(0),
-                automation: r.get(1),
-                trigger: r.get(2),
-                call_id: r.get(3),
-                status: r.get(4),
-                created_ms: r.get(5),
-                finished_ms: r.get(6),
-                error: r.get(7),
-                steps: Vec::new(),
-            })
-            .collect();
-        let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
-        let steps = client
-            .query(
-                "SELECT run_id, idx, kind, status, detail, duration_ms FROM run_steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
-                &[&ids],
-            )
-            .await?;
-        for s in &steps {
-            let run: String = s.get(0);
-            if let Some(r) = runs.iter_mut().find(|r| r.id == run) {
-                r.steps.push(StepRecord {
-                    index: s.get(1),
-                    kind: s.get(2),
-                    status: s.get(3),
-                    detail: s.get(4),
-                    duration_ms: s.get(5),
-                });
-            }
-        }
-        Ok(runs)
+        runs_with_steps(&client, &rows).await
     }
 }

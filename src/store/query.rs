@@ -5,7 +5,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{blocking, Db, OutboxError};
-use crate::automation::runlog::{RunRecord, StepRecord};
+use crate::automation::runlog::{load_steps, run_row, RunRecord};
 use crate::events::outbox::{AttemptRecord, DeliveryRecord};
 
 /// Which deliveries, newest first. `None` means any.
@@ -136,36 +136,10 @@ fn runs(conn: &Connection, f: &RunFilter) -> Result<Vec<RunRecord>, OutboxError>
             before_id,
             f.limit
         ],
-        |r| {
-            Ok(RunRecord {
-                id: r.get(0)?,
-                automation: r.get(1)?,
-                trigger: r.get(2)?,
-                call_id: r.get(3)?,
-                status: r.get(4)?,
-                created_ms: r.get(5)?,
-                finished_ms: r.get(6)?,
-                error: r.get(7)?,
-                steps: Vec::new(),
-            })
-        },
+        run_row,
     )?;
     let mut runs: Vec<RunRecord> = rows.collect::<Result<_, _>>()?;
-    let mut steps = conn.prepare_cached(
-        "SELECT idx, kind, status, detail, duration_ms FROM run_steps WHERE run_id = ?1 ORDER BY idx",
-    )?;
-    for run in &mut runs {
-        let it = steps.query_map(params![run.id], |r| {
-            Ok(StepRecord {
-                index: r.get(0)?,
-                kind: r.get(1)?,
-                status: r.get(2)?,
-                detail: r.get(3)?,
-                duration_ms: r.get(4)?,
-            })
-        })?;
-        run.steps = it.collect::<Result<_, _>>()?;
-    }
+    load_steps(conn, &mut runs)?;
     Ok(runs)
 }
 

@@ -632,6 +632,14 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
     eprintln!(
         "fleet: 1000 events + 100 runs delivered; {duplicates} duplicate attempts (same webhook-id); killed at {at_kill}, restarted at {at_restart}"
     );
+    // A run's delivery can arrive before the run's own end is recorded: wait for the ends.
+    wait_until("every run finished", || {
+        log.runs(Some("notify"), None, 1000)
+            .unwrap()
+            .iter()
+            .all(|r| r.status != "running" && r.status != "queued")
+    })
+    .await;
     let runs = log.runs(Some("notify"), None, 1000).unwrap();
     assert_eq!(runs.len(), 100, "one run per request");
     assert!(runs.iter().all(|r| r.status == "succeeded"), "{runs:?}");

@@ -306,6 +306,47 @@ fn a_secret_shared_across_tenants_or_a_duplicate_agent_is_refused() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("secrets.SHARED"));
 
+    // Not only inbound keys: any secret a template of two tenants reads.
+    let header = "\n[[webhooks]]\nurl = \"http://127.0.0.1:9/x\"\nsubscriptions = [\"message\"]\nheaders = { X-Token = \"{{secrets.A_TOKEN}}\" }\n";
+    std::fs::write(
+        dir.path().join("a.toml"),
+        agent_file("a", "t1", "A_KEY", &["x"], o) + header,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        agent_file("b", "t2", "B_KEY", &["y"], o) + header,
+    )
+    .unwrap();
+    let out = std::process::Command::new(midcall)
+        .args(["check", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("secrets.A_TOKEN"));
+    // No agent file may read the admin key.
+    std::fs::write(
+        dir.path().join("b.toml"),
+        agent_file("b", "t2", "OPS", &["y"], o),
+    )
+    .unwrap();
+    let out = std::process::Command::new(midcall)
+        .args([
+            "serve",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-secret",
+            "OPS",
+        ])
+        .env("MIDCALL_SECRET_OPS", OPS_KEY)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reads secrets.OPS, the admin key"), "{err}");
+    assert!(!err.contains(OPS_KEY));
+
     std::fs::write(
         dir.path().join("b.toml"),
         agent_file("a", "t1", "SHARED", &["y"], o),
@@ -839,6 +880,14 @@ async fn events_and_call_completed_automations_stay_inside_their_tenant() {
         .await
         .unwrap();
     assert_eq!(from_a2.len(), 1, "\"all\" is all of t1's agents");
+    let gone = automations
+        .complete_call(&midcall::Call::new(info("gone", "call_gone")), &end)
+        .await
+        .unwrap();
+    assert!(
+        gone.is_empty(),
+        "an agent not loaded starts nothing of another's"
+    );
     // b's message and its two call-end events, a2's two, and one automation delivery.
     wait_until("six deliveries", || paths(&got).len() == 6).await;
     let mut p = paths(&got);
@@ -1021,4 +1070,53 @@ async fn deliveries_carry_an_ed25519_signature_the_published_key_verifies() {
     let e = midcall::ActionSet::from_str("t.toml", &bad, midcall::Syntax::Toml).unwrap_err();
     assert!(e.to_string().contains("signing_key"), "{e}");
     assert!(!e.to_string().contains(&secret[5..]));
+}
+
+/// A receiver that echoes the request (a debug endpoint) does not put a secret into the
+/// delivery log, the admin API or the console: the response is kept with it as ***.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_echoed_by_the_receiver_is_not_kept_in_the_log() {
+    let rx = TestServer::http(|r, _| {
+        Reply::Json(
+            500,
+            json!({"you_sent": r.header("x-token").unwrap_or_default()}),
+        )
+    })
+    .await;
+    let text = format!(
+        "[agent]\nid = \"a\"\ntenant = \"t1\"\n{}",
+        hook(
+            "echo",
+            &format!("{}/echo", rx.origin()),
+            "headers = { X-Token = \"{{secrets.TOKEN}}\" }"
+        )
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let bus = midcall::EventBus::builder(&db)
+        .webhooks(&set(&text))
+        .secrets(Arc::new(
+            midcall::MapSecrets::new().with("TOKEN", "tok-very-secret-value"),
+        ))
+        .egress(crate::support::loopback_policy())
+        .retry_schedule(Vec::new())
+        .build()
+        .unwrap();
+    bus.publish_durable(
+        &midcall::events::Event::new(midcall::events::EventType::Message, json!({})),
+        &crate::support::call_info(),
+    )
+    .await
+    .unwrap();
+    let log = midcall::events::DeliveryLog::open(&db).unwrap();
+    wait_until("the failed delivery", || {
+        log.deliveries(None, Some("failed"), 10).unwrap().len() == 1
+    })
+    .await;
+    let d = &log.deliveries(None, None, 10).unwrap()[0];
+    let attempts = log.attempts(d.id).unwrap();
+    let kept = &attempts[0].response_prefix;
+    assert!(kept.contains("***"), "{kept}");
+    assert!(!kept.contains("tok-very-secret-value"), "{kept}");
+    bus.close().await;
 }
