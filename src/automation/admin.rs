@@ -36,8 +36,25 @@ pub const ADMIN_BURST: u32 = 100;
 /// The most rows one list answers: 500 (default 50).
 pub const ADMIN_MAX_LIMIT: i64 = 500;
 
-const STATUSES: &[&str] = &["pending", "delivered", "failed", "skipped"];
-const RUN_STATUSES: &[&str] = &["queued", "running", "succeeded", "failed"];
+pub(crate) const STATUSES: &[&str] = &["pending", "delivered", "failed", "skipped"];
+pub(crate) const RUN_STATUSES: &[&str] = &["queued", "running", "succeeded", "failed"];
+/// The query parameters of `GET /v1/admin/deliveries`.
+pub(crate) const DELIVERY_PARAMS: &[&str] = &[
+    "agent", "tenant", "endpoint", "event", "status", "call_id", "since", "until", "limit",
+    "cursor",
+];
+/// The query parameters of `GET /v1/admin/runs`.
+pub(crate) const RUN_PARAMS: &[&str] = &[
+    "agent",
+    "tenant",
+    "automation",
+    "status",
+    "call_id",
+    "since",
+    "until",
+    "limit",
+    "cursor",
+];
 
 /// What the operator API and the console share: the key, the store, the limiter.
 pub(crate) struct Admin {
@@ -433,13 +450,7 @@ pub(crate) fn delivery_filter(
     automations: &Automations,
     query: &str,
 ) -> Result<DeliveryFilter, ApiError> {
-    let q = query_pairs(
-        query,
-        &[
-            "agent", "tenant", "endpoint", "event", "status", "call_id", "since", "until", "limit",
-            "cursor",
-        ],
-    )?;
+    let q = query_pairs(query, DELIVERY_PARAMS)?;
     let status = one_of("status", get(&q, "status"), STATUSES)?;
     let event = get(&q, "event").map(|e| {
         if e.starts_with("event_") || e.starts_with("automation:") {
@@ -722,20 +733,7 @@ pub(crate) async fn set_disabled(
 
 /// Parsed run filters (shared with the console).
 pub(crate) fn run_filter(automations: &Automations, query: &str) -> Result<RunFilter, ApiError> {
-    let q = query_pairs(
-        query,
-        &[
-            "agent",
-            "tenant",
-            "automation",
-            "status",
-            "call_id",
-            "since",
-            "until",
-            "limit",
-            "cursor",
-        ],
-    )?;
+    let q = query_pairs(query, RUN_PARAMS)?;
     let status = one_of("status", get(&q, "status"), RUN_STATUSES)?;
     let before = match get(&q, "cursor") {
         None => None,

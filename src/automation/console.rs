@@ -646,6 +646,40 @@ fn param<'a>(pairs: &'a [(String, String)], k: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// A list page's title and filter form: agent and status menus, then `texts` (name, label).
+fn filters(
+    title: &str,
+    action: &str,
+    automations: &Automations,
+    pairs: &[(String, String)],
+    statuses: &[&str],
+    texts: &[(&str, &str)],
+) -> String {
+    let ids: Vec<String> = automations
+        .agents()
+        .ids()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let statuses: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
+    let mut b = format!(
+        "<h1>{}</h1><form class=\"filters\" method=\"get\" action=\"{action}\">",
+        esc(title)
+    );
+    b.push_str(&select("agent", "Agent", &ids, param(pairs, "agent")));
+    b.push_str(&select(
+        "status",
+        "Status",
+        &statuses,
+        param(pairs, "status"),
+    ));
+    for (name, label) in texts {
+        b.push_str(&text_input(name, label, param(pairs, name)));
+    }
+    b.push_str("<button type=\"submit\">Filter</button></form>");
+    b
+}
+
 /// The "Older →" link to the next page, when there is one.
 fn pager(path: &str, pairs: &[(String, String)], next: Option<&str>) -> String {
     let Some(c) = next else {
@@ -677,38 +711,20 @@ async fn deliveries_page(
     query: &str,
 ) -> Result<String, ApiError> {
     let filter = admin::delivery_filter(automations, query)?;
-    let pairs = admin::query_pairs(
-        query,
-        &[
-            "agent", "tenant", "endpoint", "event", "status", "call_id", "since", "until", "limit",
-            "cursor",
-        ],
-    )?;
+    let pairs = admin::query_pairs(query, admin::DELIVERY_PARAMS)?;
     let (rows, next) = admin::find_deliveries(db, filter).await?;
-    let agents = automations.agents();
-    let ids: Vec<String> = agents.ids().iter().map(|s| s.to_string()).collect();
-    let statuses: Vec<String> = ["pending", "delivered", "failed", "skipped"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let mut b = String::from(
-        "<h1>Deliveries</h1><form class=\"filters\" method=\"get\" action=\"/console/deliveries\">",
+    let mut b = filters(
+        "Deliveries",
+        "/console/deliveries",
+        automations,
+        &pairs,
+        admin::STATUSES,
+        &[
+            ("event", "Event"),
+            ("call_id", "Call"),
+            ("endpoint", "Endpoint"),
+        ],
     );
-    b.push_str(&select("agent", "Agent", &ids, param(&pairs, "agent")));
-    b.push_str(&select(
-        "status",
-        "Status",
-        &statuses,
-        param(&pairs, "status"),
-    ));
-    b.push_str(&text_input("event", "Event", param(&pairs, "event")));
-    b.push_str(&text_input("call_id", "Call", param(&pairs, "call_id")));
-    b.push_str(&text_input(
-        "endpoint",
-        "Endpoint",
-        param(&pairs, "endpoint"),
-    ));
-    b.push_str("<button type=\"submit\">Filter</button></form>");
     b.push_str("<div class=\"scroll\"><table id=\"deliveries\"><thead><tr><th>#</th><th>Created</th><th>Status</th><th>Endpoint</th><th>Event</th><th>Call</th><th class=\"num\">Attempts</th><th>Last answer</th></tr></thead><tbody>");
     for (d, attempts) in &rows {
         let last = attempts
@@ -827,44 +843,16 @@ async fn runs_page(
     query: &str,
 ) -> Result<String, ApiError> {
     let filter = admin::run_filter(automations, query)?;
-    let pairs = admin::query_pairs(
-        query,
-        &[
-            "agent",
-            "tenant",
-            "automation",
-            "status",
-            "call_id",
-            "since",
-            "until",
-            "limit",
-            "cursor",
-        ],
-    )?;
+    let pairs = admin::query_pairs(query, admin::RUN_PARAMS)?;
     let (rows, next) = admin::find_runs(db, filter).await?;
-    let agents = automations.agents();
-    let ids: Vec<String> = agents.ids().iter().map(|s| s.to_string()).collect();
-    let statuses: Vec<String> = ["queued", "running", "succeeded", "failed"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let mut b = String::from(
-        "<h1>Automation runs</h1><form class=\"filters\" method=\"get\" action=\"/console/runs\">",
+    let mut b = filters(
+        "Automation runs",
+        "/console/runs",
+        automations,
+        &pairs,
+        admin::RUN_STATUSES,
+        &[("automation", "Automation"), ("call_id", "Call")],
     );
-    b.push_str(&select("agent", "Agent", &ids, param(&pairs, "agent")));
-    b.push_str(&select(
-        "status",
-        "Status",
-        &statuses,
-        param(&pairs, "status"),
-    ));
-    b.push_str(&text_input(
-        "automation",
-        "Automation",
-        param(&pairs, "automation"),
-    ));
-    b.push_str(&text_input("call_id", "Call", param(&pairs, "call_id")));
-    b.push_str("<button type=\"submit\">Filter</button></form>");
     b.push_str("<div class=\"scroll\"><table id=\"runs\"><thead><tr><th>Run</th><th>Created</th><th>Status</th><th>Automation</th><th>Trigger</th><th class=\"num\">Steps</th><th>Error</th></tr></thead><tbody>");
     for r in &rows {
         let _ = write!(
