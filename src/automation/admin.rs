@@ -202,16 +202,7 @@ pub(crate) async fn handle(
     }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
-    let segments: Vec<String> = path
-        .trim_start_matches("/v1/admin")
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .collect();
+    let segments = segments(&path, "/v1/admin");
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method().clone();
     let result = match (&method, segs.as_slice()) {
@@ -255,6 +246,27 @@ pub(crate) async fn handle(
         Ok(v) => reply(StatusCode::OK, v),
         Err(ApiError(status, message)) => error(status, message),
     }
+}
+
+/// The percent-decoded segments of `path` after `prefix` (empty ones dropped): an endpoint
+/// name with `/` or spaces arrives as one segment.
+pub(crate) fn segments(path: &str, prefix: &str) -> Vec<String> {
+    path.strip_prefix(prefix)
+        .unwrap_or(path)
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// The `since` and `until` parameters, in ms.
+fn time_range(q: &[(String, String)]) -> Result<(Option<i64>, Option<i64>), ApiError> {
+    let t = |name: &str| get(q, name).map(|v| parse_time(name, v)).transpose();
+    Ok((t("since")?, t("until")?))
 }
 
 /// An answer other than 200: its status and message.
@@ -466,18 +478,15 @@ pub(crate) fn delivery_filter(
                 .map_err(|_| bad("cursor: not a cursor this API gave"))?,
         ),
     };
+    let (since_ms, until_ms) = time_range(&q)?;
     Ok(DeliveryFilter {
         prefixes: prefixes(automations, get(&q, "agent"), get(&q, "tenant")),
         endpoint: get(&q, "endpoint").map(str::to_string),
         event,
         status: status.map(str::to_string),
         call_id: get(&q, "call_id").map(str::to_string),
-        since_ms: get(&q, "since")
-            .map(|v| parse_time("since", v))
-            .transpose()?,
-        until_ms: get(&q, "until")
-            .map(|v| parse_time("until", v))
-            .transpose()?,
+        since_ms,
+        until_ms,
         before_id,
         limit: limit_of(&q)?,
     })
@@ -754,17 +763,14 @@ pub(crate) fn run_filter(automations: &Automations, query: &str) -> Result<RunFi
             _ => a.to_string(),
         }
     });
+    let (since_ms, until_ms) = time_range(&q)?;
     Ok(RunFilter {
         prefixes: prefixes(automations, get(&q, "agent"), get(&q, "tenant")),
         automation,
         status: status.map(str::to_string),
         call_id: get(&q, "call_id").map(str::to_string),
-        since_ms: get(&q, "since")
-            .map(|v| parse_time("since", v))
-            .transpose()?,
-        until_ms: get(&q, "until")
-            .map(|v| parse_time("until", v))
-            .transpose()?,
+        since_ms,
+        until_ms,
         before,
         limit: limit_of(&q)?,
     })

@@ -355,16 +355,7 @@ pub(crate) async fn handle(
     }
     let csrf = a.sign(&format!("csrf:{token}"));
     let query = req.uri().query().unwrap_or_default().to_string();
-    let segments: Vec<String> = path
-        .trim_start_matches("/console")
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .collect();
+    let segments = admin::segments(&path, "/console");
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     if method == Method::POST {
         let fields = match form(req).await {

@@ -64,12 +64,7 @@ pub fn verify(
     }
     let Ok(key) = key(secret) else { return false };
     let msg = signed_content(id, timestamp, body);
-    header.split_whitespace().any(|entry| {
-        entry
-            .strip_prefix("v1,")
-            .and_then(|sig| STANDARD.decode(sig).ok())
-            .is_some_and(|sig| ring::hmac::verify(&key, &msg, &sig).is_ok())
-    })
+    signatures(header, "v1,").any(|sig| ring::hmac::verify(&key, &msg, &sig).is_ok())
 }
 
 /// An ed25519 signing key that is not `whsk_<base64 of a 32-byte seed, or 64 bytes: the seed
@@ -87,6 +82,14 @@ fn key_pair(key: &str) -> Result<ring::signature::Ed25519KeyPair, BadKey> {
             .map_err(|_| BadKey),
         _ => Err(BadKey),
     }
+}
+
+/// The decoded signatures of one scheme (`v1,` or `v1a,`) in a `webhook-signature` header.
+fn signatures<'a>(header: &'a str, scheme: &'a str) -> impl Iterator<Item = Vec<u8>> + 'a {
+    header
+        .split_whitespace()
+        .filter_map(move |entry| entry.strip_prefix(scheme))
+        .filter_map(|sig| STANDARD.decode(sig).ok())
 }
 
 /// Whether `timestamp` is within `tolerance_s` of `now` (seconds).
@@ -156,12 +159,7 @@ pub fn verify_ed25519(
     };
     let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, raw);
     let msg = signed_content(id, timestamp, body);
-    header.split_whitespace().any(|entry| {
-        entry
-            .strip_prefix("v1a,")
-            .and_then(|sig| STANDARD.decode(sig).ok())
-            .is_some_and(|sig| key.verify(&msg, &sig).is_ok())
-    })
+    signatures(header, "v1a,").any(|sig| key.verify(&msg, &sig).is_ok())
 }
 
 /// The public key of a webhook's `signing_key` template, its secret read from `secrets`; the
