@@ -15,7 +15,7 @@ use midcall::{ActionSet, ActionSpec};
 /// ids unique, one [egress], no secret name read by two tenants.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  midcall check examples/front-desk/agent.toml examples/outage-line/agent.toml\n  midcall check examples/agents/"
+    after_help = "Examples:\n  midcall check examples/front-desk/agent.toml examples/outage-line/agent.toml\n  midcall check agents/"
 )]
 pub(crate) struct CheckArgs {
     /// Agent files (TOML, or JSON when the name ends in .json), or directories of them.

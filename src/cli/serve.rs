@@ -26,7 +26,7 @@ use midcall::demo::{hosts, DemoSecrets, Mock, MockResolver};
 /// outbox.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  MIDCALL_SECRET_INBOUND_KEY=k3y midcall serve examples/front-desk/agent.toml --listen 127.0.0.1:8080 --db outbox.db\n  curl -X POST http://127.0.0.1:8080/v1/automations/callback-request/webhook \\\n       -H 'Authorization: Bearer k3y' -H 'Content-Type: application/json' -d '{\"slot\": \"2025-11-04T15:00\"}'\n  MIDCALL_SECRET_ADMIN_KEY=$(openssl rand -hex 16) midcall serve examples/agents/ --db outbox.db\n  kill -HUP $(pidof midcall)   # reload the agent files now"
+    after_help = "Examples:\n  MIDCALL_SECRET_INBOUND_KEY=k3y midcall serve examples/front-desk/agent.toml --listen 127.0.0.1:8080 --db outbox.db\n  curl -X POST http://127.0.0.1:8080/v1/automations/callback-request/webhook \\\n       -H 'Authorization: Bearer k3y' -H 'Content-Type: application/json' -d '{\"slot\": \"2025-11-04T15:00\"}'\n  MIDCALL_SECRET_ADMIN_KEY=$(openssl rand -hex 16) midcall serve agents/ --db outbox.db\n  kill -HUP $(pidof midcall)   # reload the agent files now"
 )]
 pub(crate) struct ServeArgs {
     /// Agent files, or directories of them (every *.toml and *.json in it). One file keeps

@@ -12,7 +12,7 @@ use serde_json::json;
 /// makes a new key pair.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  midcall webhooks generate-key\n  MIDCALL_SECRET_WEBHOOK_KEY=whsk_... midcall webhooks public-key examples/agents/"
+    after_help = "Examples:\n  midcall webhooks generate-key\n  MIDCALL_SECRET_WEBHOOK_KEY=whsk_... midcall webhooks public-key agents/"
 )]
 pub(crate) struct WebhooksArgs {
     #[command(subcommand)]
