@@ -276,12 +276,13 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
             .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
         return r;
     }
-    let (set, automation) = match s.automations.webhook_automation(agent, id) {
-        Ok(a) => a,
+    let target = match s.automations.webhook_automation(agent, id) {
+        Ok(t) => t,
         Err(e @ StartError::NotFound(_)) => return error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e) => return error(StatusCode::CONFLICT, e.to_string()),
     };
-    let agent_id = set.agent().id.clone();
+    let (set, automation) = (target.set(), target.automation());
+    let agent_id = set.agent().id.as_str();
     let Some(auth) = automation.auth.as_ref().or(set.inbound().auth.as_ref()) else {
         // The config loader refuses webhook automations without credentials.
         return error(StatusCode::UNAUTHORIZED, "no credentials are configured");
@@ -303,9 +304,12 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
     let (rate, burst) = (set.inbound().rate_per_second, set.inbound().burst);
     {
         let mut limiters = s.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        let limiter = limiters
-            .entry(agent_id.clone())
-            .or_insert_with(|| RateLimiter::new(rate, burst));
+        if !limiters.contains_key(agent_id) {
+            limiters.insert(agent_id.to_string(), RateLimiter::new(rate, burst));
+        }
+        let Some(limiter) = limiters.get_mut(agent_id) else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "try again"); // inserted just above
+        };
         // A reload may have changed the agent's rate.
         limiter.configure(rate, burst);
         let now = Instant::now();
@@ -323,7 +327,7 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
     }
     let unauthorized = |message: &str| {
         let mut limiters = s.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(limiter) = limiters.get_mut(&agent_id) {
+        if let Some(limiter) = limiters.get_mut(agent_id) {
             let _ = limiter.take(&ip_key, Instant::now());
         }
         let mut r = error(StatusCode::UNAUTHORIZED, message);
@@ -427,7 +431,7 @@ async fn route(s: &Server, peer: IpAddr, req: Request<Incoming>) -> Response<Ful
     };
     match s
         .automations
-        .start_agent_webhook(Some(&agent_id), id, payload, signed_id.as_deref())
+        .start_target(&target, payload, signed_id.as_deref())
         .await
     {
         Ok(run) => reply(StatusCode::ACCEPTED, json!({ "run_id": run })),

@@ -23,7 +23,7 @@ pub use inbound::{
     REPLAY_WINDOW, SIGNATURE_TOLERANCE_S,
 };
 pub use runlog::{RunLog, RunRecord, StepRecord};
-pub use runner::{Automations, AutomationsBuilder, StartError};
+pub use runner::{Automations, AutomationsBuilder, StartError, WebhookTarget};
 
 /// The `target` of an automation delivery: which run and step it belongs to.
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -51,6 +51,35 @@ pub enum StartError {
     Storage(String),
 }
 
+/// A webhook automation a request may start: its agent's version in service, and its place in
+/// it (nothing copied).
+#[derive(Clone)]
+pub struct WebhookTarget {
+    set: Arc<ActionSet>,
+    index: usize,
+}
+
+impl std::fmt::Debug for WebhookTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookTarget")
+            .field("agent", &self.set.agent().id)
+            .field("automation", &self.automation().id)
+            .finish()
+    }
+}
+
+impl WebhookTarget {
+    /// Its agent's config.
+    pub fn set(&self) -> &Arc<ActionSet> {
+        &self.set
+    }
+
+    /// The automation.
+    pub fn automation(&self) -> &AutomationSpec {
+        &self.set.automations()[self.index]
+    }
+}
+
 /// How long a claimed run is this process's without renewal (renewed every third of it while
 /// it runs; PostgreSQL only: another process resumes a run whose lease ran out).
 const RUN_LEASE: Duration = Duration::from_secs(30);
@@ -369,12 +398,13 @@ impl Automations {
     /// The agent and automation `id` if a webhook may start it: `agent` names the agent; without
     /// it the id must be unique across the agents ([`StartError::Ambiguous`] otherwise).
     /// [`StartError::NotFound`], [`StartError::NotWebhook`] or [`StartError::Disabled`] when
-    /// it may not.
+    /// it may not. The target holds the version of the agent in service now, so a request
+    /// finishes on it whatever a reload does meanwhile.
     pub fn webhook_automation(
         &self,
         agent: Option<&str>,
         id: &str,
-    ) -> Result<(Arc<ActionSet>, AutomationSpec), StartError> {
+    ) -> Result<WebhookTarget, StartError> {
         let agents = self.agents();
         let set = match agent {
             Some(agent) => agents
@@ -394,10 +424,12 @@ impl Automations {
                 }
             }
         };
-        let a = set
-            .automation(id)
-            .ok_or_else(|| StartError::NotFound(id.to_string()))?
-            .clone();
+        let index = set
+            .automations()
+            .iter()
+            .position(|a| a.id == id)
+            .ok_or_else(|| StartError::NotFound(id.to_string()))?;
+        let a = &set.automations()[index];
         if !matches!(a.trigger, Trigger::Webhook) {
             return Err(StartError::NotWebhook {
                 id: id.to_string(),
@@ -407,7 +439,7 @@ impl Automations {
         if !a.enabled {
             return Err(StartError::Disabled(id.to_string()));
         }
-        Ok((set, a))
+        Ok(WebhookTarget { set, index })
     }
 
     /// Queues a run of the webhook automation `id` with `payload` (`payload.*` in its
@@ -428,8 +460,8 @@ impl Automations {
         payload: Value,
         webhook_id: Option<&str>,
     ) -> Result<String, StartError> {
-        let (set, a) = self.webhook_automation(agent, id)?;
-        self.queue_webhook_run(&set, &a, payload, webhook_id).await
+        let target = self.webhook_automation(agent, id)?;
+        self.start_target(&target, payload, webhook_id).await
     }
 
     /// [`Automations::start_webhook`] for a signed request: `webhook_id` is stored with the run,
@@ -445,13 +477,15 @@ impl Automations {
             .await
     }
 
-    async fn queue_webhook_run(
+    /// [`Automations::start_webhook_once`] for a target [`Automations::webhook_automation`]
+    /// found (the inbound server: one lookup per request).
+    pub async fn start_target(
         &self,
-        set: &Arc<ActionSet>,
-        a: &AutomationSpec,
+        target: &WebhookTarget,
         payload: Value,
         webhook_id: Option<&str>,
     ) -> Result<String, StartError> {
+        let (set, a) = (&target.set, target.automation());
         let now = time::now_ms();
         let run = run_id(now);
         let context = RunContext {
