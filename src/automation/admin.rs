@@ -93,10 +93,6 @@ impl Admin {
         }
     }
 
-    pub(crate) fn enabled(&self) -> bool {
-        self.key.is_some() && self.db.is_some()
-    }
-
     /// Whether `presented` is the admin key (constant time: both sides MACed, tags compared).
     pub(crate) fn is_key(&self, presented: &str) -> bool {
         let Some(key) = &self.key else { return false };
@@ -164,7 +160,7 @@ pub(crate) async fn handle(
     peer: IpAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let Some(db) = admin.db.as_ref().filter(|_| admin.enabled()) else {
+    let Some(db) = admin.db.as_ref() else {
         return error(
             StatusCode::NOT_FOUND,
             "the admin API is off: start the server with an admin key (--admin-secret)",
@@ -206,7 +202,7 @@ pub(crate) async fn handle(
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method().clone();
     let result = match (&method, segs.as_slice()) {
-        (&Method::GET, ["agents"]) => Ok(agents_json(automations, Some(db)).await),
+        (&Method::GET, ["agents"]) => Ok(agents_json(automations)),
         (&Method::GET, ["deliveries"]) => list_deliveries(automations, db, &query).await,
         (&Method::GET, ["deliveries", id]) => one_delivery(automations, db, id).await,
         (&Method::POST, ["deliveries", id, "replay"]) => replay(automations, db, id)
@@ -285,20 +281,26 @@ fn storage(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
+/// The pairs of an `application/x-www-form-urlencoded` text (a query string or a form).
+pub(crate) fn urlencoded(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    let dec = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    text.split('&').filter(|p| !p.is_empty()).map(move |part| {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        (dec(k), dec(v))
+    })
+}
+
 /// The query string as pairs; a key outside `allowed` is an error naming it.
 pub(crate) fn query_pairs(
     query: &str,
     allowed: &[&str],
 ) -> Result<Vec<(String, String)>, ApiError> {
     let mut out = Vec::new();
-    for part in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        let dec = |s: &str| {
-            percent_encoding::percent_decode_str(&s.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        let (k, v) = (dec(k), dec(v));
+    for (k, v) in urlencoded(query) {
         if !allowed.contains(&k.as_str()) {
             return Err(bad(format!(
                 "unknown query parameter \"{}\" (allowed: {})",
@@ -844,7 +846,7 @@ async fn one_run(automations: &Automations, db: &Db, id: &str) -> Result<Value, 
 
 /// Every agent with its actions, webhooks and automations (no secret: templates as written,
 /// so a `{{secrets.NAME}}` shows its name, never its value), and its webhooks' public keys.
-pub(crate) async fn agents_json(automations: &Automations, _db: Option<&Db>) -> Value {
+pub(crate) fn agents_json(automations: &Automations) -> Value {
     let agents = automations.agents();
     let hooks = automations.bus().hooks();
     let secrets = automations.secret_source();

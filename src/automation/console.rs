@@ -281,18 +281,7 @@ async fn form(req: Request<Incoming>) -> Result<HashMap<String, String>, Respons
             ))
         }
     };
-    let text = String::from_utf8_lossy(&body);
-    let mut out = HashMap::new();
-    for part in text.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        let dec = |s: &str| {
-            percent_encoding::percent_decode_str(&s.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        out.insert(dec(k), dec(v));
-    }
-    Ok(out)
+    Ok(admin::urlencoded(&String::from_utf8_lossy(&body)).collect())
 }
 
 /// `/console...`.
@@ -311,7 +300,7 @@ pub(crate) async fn handle(
         );
         return r;
     }
-    let Some(db) = a.db.as_ref().filter(|_| a.enabled()) else {
+    let Some(db) = a.db.as_ref() else {
         return html(
             StatusCode::NOT_FOUND,
             page(
@@ -420,7 +409,7 @@ pub(crate) async fn handle(
         ["deliveries", id] => delivery_page(automations, db, &csrf, id, &query).await,
         ["runs"] => runs_page(automations, db, &csrf, &query).await,
         ["runs", id] => run_page(automations, db, &csrf, id).await,
-        ["calls", id] => call_page(automations, db, &csrf, id).await,
+        ["calls", id] => call_page(db, &csrf, id).await,
         _ => Err(ApiError(StatusCode::NOT_FOUND, "no such page".into())),
     };
     match result {
@@ -478,7 +467,7 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
 }
 
 async fn agents_page(automations: &Automations, db: &Db, csrf: &str) -> Result<String, ApiError> {
-    let data = admin::agents_json(automations, Some(db)).await;
+    let data = admin::agents_json(automations);
     let states = admin::endpoint_states(db).await?;
     let agents = data["agents"].as_array().cloned().unwrap_or_default();
     let mut b = String::new();
@@ -939,12 +928,7 @@ async fn run_page(
     Ok(page(&format!("Run {}", r.id), "runs", Some(csrf), &b))
 }
 
-async fn call_page(
-    automations: &Automations,
-    db: &Db,
-    csrf: &str,
-    id: &str,
-) -> Result<String, ApiError> {
+async fn call_page(db: &Db, csrf: &str, id: &str) -> Result<String, ApiError> {
     let (deliveries, _) = admin::find_deliveries(
         db,
         crate::store::query::DeliveryFilter {
@@ -1024,7 +1008,6 @@ async fn call_page(
     }
     items.sort_by_key(|(t, _)| *t);
     let mut b = format!("<h1>Call <code>{}</code></h1>", esc(id));
-    let _ = automations;
     if items.is_empty() {
         b.push_str("<p class=\"muted\">Nothing recorded for this call.</p>");
     }

@@ -102,14 +102,16 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
     if !problems.is_empty() {
         return Err(problems.join("\n"));
     }
-    let agents = loaded.agents()?;
-    let set = agents.first().clone();
-    let policy = a.net.policy(&set)?;
     let admin = admin_key(a.admin_secret.as_deref())?;
-    if let Some((name, _)) = &admin {
-        agents.refuse_secret(name, "admin key")?;
-    }
-    let admin_name = admin.as_ref().map(|(n, _)| n.clone());
+    let mut rules = Rules {
+        admin_name: admin.as_ref().map(|(n, _)| n.clone()),
+        egress: None,
+    };
+    let agents = rules.servable(&loaded)?;
+    let set = agents.first().clone();
+    // Egress is fixed from now on: one process has one policy.
+    rules.egress = Some(set.egress().clone());
+    let policy = a.net.policy(&set)?;
     let admin_key = admin.map(|(_, k)| k);
     // The log: inbound requests, runs, delivery attempts, one line each on stderr. It is
     // written by the subscriber, never waited for by a request.
@@ -257,7 +259,7 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             loaded,
             files,
             automations.clone(),
-            (set.egress().clone(), admin_name),
+            rules,
             Duration::from_millis(a.watch_ms),
             hup,
         ));
@@ -320,6 +322,32 @@ fn admin_key(name: Option<&str>) -> Result<Option<(String, midcall::Secret)>, St
 /// Reloads the agent files on SIGHUP and when one changes (checked every `every`; never when
 /// zero): what loads and checks replaces what is served; a file with errors is refused, logged
 /// with file and line, and its agent's old version stays.
+/// What a set of agent files must satisfy to be served, at start and on every reload.
+struct Rules {
+    /// The admin key's secret, which no agent file may read.
+    admin_name: Option<String>,
+    /// The egress in service (set once serving: a reload may not change it).
+    egress: Option<midcall::config::EgressConfig>,
+}
+
+impl Rules {
+    fn servable(&self, loaded: &Loaded) -> Result<midcall::automation::Agents, String> {
+        let agents = loaded.agents()?;
+        if let Some(name) = &self.admin_name {
+            agents.refuse_secret(name, "admin key")?;
+        }
+        if let Some(egress) = &self.egress {
+            if agents.sets().iter().any(|s| s.egress() != egress) {
+                return Err(
+                    "an [egress] section changed: egress is fixed at start; restart to apply it"
+                        .into(),
+                );
+            }
+        }
+        Ok(agents)
+    }
+}
+
 #[cfg(unix)]
 type Hangup = Option<tokio::signal::unix::Signal>;
 #[cfg(not(unix))]
@@ -329,7 +357,7 @@ async fn watch(
     mut loaded: Loaded,
     files: super::agents::Files,
     automations: Automations,
-    (egress, admin_name): (midcall::config::EgressConfig, Option<String>),
+    rules: Rules,
     every: Duration,
     #[allow(unused_mut)] mut hup: Hangup,
 ) {
@@ -373,7 +401,7 @@ async fn watch(
             tracing::error!(target: "midcall::reload", problem = %p, "reload: a file was refused; its agent's version in service stays");
             say!("midcall serve: reload refused: {p}");
         }
-        let agents = match next.agents() {
+        let agents = match rules.servable(&next) {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(target: "midcall::reload", error = %e, "reload refused; nothing changed");
@@ -382,22 +410,6 @@ async fn watch(
                 continue;
             }
         };
-        if let Some(Err(e)) = admin_name
-            .as_deref()
-            .map(|n| agents.refuse_secret(n, "admin key"))
-        {
-            tracing::error!(target: "midcall::reload", error = %e, "reload refused; nothing changed");
-            say!("midcall serve: reload refused: {e}");
-            loaded.remember(&next);
-            continue;
-        }
-        if agents.sets().iter().any(|s| *s.egress() != egress) {
-            let e = "an [egress] section changed: egress is fixed at start; restart to apply it";
-            tracing::error!(target: "midcall::reload", error = e, "reload refused; nothing changed");
-            say!("midcall serve: reload refused: {e}");
-            loaded.remember(&next);
-            continue;
-        }
         let ids = agents.ids().join(", ");
         automations.replace_agents(agents);
         tracing::info!(target: "midcall::reload", agents = %ids, refused = problems.len(), "agent files reloaded");
