@@ -767,6 +767,7 @@ pub(crate) fn run_filter(automations: &Automations, query: &str) -> Result<RunFi
     });
     let (since_ms, until_ms) = time_range(&q)?;
     Ok(RunFilter {
+        id: None,
         prefixes: prefixes(automations, get(&q, "agent"), get(&q, "tenant")),
         automation,
         status: status.map(str::to_string),
@@ -822,16 +823,15 @@ async fn list_runs(automations: &Automations, db: &Db, query: &str) -> Result<Va
 }
 
 pub(crate) async fn run_by_id(db: &Db, id: &str) -> Result<RunRecord, ApiError> {
-    // The call_id filter also matches a run's own id.
     let found = db
         .find_runs(RunFilter {
-            call_id: Some(id.to_string()),
-            limit: 50,
+            id: Some(id.to_string()),
+            limit: 1,
             ..RunFilter::default()
         })
         .await
         .map_err(storage)?;
-    found.into_iter().find(|r| r.id == id).ok_or_else(|| {
+    found.into_iter().next().ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
             format!("no run \"{}\"", id.chars().take(60).collect::<String>()),

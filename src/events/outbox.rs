@@ -319,24 +319,6 @@ pub struct AttemptRecord {
     pub response_prefix: String,
 }
 
-/// Deliveries, newest first, optionally for one call and one status.
-pub(crate) fn list(
-    conn: &Connection,
-    call: Option<&str>,
-    status: Option<&str>,
-    limit: i64,
-) -> Result<Vec<DeliveryRecord>, OutboxError> {
-    let sql = format!(
-        "SELECT {} FROM deliveries d JOIN events e ON e.seq = d.event_seq
-         WHERE (?1 IS NULL OR d.call_id = ?1) AND (?2 IS NULL OR d.status = ?2)
-         ORDER BY d.id DESC LIMIT ?3",
-        crate::store::DELIVERY_COLUMNS
-    );
-    let mut st = conn.prepare(&sql)?;
-    let rows = st.query_map(params![call, status, limit], crate::store::delivery_row)?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
 /// The attempts of one delivery, oldest first.
 pub(crate) fn attempts(
     conn: &Connection,
@@ -365,14 +347,15 @@ pub(crate) fn replay(
     id: Option<i64>,
     since_ms: Option<i64>,
     status: Option<&str>,
+    endpoint: Option<&str>,
     now: i64,
 ) -> Result<usize, OutboxError> {
     let tx = crate::store::write_tx(conn)?;
     let n = tx.execute(
         "UPDATE deliveries SET status = 'pending', due_ms = ?4, lease_ms = 0
          WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR created_ms >= ?2) AND (?3 IS NULL OR status = ?3)
-           AND status != 'pending'",
-        params![id, since_ms, status, now],
+           AND (?5 IS NULL OR endpoint = ?5) AND status != 'pending'",
+        params![id, since_ms, status, now, endpoint],
     )?;
     tx.execute(
         "UPDATE endpoints SET disabled = 0, disabled_reason = NULL, failing_since_ms = NULL

@@ -12,8 +12,6 @@ use rusqlite::Connection;
 pub(crate) mod pg;
 pub(crate) mod query;
 
-pub(crate) use query::{delivery_row, DELIVERY_COLUMNS};
-
 use crate::automation::runlog::{self, ClaimedRun, NewRun, RunRecord, StepRecord};
 use crate::events::outbox::{
     self, Attempt, AttemptRecord, Claimed, DeliveryRecord, NewEvent, Next,
@@ -359,9 +357,15 @@ impl LogConn {
         status: Option<&str>,
         limit: i64,
     ) -> Result<Vec<DeliveryRecord>, String> {
+        let filter = query::DeliveryFilter {
+            call_id: call.map(str::to_string),
+            status: status.map(str::to_string),
+            limit,
+            ..Default::default()
+        };
         match self {
-            LogConn::Sqlite(c) => outbox::list(c, call, status, limit).map_err(|e| e.to_string()),
-            LogConn::Postgres(p) => p.block(|pg| pg.list(call, status, limit)),
+            LogConn::Sqlite(c) => query::deliveries(c, &filter).map_err(|e| e.to_string()),
+            LogConn::Postgres(p) => p.block(|pg| pg.find_deliveries(&filter)),
         }
     }
 
@@ -381,9 +385,9 @@ impl LogConn {
     ) -> Result<usize, String> {
         match self {
             LogConn::Sqlite(c) => {
-                outbox::replay(c, id, since_ms, status, now).map_err(|e| e.to_string())
+                outbox::replay(c, id, since_ms, status, None, now).map_err(|e| e.to_string())
             }
-            LogConn::Postgres(p) => p.block(|pg| pg.replay(id, since_ms, status, now)),
+            LogConn::Postgres(p) => p.block(|pg| pg.replay(id, since_ms, status, None, now)),
         }
     }
 

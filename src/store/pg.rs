@@ -614,22 +614,6 @@ impl Pg {
     }
 
     /// Deliveries, newest first.
-    pub(crate) async fn list(
-        &self,
-        call: Option<&str>,
-        status: Option<&str>,
-        limit: i64,
-    ) -> R<Vec<DeliveryRecord>> {
-        let client = self.pool.get().await?;
-        let sql = format!(
-            "SELECT {PG_DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
-             WHERE ($1::text IS NULL OR d.call_id = $1) AND ($2::text IS NULL OR d.status = $2)
-             ORDER BY d.id DESC LIMIT $3"
-        );
-        let rows = client.query(&sql, &[&call, &status, &limit]).await?;
-        Ok(rows.iter().map(pg_delivery).collect())
-    }
-
     /// The attempts of one delivery, oldest first.
     pub(crate) async fn attempts(&self, delivery: i64) -> R<Vec<AttemptRecord>> {
         let client = self.pool.get().await?;
@@ -671,6 +655,7 @@ impl Pg {
         id: Option<i64>,
         since_ms: Option<i64>,
         status: Option<&str>,
+        endpoint: Option<&str>,
         now: i64,
     ) -> R<usize> {
         let mut client = self.pool.get().await?;
@@ -679,9 +664,9 @@ impl Pg {
             .query(
                 "UPDATE deliveries SET status = 'pending', due_ms = $4, lease_ms = 0, lease_owner = NULL
                  WHERE ($1::bigint IS NULL OR id = $1) AND ($2::bigint IS NULL OR created_ms >= $2) AND ($3::text IS NULL OR status = $3)
-                   AND status != 'pending'
+                   AND ($5::text IS NULL OR endpoint = $5) AND status != 'pending'
                  RETURNING endpoint",
-                &[&id, &since_ms, &status, &now],
+                &[&id, &since_ms, &status, &now, &endpoint],
             )
             .await?;
         let mut endpoints: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
@@ -1197,28 +1182,6 @@ impl Pg {
             .map(pg_delivery))
     }
 
-    pub(crate) async fn recover(&self, endpoint: &str, since_ms: i64, now: i64) -> R<usize> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let n = tx
-            .execute(
-                "UPDATE deliveries SET status = 'pending', due_ms = $3, lease_ms = 0, lease_owner = NULL
-                 WHERE endpoint = $1 AND created_ms >= $2 AND status IN ('failed', 'skipped')",
-                &[&endpoint, &since_ms, &now],
-            )
-            .await?;
-        tx.execute(
-            "INSERT INTO endpoints (endpoint, disabled) VALUES ($1, 0)
-             ON CONFLICT (endpoint) DO UPDATE SET disabled = 0, disabled_reason = NULL, failing_since_ms = NULL",
-            &[&endpoint],
-        )
-        .await?;
-        tx.execute("SELECT pg_notify($1, '')", &[&OUTBOX_CHANNEL])
-            .await?;
-        tx.commit().await?;
-        Ok(n as usize)
-    }
-
     pub(crate) async fn set_endpoint_disabled(
         &self,
         endpoint: &str,
@@ -1280,6 +1243,7 @@ impl Pg {
                    AND ($2::text IS NULL OR automation = $2) AND ($3::text IS NULL OR status = $3) AND ($4::text IS NULL OR call_id = $4 OR id = $4)
                    AND ($5::bigint IS NULL OR created_ms >= $5) AND ($6::bigint IS NULL OR created_ms < $6)
                    AND ($7::bigint IS NULL OR created_ms < $7 OR (created_ms = $7 AND id < $8::text))
+                   AND ($10::text IS NULL OR id = $10)
                  ORDER BY created_ms DESC, id DESC LIMIT $9",
                 &[
                     &f.prefixes,
@@ -1291,6 +1255,7 @@ impl Pg {
                     &before_ms,
                     &before_id,
                     &f.limit,
+                    &f.id,
                 ],
             )
             .await?;

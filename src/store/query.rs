@@ -28,10 +28,13 @@ pub(crate) struct DeliveryFilter {
 /// Which runs, newest first. `None` means any.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RunFilter {
+    pub(crate) id: Option<String>,
     /// The stored automation name starts with one of these (`agent/`).
     pub(crate) prefixes: Option<Vec<String>>,
     pub(crate) automation: Option<String>,
     pub(crate) status: Option<String>,
+    /// The run's call, or the run itself (a webhook run has no call: its deliveries carry
+    /// the run's id as their call id, and the call view shows it under that id).
     pub(crate) call_id: Option<String>,
     pub(crate) since_ms: Option<i64>,
     pub(crate) until_ms: Option<i64>,
@@ -55,9 +58,9 @@ fn json_list(p: &Option<Vec<String>>) -> Option<String> {
         .map(|v| serde_json::to_string(v).unwrap_or_else(|_| "[]".into()))
 }
 
-pub(crate) const DELIVERY_COLUMNS: &str = "d.id, e.type, d.call_id, d.endpoint, d.status, d.attempts, d.created_ms, d.last_error, d.webhook_id, d.due_ms";
+const DELIVERY_COLUMNS: &str = "d.id, e.type, d.call_id, d.endpoint, d.status, d.attempts, d.created_ms, d.last_error, d.webhook_id, d.due_ms";
 
-pub(crate) fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
+fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
     let status: String = r.get(4)?;
     let due: i64 = r.get(9)?;
     Ok(DeliveryRecord {
@@ -74,7 +77,10 @@ pub(crate) fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRe
     })
 }
 
-fn deliveries(conn: &Connection, f: &DeliveryFilter) -> Result<Vec<DeliveryRecord>, OutboxError> {
+pub(crate) fn deliveries(
+    conn: &Connection,
+    f: &DeliveryFilter,
+) -> Result<Vec<DeliveryRecord>, OutboxError> {
     let sql = format!(
         "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
          WHERE (?1 IS NULL OR EXISTS (SELECT 1 FROM json_each(?1) j WHERE substr(d.endpoint, 1, length(j.value)) = j.value))
@@ -122,6 +128,7 @@ fn runs(conn: &Connection, f: &RunFilter) -> Result<Vec<RunRecord>, OutboxError>
            AND (?2 IS NULL OR automation = ?2) AND (?3 IS NULL OR status = ?3) AND (?4 IS NULL OR call_id = ?4 OR id = ?4)
            AND (?5 IS NULL OR created_ms >= ?5) AND (?6 IS NULL OR created_ms < ?6)
            AND (?7 IS NULL OR created_ms < ?7 OR (created_ms = ?7 AND id < ?8))
+           AND (?10 IS NULL OR id = ?10)
          ORDER BY created_ms DESC, id DESC LIMIT ?9",
     )?;
     let rows = st.query_map(
@@ -134,35 +141,14 @@ fn runs(conn: &Connection, f: &RunFilter) -> Result<Vec<RunRecord>, OutboxError>
             f.until_ms,
             before_ms,
             before_id,
-            f.limit
+            f.limit,
+            f.id
         ],
         run_row,
     )?;
     let mut runs: Vec<RunRecord> = rows.collect::<Result<_, _>>()?;
     load_steps(conn, &mut runs)?;
     Ok(runs)
-}
-
-/// Makes `endpoint`'s failed and skipped deliveries since `since_ms` due now, and enables it.
-fn recover(
-    conn: &mut Connection,
-    endpoint: &str,
-    since_ms: i64,
-    now: i64,
-) -> Result<usize, OutboxError> {
-    let tx = super::write_tx(conn)?;
-    let n = tx.execute(
-        "UPDATE deliveries SET status = 'pending', due_ms = ?3, lease_ms = 0
-         WHERE endpoint = ?1 AND created_ms >= ?2 AND status IN ('failed', 'skipped')",
-        params![endpoint, since_ms, now],
-    )?;
-    tx.execute(
-        "INSERT INTO endpoints (endpoint, disabled) VALUES (?1, 0)
-         ON CONFLICT(endpoint) DO UPDATE SET disabled = 0, disabled_reason = NULL, failing_since_ms = NULL",
-        params![endpoint],
-    )?;
-    tx.commit()?;
-    Ok(n)
 }
 
 /// Disables `endpoint` (its new deliveries are stored as skipped; the worker sends nothing
@@ -264,24 +250,47 @@ impl Db {
         match self {
             Db::Sqlite(c, _) => {
                 blocking(c, move |c| {
-                    crate::events::outbox::replay(c, Some(id), None, None, now)
+                    crate::events::outbox::replay(c, Some(id), None, None, None, now)
                 })
                 .await
             }
-            Db::Postgres(p) => Ok(p.replay(Some(id), None, None, now).await?),
+            Db::Postgres(p) => Ok(p.replay(Some(id), None, None, None, now).await?),
         }
     }
 
+    /// Makes `endpoint`'s failed and skipped deliveries since `since_ms` due now (the replay
+    /// the delivery log's other replays use), and enables the endpoint.
     pub(crate) async fn recover(
         &self,
         endpoint: String,
         since_ms: i64,
         now: i64,
     ) -> Result<usize, OutboxError> {
-        match self {
-            Db::Sqlite(c, _) => blocking(c, move |c| recover(c, &endpoint, since_ms, now)).await,
-            Db::Postgres(p) => Ok(p.recover(&endpoint, since_ms, now).await?),
+        let mut n = 0;
+        for status in ["failed", "skipped"] {
+            n += match self {
+                Db::Sqlite(c, _) => {
+                    let ep = endpoint.clone();
+                    blocking(c, move |c| {
+                        crate::events::outbox::replay(
+                            c,
+                            None,
+                            Some(since_ms),
+                            Some(status),
+                            Some(&ep),
+                            now,
+                        )
+                    })
+                    .await?
+                }
+                Db::Postgres(p) => {
+                    p.replay(None, Some(since_ms), Some(status), Some(&endpoint), now)
+                        .await?
+                }
+            };
         }
+        self.set_endpoint_disabled(endpoint, false, None).await?;
+        Ok(n)
     }
 
     pub(crate) async fn set_endpoint_disabled(
