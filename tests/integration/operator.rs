@@ -446,6 +446,13 @@ async fn two_hundred_requests_in_flight_across_a_reload_are_all_answered() {
         .await,
         202
     );
+    // Every run done before "second" goes: a queued run whose automation a reload removed
+    // fails naming it (a loaded machine may not have run 501 yet).
+    let log = midcall::RunLog::open(&db).unwrap();
+    wait_until("every run finished", || {
+        log.runs(None, Some("succeeded"), 1000).unwrap().len() == 202
+    })
+    .await;
     // Fixed, without "second", applied by SIGHUP (the watcher also sees it).
     std::fs::write(&file, agent_file("a1", "t1", "T1_KEY", &["notify"], &o)).unwrap();
     let _ = std::process::Command::new("kill")
@@ -462,11 +469,39 @@ async fn two_hundred_requests_in_flight_across_a_reload_are_all_answered() {
         .await,
         404
     );
-    let log = midcall::RunLog::open(&db).unwrap();
-    wait_until("every run finished", || {
-        log.runs(None, Some("succeeded"), 1000).unwrap().len() == 202
-    })
-    .await;
+    // A file added adds its agent; removed, removes it.
+    let b = agents.join("b.toml");
+    std::fs::write(&b, agent_file("b", "t1", "T1_KEY", &["hello"], &o)).unwrap();
+    s.line("reloaded: a1, b").await;
+    assert_eq!(
+        start(addr, "/v1/agents/b/automations/hello/webhook", T1_KEY, 503).await,
+        202
+    );
+    std::fs::remove_file(&b).unwrap();
+    let line = s.line("reloaded:").await;
+    assert!(line.ends_with("reloaded: a1"), "{line}");
+    assert_eq!(
+        start(addr, "/v1/agents/b/automations/hello/webhook", T1_KEY, 504).await,
+        404
+    );
+    // Egress is fixed at start: a changed [egress] is refused, the version in service stays.
+    std::fs::write(
+        &file,
+        agent_file("a1", "t1", "T1_KEY", &["notify"], &o) + "\n[egress]\nallow_http = true\n",
+    )
+    .unwrap();
+    let refused = s.line("reload refused").await;
+    assert!(refused.contains("[egress] section changed"), "{refused}");
+    assert_eq!(
+        start(
+            addr,
+            "/v1/agents/a1/automations/notify/webhook",
+            T1_KEY,
+            505
+        )
+        .await,
+        202
+    );
 }
 
 fn qs(s: &str) -> String {
