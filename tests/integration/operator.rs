@@ -85,6 +85,18 @@ pub(crate) async fn request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
+    let (status, _, body) = exchange(addr, method, path, headers, body).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request on a new connection: (status, response head, body).
+pub(crate) async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -97,18 +109,15 @@ pub(crate) async fn request(
     parse_response(&out)
 }
 
-fn parse_response(out: &[u8]) -> (u16, String) {
+fn parse_response(out: &[u8]) -> (u16, String, String) {
     let text = String::from_utf8_lossy(out);
     let status = text
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
 }
 
 async fn start(addr: SocketAddr, path: &str, key: &str, n: u32) -> u16 {
@@ -603,6 +612,15 @@ async fn the_operator_api_lists_replays_recovers_and_disables(engine: Engine) {
         count(&admin(a, "GET", "/v1/admin/deliveries?tenant=t1").await.1),
         3
     );
+    let ep_query = format!(
+        "/v1/admin/deliveries?endpoint={}",
+        qs("a1/automation notify step 1")
+    );
+    assert_eq!(count(&admin(a, "GET", &ep_query).await.1), 3);
+    let call = list[0]["call_id"].as_str().unwrap().to_string();
+    let (_, by_call) = admin(a, "GET", &format!("/v1/admin/deliveries?call_id={call}")).await;
+    assert_eq!(count(&by_call), 1);
+    assert_eq!(by_call["deliveries"][0]["call_id"], call);
     assert_eq!(
         count(
             &admin(a, "GET", "/v1/admin/deliveries?tenant=nobody")
@@ -1154,4 +1172,198 @@ async fn a_secret_echoed_by_the_receiver_is_not_kept_in_the_log() {
     assert!(kept.contains("***"), "{kept}");
     assert!(!kept.contains("tok-very-secret-value"), "{kept}");
     bus.close().await;
+}
+
+/// A delivery waiting for its next attempt shows when it is due, and replaying it is a
+/// conflict (409), not a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_delivery_shows_its_next_attempt_and_is_not_replayed() {
+    let (rx, _) = receiver(Arc::new(AtomicBool::new(true))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a1.toml");
+    std::fs::write(
+        &file,
+        agent_file("a1", "t1", "T1_KEY", &["notify"], &rx.origin()),
+    )
+    .unwrap();
+    let db = dir.path().join("outbox.db");
+    let s = Served::start(
+        &file,
+        &[
+            "--db",
+            db.to_str().unwrap(),
+            "--admin-secret",
+            "OPS_KEY",
+            "--retry-schedule-ms",
+            "600000",
+        ],
+        &[
+            ("MIDCALL_SECRET_T1_KEY", T1_KEY),
+            ("MIDCALL_SECRET_OPS_KEY", OPS_KEY),
+        ],
+    )
+    .await;
+    assert_eq!(
+        start(s.addr, "/v1/automations/notify/webhook", T1_KEY, 1).await,
+        202
+    );
+    let mut d = Value::Null;
+    for _ in 0..1000 {
+        let (_, v) = admin(s.addr, "GET", "/v1/admin/deliveries").await;
+        d = v["deliveries"][0].clone();
+        if d["attempts_made"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(d["status"], "pending", "{d}");
+    let next = d["next_attempt_ms"].as_i64().unwrap();
+    let created = d["created_ms"].as_i64().unwrap();
+    assert!(
+        next >= created + 400_000,
+        "the retry is 10 min (jittered) away: {d}"
+    );
+    let (status, v) = admin(
+        s.addr,
+        "POST",
+        &format!("/v1/admin/deliveries/{}/replay", d["id"]),
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("pending"));
+}
+
+/// Console sessions: the cookie's flags, the page headers, a session from one process
+/// accepted by another with the same admin key, a logout ending it where it was served;
+/// and failures from an address are limited (429) without locking the key out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_cross_processes_and_failures_never_lock_the_key_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a1.toml");
+    std::fs::write(
+        &file,
+        agent_file("a1", "t1", "T1_KEY", &["notify"], "http://127.0.0.1:9"),
+    )
+    .unwrap();
+    let env = [
+        ("MIDCALL_SECRET_T1_KEY", T1_KEY),
+        ("MIDCALL_SECRET_OPS_KEY", OPS_KEY),
+    ];
+    let serve = |name: &str| {
+        let db = dir.path().join(name);
+        let file = file.clone();
+        async move {
+            Served::start(
+                &file,
+                &["--db", db.to_str().unwrap(), "--admin-secret", "OPS_KEY"],
+                &env,
+            )
+            .await
+        }
+    };
+    let (a, b) = (serve("a.db").await, serve("b.db").await);
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let (status, head, _) = exchange(
+        a.addr,
+        "POST",
+        "/console/login",
+        &form,
+        &format!("secret={OPS_KEY}"),
+    )
+    .await;
+    assert_eq!(status, 303);
+    let set_cookie = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap()
+        .to_string();
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
+    assert!(
+        !set_cookie.contains("Secure"),
+        "plain HTTP on loopback: {set_cookie}"
+    );
+    let cookie = set_cookie
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page = |addr: SocketAddr| {
+        let cookie = cookie.clone();
+        async move { exchange(addr, "GET", "/console/agents", &[("Cookie", &cookie)], "").await }
+    };
+    let (status, head, body) = page(b.addr).await;
+    assert_eq!(status, 200, "the other process accepts the session");
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    assert!(
+        lower.contains("frame-ancestors 'none'") && lower.contains("x-frame-options: deny"),
+        "{head}"
+    );
+    let csrf = body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let (status, _, _) = exchange(
+        a.addr,
+        "POST",
+        "/console/logout",
+        &[("Cookie", &cookie), form[0]],
+        &format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(status, 303);
+    let (status, head, _) = page(a.addr).await;
+    assert_eq!(status, 303, "logged out where the logout was served");
+    assert!(
+        head.contains("location: /console/login") || head.contains("Location: /console/login"),
+        "{head}"
+    );
+    assert_eq!(
+        page(b.addr).await.0,
+        200,
+        "another process does not know of the logout"
+    );
+
+    // Wrong keys from this address run out (429); the right key still gets in.
+    let mut limited = false;
+    for _ in 0..400 {
+        let (status, _) = request(
+            b.addr,
+            "GET",
+            "/v1/admin/runs",
+            &[("Authorization", "Bearer wrong-key")],
+            "",
+        )
+        .await;
+        assert!(status == 401 || status == 429, "{status}");
+        if status == 429 {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "failures are rate limited");
+    assert_eq!(admin(b.addr, "GET", "/v1/admin/runs").await.0, 200);
+    let (status, _, _) = exchange(b.addr, "POST", "/console/login", &form, "secret=wrong").await;
+    assert_eq!(status, 429, "a login from the same address is limited too");
+    let (status, _, _) = exchange(
+        b.addr,
+        "POST",
+        "/console/login",
+        &form,
+        &format!("secret={OPS_KEY}"),
+    )
+    .await;
+    assert_eq!(status, 303, "the right key logs in");
 }
