@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::operator::{agent_file, request, Served};
+use super::operator::{agent_file, agents_dir, request, Served};
 use crate::support::servers::{Reply, TestServer};
 
 const T1_KEY: &str = "tenant-one-inbound-key";
@@ -58,8 +58,6 @@ async fn the_console_in_chromium_logs_in_shows_a_failure_and_replays_it() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let agents = dir.path().join("agents");
-    std::fs::create_dir(&agents).unwrap();
     let o = rx.origin();
     let mut front = agent_file(
         "front-desk",
@@ -71,12 +69,16 @@ async fn the_console_in_chromium_logs_in_shows_a_failure_and_replays_it() {
     front.push_str(&format!(
         "\n[[actions]]\nname = \"lookup_customer\"\ndescription = \"Look up the caller's account\"\nurl = \"{o}/customers?phone={{{{call.from_number}}}}\"\nheaders = {{ Authorization = \"Bearer {{{{secrets.CRM_TOKEN}}}}\" }}\n\n[[webhooks]]\nlabel = \"Transcripts to the warehouse\"\nurl = \"{o}/warehouse\"\nsubscriptions = [\"transcript\", \"phone_call_ended\"]\nsigning_secret = \"{{{{secrets.WHSEC}}}}\"\nmax_per_second = 20\n"
     ));
-    std::fs::write(agents.join("front-desk.toml"), front).unwrap();
-    std::fs::write(
-        agents.join("outage-line.toml"),
-        agent_file("outage-line", "city-power", "T2_KEY", &["report"], &o),
-    )
-    .unwrap();
+    let agents = agents_dir(
+        dir.path(),
+        &[
+            ("front-desk.toml", front),
+            (
+                "outage-line.toml",
+                agent_file("outage-line", "city-power", "T2_KEY", &["report"], &o),
+            ),
+        ],
+    );
     let db = dir.path().join("outbox.db");
     let s = Served::start(
         &agents,

@@ -31,6 +31,16 @@ pub(crate) fn agent_file(agent: &str, tenant: &str, key: &str, ids: &[&str], rx:
     t
 }
 
+/// `dir/agents` with these agent files in it.
+pub(crate) fn agents_dir(dir: &Path, files: &[(&str, String)]) -> std::path::PathBuf {
+    let agents = dir.join("agents");
+    std::fs::create_dir(&agents).unwrap();
+    for (name, text) in files {
+        std::fs::write(agents.join(name), text).unwrap();
+    }
+    agents
+}
+
 /// A `midcall serve` child, killed on drop, its stdout lines sent to a channel.
 pub(crate) struct Served {
     pub(crate) child: std::process::Child,
@@ -170,24 +180,18 @@ async fn receiver(fail: Arc<AtomicBool>) -> (TestServer, Arc<Mutex<Vec<Recorded>
 async fn a_directory_of_agents_routes_per_agent_behind_tenant_walls() {
     let (rx, got) = receiver(Arc::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let agents = dir.path().join("agents");
-    std::fs::create_dir(&agents).unwrap();
     let o = rx.origin();
-    std::fs::write(
-        agents.join("a1.toml"),
-        agent_file("a1", "t1", "T1_KEY", &["notify"], &o),
-    )
-    .unwrap();
-    std::fs::write(
-        agents.join("a2.toml"),
-        agent_file("a2", "t1", "T1_KEY", &["notify"], &o),
-    )
-    .unwrap();
-    std::fs::write(
-        agents.join("b.toml"),
-        agent_file("b", "t2", "T2_KEY", &["notify", "b-only"], &o),
-    )
-    .unwrap();
+    let agents = agents_dir(
+        dir.path(),
+        &[
+            ("a1.toml", agent_file("a1", "t1", "T1_KEY", &["notify"], &o)),
+            ("a2.toml", agent_file("a2", "t1", "T1_KEY", &["notify"], &o)),
+            (
+                "b.toml",
+                agent_file("b", "t2", "T2_KEY", &["notify", "b-only"], &o),
+            ),
+        ],
+    );
     std::fs::write(agents.join("README.md"), "not an agent file").unwrap();
     let db = dir.path().join("outbox.db");
     let s = Served::start(
@@ -523,19 +527,14 @@ async fn the_operator_api_lists_replays_recovers_and_disables(engine: Engine) {
     let fail = Arc::new(AtomicBool::new(true));
     let (rx, got) = receiver(fail.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let agents = dir.path().join("agents");
-    std::fs::create_dir(&agents).unwrap();
     let o = rx.origin();
-    std::fs::write(
-        agents.join("a1.toml"),
-        agent_file("a1", "t1", "T1_KEY", &["notify"], &o),
-    )
-    .unwrap();
-    std::fs::write(
-        agents.join("b.toml"),
-        agent_file("b", "t2", "T2_KEY", &["notify"], &o),
-    )
-    .unwrap();
+    let agents = agents_dir(
+        dir.path(),
+        &[
+            ("a1.toml", agent_file("a1", "t1", "T1_KEY", &["notify"], &o)),
+            ("b.toml", agent_file("b", "t2", "T2_KEY", &["notify"], &o)),
+        ],
+    );
     let db = engine.db(dir.path(), "outbox.db");
     let s = Served::start(
         &agents,
