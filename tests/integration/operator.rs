@@ -1284,6 +1284,7 @@ async fn console_sessions_cross_processes_and_failures_never_lock_the_key_out() 
         !set_cookie.contains("Secure"),
         "plain HTTP on loopback: {set_cookie}"
     );
+    assert!(set_cookie.contains("Max-Age=43200"), "12 h: {set_cookie}");
     let cookie = set_cookie
         .split_once(':')
         .unwrap()
@@ -1365,4 +1366,41 @@ async fn console_sessions_cross_processes_and_failures_never_lock_the_key_out() 
     )
     .await;
     assert_eq!(status, 303, "the right key logs in");
+}
+
+/// Each agent has its own inbound token buckets: requests to another agent (whose rate is
+/// high) never refill the buckets of an agent with a low one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_agent_has_its_own_inbound_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = agent_file("slow", "t1", "T1_KEY", &["x"], "http://127.0.0.1:9").replace(
+        "per_second = 10000, burst = 10000",
+        "per_second = 0.01, burst = 1",
+    );
+    let fast = agent_file("fast", "t1", "FAST_KEY", &["y"], "http://127.0.0.1:9");
+    let agents = agents_dir(dir.path(), &[("slow.toml", slow), ("fast.toml", fast)]);
+    let db = dir.path().join("outbox.db");
+    let s = Served::start(
+        &agents,
+        &["--db", db.to_str().unwrap()],
+        &[
+            ("MIDCALL_SECRET_T1_KEY", T1_KEY),
+            ("MIDCALL_SECRET_FAST_KEY", "fast-agent-inbound-key"),
+        ],
+    )
+    .await;
+    let slow_route = "/v1/agents/slow/automations/x/webhook";
+    assert_eq!(start(s.addr, slow_route, T1_KEY, 1).await, 202);
+    for n in 0..5 {
+        // The same key sent to the fast agent: refused there, and no token for the slow one.
+        assert_eq!(
+            start(s.addr, "/v1/agents/fast/automations/y/webhook", T1_KEY, n).await,
+            401
+        );
+    }
+    assert_eq!(
+        start(s.addr, slow_route, T1_KEY, 2).await,
+        429,
+        "the slow agent's burst is spent"
+    );
 }
