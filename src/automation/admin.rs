@@ -440,23 +440,12 @@ fn prefixes(
         .filter(|s| tenant.is_none_or(|t| s.agent().tenant == t))
         .map(|s| s.agent().id.as_str())
         .collect();
-    if agents.qualified() {
-        Some(ids.iter().map(|a| format!("{a}/")).collect())
-    } else if ids.is_empty() {
-        Some(Vec::new())
-    } else {
-        None
-    }
+    agents.name_prefixes(&ids)
 }
 
 /// The agent a stored endpoint or run name belongs to.
 pub(crate) fn agent_of(automations: &Automations, stored: &str) -> Option<String> {
-    let agents = automations.agents();
-    if agents.qualified() {
-        stored.split_once('/').map(|(a, _)| a.to_string())
-    } else {
-        Some(agents.first().agent().id.clone())
-    }
+    automations.agents().owner(stored).map(str::to_string)
 }
 
 /// Parsed delivery filters (shared with the console).

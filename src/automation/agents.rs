@@ -127,6 +127,28 @@ impl Agents {
         }
     }
 
+    /// The id of the agent a stored name belongs to (it may no longer be loaded).
+    pub fn owner<'a>(&'a self, stored: &'a str) -> Option<&'a str> {
+        if self.qualified {
+            stored.split_once('/').map(|(agent, _)| agent)
+        } else {
+            Some(self.first().agent().id.as_str())
+        }
+    }
+
+    /// What the stored names of these agents start with: `agent/` each when qualified;
+    /// `None` (every name) for the one agent of [`Agents::one`], `Some(empty)` (no name) when
+    /// `ids` leaves it out.
+    pub fn name_prefixes(&self, ids: &[&str]) -> Option<Vec<String>> {
+        if self.qualified {
+            Some(ids.iter().map(|a| format!("{a}/")).collect())
+        } else if ids.is_empty() {
+            Some(Vec::new())
+        } else {
+            None
+        }
+    }
+
     /// The agent a stored name belongs to, and the name without it.
     pub fn split<'a>(&'a self, stored: &'a str) -> Option<(&'a Arc<ActionSet>, &'a str)> {
         if self.qualified {

@@ -83,7 +83,7 @@ impl EventBusBuilder {
     /// The agent's `[[webhooks]]`. Default none. (Its automations' `send_webhook` steps are
     /// resolved by the [`crate::Automations`] that queue them, which register with the bus.)
     pub fn webhooks(mut self, set: &ActionSet) -> Self {
-        self.webhooks = hooks_of_set(set, None);
+        self.webhooks = hooks_of(&Agents::one(Arc::new(set.clone())));
         self
     }
     /// The `[[webhooks]]` of every agent (see [`Agents`]): with many, each receives only its own
@@ -271,29 +271,19 @@ pub(crate) struct Hook {
 
 type Hooks = Arc<std::sync::RwLock<Arc<Vec<Hook>>>>;
 
-fn hooks_of_set(set: &ActionSet, agent: Option<&str>) -> Vec<Hook> {
-    set.webhooks()
-        .iter()
-        .enumerate()
-        .map(|(i, w)| Hook {
-            name: match agent {
-                Some(a) => format!("{a}/{}", endpoint_name(i, w)),
-                None => endpoint_name(i, w),
-            },
-            agent: agent.map(str::to_string),
-            spec: w.clone(),
-        })
-        .collect()
-}
-
+/// The webhooks of `agents`, named as [`Agents::name`] stores them.
 fn hooks_of(agents: &Agents) -> Vec<Hook> {
-    if !agents.qualified() {
-        return hooks_of_set(agents.first(), None);
-    }
     agents
         .sets()
         .iter()
-        .flat_map(|s| hooks_of_set(s, Some(&s.agent().id)))
+        .flat_map(|s| {
+            let id = &s.agent().id;
+            s.webhooks().iter().enumerate().map(move |(i, w)| Hook {
+                name: agents.name(id, &endpoint_name(i, w)),
+                agent: agents.qualified().then(|| id.clone()),
+                spec: w.clone(),
+            })
+        })
         .collect()
 }
 
