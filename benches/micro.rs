@@ -8,7 +8,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};
 
-use midcall::bench_data::{crm_response, FILTER_QUERY, SIMPLE_QUERIES};
+use data::{crm_response, FILTER_QUERY, SIMPLE_QUERIES};
+#[path = "data.rs"]
+mod data;
+
 use midcall::exec::Budget;
 use midcall::jsonpath::{Conversion, ExtractRule, Extractor};
 use midcall::transport::EgressPolicy;

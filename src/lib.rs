@@ -73,22 +73,25 @@
 //! ```
 
 pub mod automation;
-#[doc(hidden)]
-pub mod bench_data;
 pub mod cache;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod events;
 pub mod exec;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod jsonpath;
+pub mod server;
+pub mod stack;
 pub mod state;
 mod store;
 pub mod template;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
+pub mod time;
 pub mod transport;
 
-pub use automation::{Automations, InboundServer, RunLog, StartError};
+pub use automation::{Automations, RunLog, StartError};
 pub use config::{
     ActionSet, ActionSpec, ArgsError, ConfigError, Format, LoadError, RenderedRequest,
     RequestError, Syntax,
@@ -98,6 +101,8 @@ pub use exec::{
     Budget, CallSession, Error, Outcome, Runtime, RuntimeBuilder, Status, ToolCall, ToolHandle,
 };
 pub use jsonpath::{ExtractError, Extractor, Query, QueryError};
+pub use server::InboundServer;
+pub use stack::{Stack, StackBuilder, StackError};
 pub use state::{Call, CallEnd, CallInfo, ConversationState, Speaker, StatePath, Transcript, Turn};
 pub use template::{EnvSecrets, MapSecrets, RenderContext, Secret, SecretSource};
 pub use transport::{Deadline, EgressPolicy};

@@ -48,9 +48,7 @@ fn main() -> ExitCode {
             let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
                 .install_recorder()
                 .ok()
-                .map(|h| {
-                    std::sync::Arc::new(move || h.render()) as midcall::automation::MetricsRender
-                });
+                .map(|h| std::sync::Arc::new(move || h.render()) as midcall::server::MetricsRender);
             cli::serve::run(a, metrics)
         }
         Command::Runs(a) => cli::runs::run(a),

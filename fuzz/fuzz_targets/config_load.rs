@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::fuzzing::config_load(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::testing::config_load(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::fuzzing::egress_host(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::testing::egress_host(data));

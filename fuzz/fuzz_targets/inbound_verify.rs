@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::fuzzing::inbound_verify(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::testing::inbound_verify(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::fuzzing::jsonpath_compile(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::testing::jsonpath_compile(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::fuzzing::response_extract(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::testing::response_extract(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::fuzzing::retry_after(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::testing::retry_after(data));

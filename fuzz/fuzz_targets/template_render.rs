@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::fuzzing::template_render(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| midcall::testing::template_render(data));

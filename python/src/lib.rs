@@ -20,12 +20,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Number, Value};
 
-use midcall::demo::{DemoSecrets, Mock, MockResolver};
-use midcall::events::time;
+use midcall::demo::{DemoSecrets, Mock};
 use midcall::exec::Budget;
+use midcall::time;
 use midcall::{
-    ActionSet, Automations, CallEnd, CallInfo, CallSession, EgressPolicy, EnvSecrets, EventBus,
-    Format, MapSecrets, SecretSource, ToolCall, Turn,
+    ActionSet, Automations, CallEnd, CallInfo, CallSession, EnvSecrets, Format, MapSecrets,
+    SecretSource, ToolCall, Turn,
 };
 
 pyo3::create_exception!(
@@ -273,39 +273,26 @@ struct Options {
 fn build(o: Options) -> PyResult<PyRuntime> {
     let set = ActionSet::load(&o.path).map_err(|e| ConfigError::new_err(e.to_string()))?;
     let agent = Arc::new(set);
-    let mut policy = EgressPolicy::from_config(agent.egress())
+    let mut policy = agent
+        .egress()
+        .policy()
         .allow_http(agent.egress().allow_http || o.allow_http);
     for (i, cidr) in o.allow_networks.iter().enumerate() {
-        let net = EgressPolicy::parse_network(cidr).ok_or_else(|| {
+        let net = midcall::config::parse_network(cidr).ok_or_else(|| {
             PyValueError::new_err(format!(
                 "allow_networks[{i}]: \"{cidr}\" is not a CIDR such as 10.0.0.0/8"
             ))
         })?;
         policy = policy.allow_network(net);
     }
-    let _enter = tokio().enter();
-    let mut builder = midcall::Runtime::builder();
-    let mut mock = None;
+    let mut builder = midcall::Stack::for_agent(agent.clone()).egress(policy);
     if o.mock {
         if o.secrets.is_some() {
             return Err(PyValueError::new_err(
                 "mock=True brings demo secrets (or MIDCALL_SECRET_<NAME> where set): pass no secrets",
             ));
         }
-        let secrets = Arc::new(DemoSecrets::env_first());
-        let m = tokio()
-            .block_on(Mock::start(
-                &midcall::demo::hosts(&agent),
-                &[],
-                secrets.clone(),
-            ))
-            .map_err(|e| PyRuntimeError::new_err(format!("mock CRM: {e}")))?;
-        policy = policy.allow_network("127.0.0.0/8".parse().expect("a CIDR"));
-        builder = builder
-            .resolver(Arc::new(MockResolver(m.addr)))
-            .add_root_certificate(m.cert_der.clone())
-            .secrets(secrets);
-        mock = Some(m);
+        builder = builder.mock(Vec::new(), Arc::new(DemoSecrets::env_first()));
     } else {
         let secrets: Arc<dyn SecretSource> = match o.secrets {
             Some(s) => Arc::new(s),
@@ -313,36 +300,22 @@ fn build(o: Options) -> PyResult<PyRuntime> {
         };
         builder = builder.secrets(secrets);
     }
-    builder = builder.egress(policy);
-    let mut pems = Vec::new();
     for (i, path) in o.ca_certs.iter().enumerate() {
         let pem = std::fs::read(path)
             .map_err(|e| PyValueError::new_err(format!("ca_certs[{i}] {path}: {e}")))?;
-        builder = builder
-            .add_root_certificates_pem(&pem)
-            .map_err(|e| PyValueError::new_err(format!("ca_certs[{i}] {path}: {e}")))?;
-        pems.push(pem);
+        builder = builder.add_roots_pem(format!("ca_certs[{i}] {path}"), pem);
     }
     if let Some(db) = &o.outbox {
-        let mut bus = EventBus::builder(db).webhooks(&agent);
-        for pem in &pems {
-            bus = bus
-                .add_root_certificates_pem(pem)
-                .map_err(|e| PyValueError::new_err(format!("ca_certs: {e}")))?;
-        }
-        builder = builder.event_bus(bus);
+        builder = builder.outbox(db, |bus| bus);
     }
-    let rt = builder
-        .build()
-        .map_err(|e| PyRuntimeError::new_err(format!("outbox {:?}: {e}", o.outbox)))?;
-    let automations = match rt.event_bus().cloned() {
-        Some(bus) => Some(
-            Automations::builder(agent.clone(), rt.clone(), bus)
-                .start()
-                .map_err(PyRuntimeError::new_err)?,
-        ),
-        None => None,
-    };
+    let stack = tokio().block_on(builder.build()).map_err(|e| match e {
+        midcall::StackError::Roots { .. } => PyValueError::new_err(e.to_string()),
+        midcall::StackError::Runtime(e) => {
+            PyRuntimeError::new_err(format!("outbox {:?}: {e}", o.outbox))
+        }
+        e => PyRuntimeError::new_err(e.to_string()),
+    })?;
+    let (rt, automations, mock) = (stack.runtime, stack.automations, stack.mock);
     Ok(PyRuntime {
         rt,
         agent,

@@ -7,31 +7,14 @@
 //! step stops its run and the run log says why. Runs interrupted by a shutdown resume at their
 //! first unfinished step on the next start.
 
-mod admin;
-mod agents;
-mod console;
-mod inbound;
 pub(crate) mod runlog;
 mod runner;
 
 pub use crate::state::CallEnd;
-pub use admin::{ADMIN_BURST, ADMIN_MAX_LIMIT, ADMIN_RATE_PER_SECOND};
-pub use agents::Agents;
-pub use console::{COOKIE as CONSOLE_COOKIE, SESSION_S as CONSOLE_SESSION_S};
-pub use inbound::{
-    check_signature, is_json, parse_payload, InboundServer, MetricsRender, DEFAULT_READ_TIMEOUT,
-    REPLAY_WINDOW, SIGNATURE_TOLERANCE_S,
-};
-pub use runlog::{RunLog, RunRecord, StepRecord};
-pub use runner::{Automations, AutomationsBuilder, StartError, WebhookTarget};
-
-/// The `target` of an automation delivery: which run and step it belongs to.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub(crate) struct TargetRef {
-    pub(crate) run: String,
-    pub(crate) automation: String,
-    pub(crate) step: usize,
-}
+pub use crate::store::{RunRecord, StepRecord};
+pub use runlog::RunLog;
+pub(crate) use runner::step_endpoint;
+pub use runner::{Automations, AutomationsBuilder, StartError, WebhookTarget, REPLAY_WINDOW};
 
 /// What an automation run's templates read: call facts, state, transcript and payload.
 pub(crate) use crate::template::RenderInputs as RunContext;

@@ -6,16 +6,20 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::agents::Agents;
-use super::runlog::{ClaimedRun, RunLog, StepRecord};
-use super::{post_call_payload, RunContext, TargetRef};
+use super::runlog::RunLog;
+use super::{post_call_payload, RunContext};
+use crate::config::Agents;
 use crate::config::{ActionSet, AutomationSpec, Step, Trigger};
-use crate::events::outbox::NewEvent;
-use crate::events::{time, Event, EventBus};
+use crate::events::{Event, EventBus};
 use crate::exec::{Budget, CallCompletion, Runtime, ToolCall};
 use crate::state::{Call, CallEnd, CallInfo};
-use crate::store::{Db, OwnedRun};
+use crate::store::{ClaimedRun, Db, NewEvent, OwnedRun, StepRecord, TargetRef};
 use crate::template::{BodyTemplate, Redactor, RenderErrorKind, SecretSource};
+use crate::time;
+
+/// How long a `webhook-id` is remembered to refuse replays: 10 minutes (longer than the
+/// whole window a timestamp is accepted in).
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(600);
 
 /// Why runs could not be started.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,7 +47,7 @@ pub enum StartError {
     /// The payload does not fit the automation's steps.
     #[error("{0}")]
     InvalidPayload(String),
-    /// This `webhook-id` started a run within [`super::REPLAY_WINDOW`].
+    /// This `webhook-id` started a run within [`REPLAY_WINDOW`].
     #[error("webhook-id \"{0}\" was already used")]
     Replayed(String),
     /// The run could not be stored (or an event not published).
@@ -465,7 +469,7 @@ impl Automations {
     }
 
     /// [`Automations::start_webhook`] for a signed request: `webhook_id` is stored with the run,
-    /// in the same transaction, and a `webhook_id` seen in the last [`super::REPLAY_WINDOW`]
+    /// in the same transaction, and a `webhook_id` seen in the last [`REPLAY_WINDOW`]
     /// is refused with [`StartError::Replayed`] (across restarts too).
     pub async fn start_webhook_once(
         &self,
@@ -503,7 +507,7 @@ impl Automations {
         };
         self.check_payload(set, a, &context)?;
         let bytes = serde_json::to_vec(&context).map_err(|e| StartError::Storage(e.to_string()))?;
-        let window = super::REPLAY_WINDOW.as_millis() as i64;
+        let window = REPLAY_WINDOW.as_millis() as i64;
         let fresh = self
             .inner
             .db

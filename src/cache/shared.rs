@@ -67,7 +67,7 @@ impl SharedCacheConfig {
 
 /// A `redis://` URL with its password replaced by `***`.
 pub fn redact(url: &str) -> String {
-    crate::store::pg::redact_url(url)
+    crate::template::redact_url(url)
 }
 
 /// An L2 key: `midcall:c:<tenant, hex>:<HMAC, hex>`.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use midcall::automation::Agents;
+use midcall::config::Agents;
 use midcall::ActionSet;
 
 /// What the command line named, and the agent files that are there now.

@@ -56,7 +56,7 @@ pub(crate) fn run(args: CheckArgs) -> Result<ExitCode, String> {
     }
     // What serve would refuse when given the same arguments.
     if files.many && !failed {
-        if let Err(e) = midcall::automation::Agents::many(sets) {
+        if let Err(e) = midcall::config::Agents::many(sets) {
             failed = true;
             if args.json {
                 println!(

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use midcall::events::{time, DeliveryLog};
+use midcall::events::DeliveryLog;
+use midcall::time;
 
 /// List webhook deliveries (newest first), or replay them.
 ///

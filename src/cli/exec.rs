@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use midcall::exec::Budget;
-use midcall::{ActionSet, Call, ConversationState, Outcome, Runtime, ToolCall};
+use midcall::{ActionSet, Call, ConversationState, Outcome, ToolCall};
 
 /// Run an action against its real endpoint and print the outcome.
 ///
@@ -59,19 +59,22 @@ pub(crate) fn run(a: ExecArgs) -> Result<ExitCode, String> {
     let info = super::render::call_from_flag(&a.call, &set.agent().id, &set.agent().tenant)?;
     // Each --repeat run is a distinct tool call: duplicate protection would turn runs 2..N
     // into replays of the first, so it is off here.
-    let builder = Runtime::builder()
-        .egress(a.net.policy(&set)?)
-        .dedupe_window(Duration::ZERO);
-    let runtime = a
+    let stack = a
         .net
-        .with_ca(builder, |b, pem| b.add_root_certificates_pem(pem))?
-        .build()?;
+        .stack(midcall::config::Agents::one(std::sync::Arc::new(
+            set.clone(),
+        )))?
+        .runtime(|r| r.dedupe_window(Duration::ZERO));
     // One sequential call: a single-threaded runtime keeps each action and its connection's
     // task on one thread, so the connection is back in the pool before the next run.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let runtime = rt
+        .block_on(stack.build())
+        .map_err(|e| e.to_string())?
+        .runtime;
     rt.block_on(async move {
         let mut call = Call::new(info);
         call.state = state;

@@ -2,22 +2,25 @@
 
 pub(crate) mod agents;
 pub(crate) mod bench;
+pub(crate) mod bench_args;
 pub(crate) mod check;
 pub(crate) mod deliveries;
 pub(crate) mod exec;
-pub(crate) mod fleet_bench;
 pub(crate) mod jsonpath;
+pub(crate) mod measure;
 pub(crate) mod render;
 pub(crate) mod runs;
 pub(crate) mod serve;
 pub(crate) mod simulate;
-pub(crate) mod soak;
+pub(crate) mod table;
 pub(crate) mod tools;
 pub(crate) mod webhooks;
 
 use std::io::Read;
 
 use midcall::ActionSet;
+
+pub(crate) use table::Table;
 
 /// Exit code for bad config, arguments or input.
 pub(crate) const EXIT_BAD_INPUT: u8 = 2;
@@ -65,17 +68,18 @@ impl NetworkArgs {
         egress_policy(set, self.allow_http, &self.allow_network)
     }
 
-    /// `builder` with the `--ca-cert` roots added by `add` (a runtime's or an event bus's).
-    pub(crate) fn with_ca<B>(
+    /// A stack for `agents` with this policy and the `--ca-cert` roots.
+    pub(crate) fn stack(
         &self,
-        builder: B,
-        add: impl FnOnce(B, &[u8]) -> Result<B, String>,
-    ) -> Result<B, String> {
-        let Some(path) = &self.ca_cert else {
-            return Ok(builder);
-        };
-        let pem = std::fs::read(path).map_err(|e| format!("--ca-cert {path}: {e}"))?;
-        add(builder, &pem).map_err(|e| format!("--ca-cert {path}: {e}"))
+        agents: midcall::config::Agents,
+    ) -> Result<midcall::StackBuilder, String> {
+        let policy = self.policy(agents.first())?;
+        let mut builder = midcall::Stack::builder(agents).egress(policy);
+        if let Some(path) = &self.ca_cert {
+            let pem = std::fs::read(path).map_err(|e| format!("--ca-cert {path}: {e}"))?;
+            builder = builder.add_roots_pem(format!("--ca-cert {path}"), pem);
+        }
+        Ok(builder)
     }
 }
 
@@ -85,10 +89,12 @@ pub(crate) fn egress_policy(
     allow_http: bool,
     allow_networks: &[String],
 ) -> Result<midcall::EgressPolicy, String> {
-    let mut policy = midcall::EgressPolicy::from_config(set.egress())
+    let mut policy = set
+        .egress()
+        .policy()
         .allow_http(set.egress().allow_http || allow_http);
     for cidr in allow_networks {
-        let net = midcall::EgressPolicy::parse_network(cidr).ok_or_else(|| {
+        let net = midcall::config::parse_network(cidr).ok_or_else(|| {
             format!("--allow-network: \"{cidr}\" is not a CIDR such as 10.0.0.0/8")
         })?;
         policy = policy.allow_network(net);
@@ -99,68 +105,6 @@ pub(crate) fn egress_policy(
 /// "1 delivery", "2 deliveries".
 pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
-}
-
-/// A table for people: columns as wide as their widest cell, numbers right-aligned, the last
-/// column left unpadded.
-pub(crate) struct Table {
-    head: Vec<(&'static str, bool)>,
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    /// Columns by name; `true` right-aligns one (numbers).
-    pub(crate) fn new(head: &[(&'static str, bool)]) -> Table {
-        Table {
-            head: head.to_vec(),
-            rows: Vec::new(),
-        }
-    }
-
-    pub(crate) fn row(&mut self, cells: Vec<String>) {
-        // One line per row: a newline in a cell (an error text) would break the table.
-        let cells = cells
-            .into_iter()
-            .map(|c| c.replace(|ch: char| ch.is_control(), " "))
-            .collect();
-        self.rows.push(cells);
-    }
-
-    /// The header and the rows, one line each.
-    pub(crate) fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.head.iter().map(|(h, _)| h.chars().count()).collect();
-        for r in &self.rows {
-            for (w, c) in widths.iter_mut().zip(r) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-        let line = |cells: Vec<&str>| {
-            let last = cells.len().saturating_sub(1);
-            let mut out = String::new();
-            for (i, c) in cells.iter().enumerate().take(self.head.len()) {
-                if i > 0 {
-                    out.push_str("  ");
-                }
-                let pad = widths[i].saturating_sub(c.chars().count());
-                if self.head[i].1 {
-                    out.push_str(&" ".repeat(pad));
-                    out.push_str(c);
-                } else if i == last {
-                    out.push_str(c);
-                } else {
-                    out.push_str(c);
-                    out.push_str(&" ".repeat(pad));
-                }
-            }
-            out.trim_end().to_string()
-        };
-        let mut out = line(self.head.iter().map(|(h, _)| *h).collect());
-        for r in &self.rows {
-            out.push('\n');
-            out.push_str(&line(r.iter().map(String::as_str).collect()));
-        }
-        out
-    }
 }
 
 /// The shared cache tier for `--cache-url`, with the fleet's secret from

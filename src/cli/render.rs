@@ -101,7 +101,7 @@ pub(crate) fn run(a: RenderArgs) -> Result<ExitCode, String> {
     // Through the executor's own planning, so the headers it adds are shown too; the
     // default egress policy would refuse http:// or loopback URLs that `exec` may reach with
     // flags, and rendering sends nothing, so the file's scheme is taken as it is.
-    let policy = midcall::EgressPolicy::from_config(set.egress()).allow_http(true);
+    let policy = set.egress().policy().allow_http(true);
     let runtime = midcall::Runtime::builder()
         .egress(policy)
         .secrets(secrets)

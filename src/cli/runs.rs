@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use midcall::events::time;
+use midcall::time;
 use midcall::RunLog;
 
 /// List automation runs and what each step did.

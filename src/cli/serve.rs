@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use clap::Args;
 
-use midcall::automation::MetricsRender;
-use midcall::{Automations, EventBus, InboundServer, Runtime, SecretSource};
+use midcall::server::MetricsRender;
+use midcall::{Automations, InboundServer, SecretSource, Stack, StackError};
 
 use super::agents::Loaded;
 
-use midcall::demo::{hosts, DemoSecrets, Mock, MockResolver};
+use midcall::demo::{hosts, DemoSecrets};
 
 /// Serve agents' automations: inbound webhooks, runs, event delivery, the operator API.
 ///
@@ -108,35 +108,9 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         egress: None,
     };
     let agents = rules.servable(&loaded)?;
-    let set = agents.first().clone();
     // Egress is fixed from now on: one process has one policy.
-    rules.egress = Some(set.egress().clone());
-    let policy = a.net.policy(&set)?;
-    let admin_key = admin.map(|(_, k)| k);
-    // The log: inbound requests, runs, delivery attempts, one line each on stderr. It is
-    // written by the subscriber, never waited for by a request.
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::INFO)
-        .with_target(false);
-    if a.log_format == "json" {
-        let _ = tracing::subscriber::set_global_default(subscriber.json().finish());
-    } else {
-        let _ = tracing::subscriber::set_global_default(subscriber.compact().finish());
-    }
-    // Tell the operator now which secrets are missing (a run that needs one fails naming it).
-    let mut missing: Vec<String> = agents
-        .sets()
-        .iter()
-        .flat_map(|s| s.secret_names().iter().cloned())
-        .filter(|n| midcall::EnvSecrets.secret(n).is_none())
-        .collect();
-    missing.sort();
-    missing.dedup();
-    let mut policy = policy;
-    if a.mock {
-        policy = policy.allow_network("127.0.0.0/8".parse().map_err(|_| "loopback")?);
-    }
+    rules.egress = Some(agents.first().egress().clone());
+    init_log(&a.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -152,46 +126,9 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
             .await
             .map_err(|e| format!("--listen {}: {e}", a.listen))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
-        let shown_db = midcall::events::display_db(&a.db);
-        let mut bus = EventBus::builder(&a.db)
-            .agents(&agents)
-            .attempt_timeout(Duration::from_millis(a.attempt_timeout_ms.max(1)));
-        if let Some(s) = &a.retry_schedule_ms {
-            bus = bus.retry_schedule(retry_schedule(s)?);
-        }
-        let bus = a
-            .net
-            .with_ca(bus, |b, pem| b.add_root_certificates_pem(pem))?;
-        let mut builder = Runtime::builder().egress(policy).event_bus(bus);
-        if let Some(cfg) = super::shared_cache(
-            a.cache_url.as_deref(),
-            Some(Duration::from_millis(a.cache_op_timeout_ms)),
-        )? {
-            builder = builder.shared_cache(cfg);
-        }
-        // Kept for the server's life: the stand-in for every host the agent calls.
-        let mut _mock = None;
-        if a.mock {
-            let secrets = Arc::new(DemoSecrets::env_first());
-            let all_hosts: Vec<String> = agents.sets().iter().flat_map(|s| hosts(s)).collect();
-            let mock = Mock::start(&all_hosts, &[], secrets.clone()).await?;
-            builder = builder
-                .resolver(Arc::new(MockResolver(mock.addr)))
-                .add_root_certificate(mock.cert_der.clone())
-                .secrets(secrets);
-            _mock = Some(mock);
-        }
-        let runtime = a
-            .net
-            .with_ca(builder, |b, pem| b.add_root_certificates_pem(pem))?
-            .build()
-            .map_err(|e| format!("--db: {e}"))?;
-        runtime
-            .check_shared_cache(Duration::from_secs(2))
-            .await
-            .map_err(|e| format!("--cache-url: {e}"))?;
-        let bus = runtime.event_bus().cloned().ok_or("no event bus")?;
-        let automations = Automations::for_agents(agents.clone(), runtime, bus.clone()).start()?;
+        let stack = stack(&a, &agents).await?;
+        let automations = stack.automations.clone().ok_or("no automations")?;
+        let bus = stack.bus().cloned().ok_or("no event bus")?;
         let grace = Duration::from_secs(a.grace_s);
         let mut server = InboundServer::new(automations.clone())
             .drain_timeout(grace)
@@ -199,62 +136,17 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         if let Some(m) = metrics {
             server = server.metrics(m);
         }
+        let admin_key = admin.map(|(_, k)| k);
         if let Some(k) = admin_key.clone() {
             server = server.admin_key(k);
         }
-        if agents.sets().len() == 1 {
-            say!(
-                "midcall serve: agent \"{}\" on http://{local}",
-                set.agent().id
-            );
-        } else {
-            say!(
-                "midcall serve: {} ({}) on http://{local}",
-                super::count(agents.sets().len(), "agent", "agents"),
-                agents.ids().join(", ")
-            );
-        }
-        for s in agents.sets() {
-            for x in s.automations().iter().filter(|x| x.trigger.name() == "webhook") {
-                say!(
-                    "  POST http://{local}/v1/agents/{}/automations/{}/webhook",
-                    s.agent().id,
-                    x.id
-                );
-            }
-        }
-        say!("  GET  http://{local}/healthz");
-        say!("  GET  http://{local}/metrics");
-        if admin_key.is_some() {
-            say!("  GET  http://{local}/v1/admin/deliveries (Authorization: Bearer <admin key>)");
-            say!("  GET  http://{local}/console");
-        }
-        if let Some(m) = &_mock {
-            say!(
-                "  mock CRM on https://{} answering for {}",
-                m.addr,
-                agents
-                    .sets()
-                    .iter()
-                    .flat_map(|s| hosts(s))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            if !missing.is_empty() {
-                say!("  demo values for the secrets not set: {}", missing.join(", "));
-            }
-        } else if !missing.is_empty() {
-            say!(
-                "  warning: {} not set: {} (set MIDCALL_SECRET_<NAME>; what needs one fails naming it)",
-                super::count(missing.len(), "secret is", "secrets are"),
-                missing.join(", ")
-            );
-        }
-        // Last line of the banner: what comes after it is the server at work.
-        if let Some(u) = &a.cache_url {
-            say!("  shared cache: {}", midcall::cache::shared::redact(u));
-        }
-        say!("  outbox: {shown_db}");
+        banner(
+            &a,
+            &agents,
+            &local,
+            admin_key.is_some(),
+            stack.mock.as_ref(),
+        );
         let watcher = tokio::spawn(watch(
             loaded,
             files,
@@ -272,10 +164,133 @@ pub(crate) fn run(a: ServeArgs, metrics: Option<MetricsRender>) -> Result<ExitCo
         );
         automations.shutdown(grace).await;
         bus.close().await;
-        say!("midcall serve: stopped; queued work stays in {shown_db}");
+        say!(
+            "midcall serve: stopped; queued work stays in {}",
+            midcall::events::display_db(&a.db)
+        );
         Ok::<_, String>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The log: inbound requests, runs, delivery attempts, one line each on stderr. It is written
+/// by the subscriber, never waited for by a request.
+fn init_log(format: &str) {
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .with_target(false);
+    if format == "json" {
+        let _ = tracing::subscriber::set_global_default(subscriber.json().finish());
+    } else {
+        let _ = tracing::subscriber::set_global_default(subscriber.compact().finish());
+    }
+}
+
+/// The runtime, the outbox and the automations of `agents`, as the flags say.
+async fn stack(a: &ServeArgs, agents: &midcall::config::Agents) -> Result<Stack, String> {
+    let schedule = a
+        .retry_schedule_ms
+        .as_deref()
+        .map(retry_schedule)
+        .transpose()?;
+    let attempt = Duration::from_millis(a.attempt_timeout_ms.max(1));
+    let mut builder = a.net.stack(agents.clone())?.outbox(&a.db, move |bus| {
+        let bus = bus.attempt_timeout(attempt);
+        match schedule {
+            Some(s) => bus.retry_schedule(s),
+            None => bus,
+        }
+    });
+    if let Some(cfg) = super::shared_cache(
+        a.cache_url.as_deref(),
+        Some(Duration::from_millis(a.cache_op_timeout_ms)),
+    )? {
+        builder = builder.shared_cache(cfg);
+    }
+    if a.mock {
+        builder = builder.mock(Vec::new(), Arc::new(DemoSecrets::env_first()));
+    }
+    builder.build().await.map_err(|e| match e {
+        StackError::Runtime(e) => format!("--db: {e}"),
+        StackError::SharedCache(e) => format!("--cache-url: {e}"),
+        e => e.to_string(),
+    })
+}
+
+/// What is served, where: the first lines a `serve` prints.
+fn banner(
+    a: &ServeArgs,
+    agents: &midcall::config::Agents,
+    local: &std::net::SocketAddr,
+    admin: bool,
+    mock: Option<&midcall::demo::Mock>,
+) {
+    if agents.sets().len() == 1 {
+        say!(
+            "midcall serve: agent \"{}\" on http://{local}",
+            agents.first().agent().id
+        );
+    } else {
+        say!(
+            "midcall serve: {} ({}) on http://{local}",
+            super::count(agents.sets().len(), "agent", "agents"),
+            agents.ids().join(", ")
+        );
+    }
+    for s in agents.sets() {
+        for x in s
+            .automations()
+            .iter()
+            .filter(|x| x.trigger.name() == "webhook")
+        {
+            say!(
+                "  POST http://{local}/v1/agents/{}/automations/{}/webhook",
+                s.agent().id,
+                x.id
+            );
+        }
+    }
+    say!("  GET  http://{local}/healthz");
+    say!("  GET  http://{local}/metrics");
+    if admin {
+        say!("  GET  http://{local}/v1/admin/deliveries (Authorization: Bearer <admin key>)");
+        say!("  GET  http://{local}/console");
+    }
+    // Tell the operator now which secrets are missing (a run that needs one fails naming it).
+    let mut missing: Vec<String> = agents
+        .sets()
+        .iter()
+        .flat_map(|s| s.secret_names().iter().cloned())
+        .filter(|n| midcall::EnvSecrets.secret(n).is_none())
+        .collect();
+    missing.sort();
+    missing.dedup();
+    if let Some(m) = mock {
+        let hosts: Vec<String> = agents.sets().iter().flat_map(|s| hosts(s)).collect();
+        say!(
+            "  mock CRM on https://{} answering for {}",
+            m.addr,
+            hosts.join(", ")
+        );
+        if !missing.is_empty() {
+            say!(
+                "  demo values for the secrets not set: {}",
+                missing.join(", ")
+            );
+        }
+    } else if !missing.is_empty() {
+        say!(
+            "  warning: {} not set: {} (set MIDCALL_SECRET_<NAME>; what needs one fails naming it)",
+            super::count(missing.len(), "secret is", "secrets are"),
+            missing.join(", ")
+        );
+    }
+    // Last line of the banner: what comes after it is the server at work.
+    if let Some(u) = &a.cache_url {
+        say!("  shared cache: {}", midcall::cache::shared::redact(u));
+    }
+    say!("  outbox: {}", midcall::events::display_db(&a.db));
 }
 
 /// `--retry-schedule-ms 100,1000,60000`.
@@ -331,7 +346,7 @@ struct Rules {
 }
 
 impl Rules {
-    fn servable(&self, loaded: &Loaded) -> Result<midcall::automation::Agents, String> {
+    fn servable(&self, loaded: &Loaded) -> Result<midcall::config::Agents, String> {
         let agents = loaded.agents()?;
         if let Some(name) = &self.admin_name {
             agents.refuse_secret(name, "admin key")?;

@@ -505,7 +505,7 @@ pub(crate) fn compile(file: AgentFile, source: &str) -> Result<ActionSet, Vec<Pr
         allow_networks: Vec::new(),
     };
     for (i, net) in file.egress.allow_networks.iter().enumerate() {
-        match crate::transport::EgressPolicy::parse_network(net) {
+        match crate::config::parse_network(net) {
             Some(n) => egress.allow_networks.push(n),
             None => problems.push(Problem {
                 path: at!["egress", "allow_networks", i],

@@ -1,6 +1,7 @@
 //! The agent config: actions, webhooks, automations and egress; loaded from TOML or JSON,
 //! validated, and compiled once into an [`ActionSet`].
 
+mod agents;
 mod compile;
 mod error;
 mod event_type;
@@ -11,6 +12,7 @@ mod render;
 mod structure;
 mod tools;
 
+pub use agents::Agents;
 pub use error::{ConfigError, LoadError};
 pub use event_type::EventType;
 pub use load::{Syntax, MAX_CONFIG_BYTES};

@@ -457,6 +457,24 @@ pub struct EgressConfig {
     pub allow_networks: Vec<ipnet::IpNet>,
 }
 
+impl EgressConfig {
+    /// The egress policy this section describes, as the transport enforces it.
+    pub fn policy(&self) -> crate::transport::EgressPolicy {
+        self.allow_networks.iter().fold(
+            crate::transport::EgressPolicy::new().allow_http(self.allow_http),
+            |p, net| p.allow_network(*net),
+        )
+    }
+}
+
+/// A network as written in `[egress] allow_networks` or `--allow-network`: a CIDR
+/// (`10.0.0.0/8`) or a single address (`127.0.0.1`).
+pub fn parse_network(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
 /// Default limit on an inbound webhook body: 256 KiB.
 pub const DEFAULT_INBOUND_MAX_BODY_BYTES: usize = 256 * 1024;
 /// Largest allowed `inbound.max_body_bytes`: 16 MiB.

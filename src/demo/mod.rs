@@ -455,7 +455,7 @@ fn receive(st: &State, host: &str, path: &str, headers: &http::HeaderMap, body: 
     ) {
         (Some(id), Some(ts), Some(sig)) => {
             let ts: i64 = ts.parse().unwrap_or_default();
-            let now = crate::events::time::now_ms() / 1000;
+            let now = crate::time::now_ms() / 1000;
             let ok = st
                 .secrets
                 .signing_secrets()

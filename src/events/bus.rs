@@ -11,12 +11,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::outbox::{self, Attempt, Claimed, NewEvent, Next};
 use super::{signing, time, Event};
-use crate::automation::Agents;
+use crate::config::Agents;
 use crate::config::{ActionSet, WebhookSpec};
 use crate::state::CallInfo;
-use crate::store::{Db, Location, LogConn};
+use crate::store::sqlite::{self, outbox};
+use crate::store::{Attempt, Claimed, Db, Location, LogConn, NewEvent, Next, StoreError};
 use crate::template::{EnvSecrets, Redactor, RenderInputs, SecretSource, Template, UrlTemplate};
 use crate::transport::{Deadline, EgressPolicy, Transport, TransportConfig, TransportError};
 
@@ -185,7 +185,7 @@ impl EventBusBuilder {
         let notify = Arc::new(Notify::new());
         let writer = match &db {
             Db::Sqlite(_, path) => {
-                let conn = outbox::open(path).map_err(|e| e.to_string())?;
+                let conn = sqlite::open(path).map_err(|e| e.to_string())?;
                 let n2 = notify.clone();
                 Writer::Thread(
                     std::thread::Builder::new()
@@ -358,21 +358,25 @@ async fn write_pg(pg: crate::store::pg::Pg, mut rx: mpsc::Receiver<Msg>, notify:
         let mut backoff = Duration::from_millis(50);
         let mut closed_since: Option<tokio::time::Instant> = None;
         let result = loop {
-            match pg.insert_batch(&events, time::now_ms()).await {
+            match pg
+                .insert_batch(&events, time::now_ms())
+                .await
+                .map_err(StoreError::from)
+            {
                 Ok(()) => break Ok(()),
-                Err(e) if e.transient => {
+                Err(e) if e.is_transient() => {
                     if rx.is_closed() {
                         let since = *closed_since.get_or_insert_with(tokio::time::Instant::now);
                         if since.elapsed() > Duration::from_secs(10) {
-                            break Err(format!("outbox: postgres: {}", e.message));
+                            break Err(e.to_string());
                         }
                     }
                     metrics::counter!("midcall_outbox_write_retries_total").increment(1);
-                    tracing::warn!(error = %e.message, events = events.len(), "outbox: postgres unavailable; keeping the batch and trying again");
+                    tracing::warn!(error = %e, events = events.len(), "outbox: postgres unavailable; keeping the batch and trying again");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
-                Err(e) => break Err(format!("outbox: postgres: {}", e.message)),
+                Err(e) => break Err(e.to_string()),
             }
         };
         answer(batch, result);
@@ -718,7 +722,7 @@ impl Worker {
         (go, later)
     }
 
-    fn ok<T>(r: Result<T, outbox::OutboxError>) -> Option<T> {
+    fn ok<T>(r: Result<T, StoreError>) -> Option<T> {
         match r {
             Ok(v) => Some(v),
             Err(e) => {

@@ -2,13 +2,11 @@
 //! delivery with retries, and the delivery log.
 
 mod bus;
-pub(crate) mod outbox;
 pub mod signing;
-pub mod time;
 
+pub use crate::store::{AttemptRecord, DeliveryRecord, StoreError};
 pub(crate) use bus::{event_id, DeliveryTargets, ResolvedTarget};
 pub use bus::{DeliveryLog, EventBus, EventBusBuilder, PublishError, DEFAULT_RETRY_SCHEDULE};
-pub use outbox::{AttemptRecord, DeliveryRecord, OutboxError};
 
 /// How a `--db` value is shown in messages and banners: a SQLite path as given, a
 /// `postgres://` URL with its password replaced by `***`.
@@ -20,6 +18,7 @@ pub use crate::config::EventType;
 use serde_json::{json, Value};
 
 use crate::state::{CallInfo, Transcript};
+use crate::time;
 
 /// An event: its type and its payload. The envelope (`type`, call fields, `timestamp`) is
 /// added when it is published.

@@ -67,7 +67,7 @@ impl std::fmt::Debug for RuntimeBuilder {
 impl RuntimeBuilder {
     /// The egress policy. Default: HTTPS only, private and special ranges refused
     /// ([`EgressPolicy::new`]). Build it from an agent's `[egress]` with
-    /// [`EgressPolicy::from_config`]. One runtime enforces one policy: its connections are
+    /// [`crate::config::EgressConfig::policy`]. One runtime enforces one policy: its connections are
     /// pooled across actions, so the policy cannot vary per request.
     pub fn egress(mut self, policy: EgressPolicy) -> Self {
         self.policy = policy;

@@ -4,9 +4,9 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{blocking, Db, OutboxError};
-use crate::automation::runlog::{load_steps, run_row, RunRecord};
-use crate::events::outbox::{AttemptRecord, DeliveryRecord};
+use super::sqlite::runs::{load_steps, run_row};
+use super::sqlite::{outbox, write_tx};
+use super::{blocking, AttemptRecord, Db, DeliveryRecord, RunRecord, StoreError};
 
 /// Which deliveries, newest first. `None` means any.
 #[derive(Debug, Clone, Default)]
@@ -80,7 +80,7 @@ fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRecord> {
 pub(crate) fn deliveries(
     conn: &Connection,
     f: &DeliveryFilter,
-) -> Result<Vec<DeliveryRecord>, OutboxError> {
+) -> Result<Vec<DeliveryRecord>, StoreError> {
     let sql = format!(
         "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
          WHERE (?1 IS NULL OR EXISTS (SELECT 1 FROM json_each(?1) j WHERE substr(d.endpoint, 1, length(j.value)) = j.value))
@@ -107,7 +107,7 @@ pub(crate) fn deliveries(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn delivery(conn: &Connection, id: i64) -> Result<Option<DeliveryRecord>, OutboxError> {
+fn delivery(conn: &Connection, id: i64) -> Result<Option<DeliveryRecord>, StoreError> {
     let sql = format!(
         "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ?1"
     );
@@ -117,7 +117,7 @@ fn delivery(conn: &Connection, id: i64) -> Result<Option<DeliveryRecord>, Outbox
         .optional()?)
 }
 
-fn runs(conn: &Connection, f: &RunFilter) -> Result<Vec<RunRecord>, OutboxError> {
+fn runs(conn: &Connection, f: &RunFilter) -> Result<Vec<RunRecord>, StoreError> {
     let (before_ms, before_id) = match &f.before {
         Some((ms, id)) => (Some(*ms), Some(id.as_str())),
         None => (None, None),
@@ -158,8 +158,8 @@ fn set_disabled(
     endpoint: &str,
     disabled: bool,
     reason: Option<&str>,
-) -> Result<(), OutboxError> {
-    let tx = super::write_tx(conn)?;
+) -> Result<(), StoreError> {
+    let tx = write_tx(conn)?;
     tx.execute(
         "INSERT INTO endpoints (endpoint, disabled, disabled_reason) VALUES (?1, ?2, ?3)
          ON CONFLICT(endpoint) DO UPDATE SET disabled = ?2, disabled_reason = ?3,
@@ -178,7 +178,7 @@ fn set_disabled(
     Ok(())
 }
 
-fn endpoints(conn: &Connection) -> Result<Vec<EndpointState>, OutboxError> {
+fn endpoints(conn: &Connection) -> Result<Vec<EndpointState>, StoreError> {
     let mut st = conn.prepare_cached(
         "SELECT endpoint, disabled, disabled_reason, last_success_ms, failing_since_ms FROM endpoints ORDER BY endpoint LIMIT 10000",
     )?;
@@ -196,8 +196,8 @@ fn endpoints(conn: &Connection) -> Result<Vec<EndpointState>, OutboxError> {
 
 /// Hands claimed deliveries back unattempted, each due again at its time (a throttled
 /// endpoint's).
-fn defer(conn: &mut Connection, due: &[(i64, i64)]) -> Result<(), OutboxError> {
-    let tx = super::write_tx(conn)?;
+fn defer(conn: &mut Connection, due: &[(i64, i64)]) -> Result<(), StoreError> {
+    let tx = write_tx(conn)?;
     {
         let mut up = tx.prepare_cached(
             "UPDATE deliveries SET due_ms = ?2, lease_ms = 0 WHERE id = ?1 AND status = 'pending'",
@@ -211,7 +211,7 @@ fn defer(conn: &mut Connection, due: &[(i64, i64)]) -> Result<(), OutboxError> {
 }
 
 impl Db {
-    pub(crate) async fn defer(&self, due: Vec<(i64, i64)>) -> Result<(), OutboxError> {
+    pub(crate) async fn defer(&self, due: Vec<(i64, i64)>) -> Result<(), StoreError> {
         match self {
             Db::Sqlite(c, _) => blocking(c, move |c| defer(c, &due)).await,
             Db::Postgres(p) => Ok(p.defer(&due).await?),
@@ -221,14 +221,14 @@ impl Db {
     pub(crate) async fn find_deliveries(
         &self,
         f: DeliveryFilter,
-    ) -> Result<Vec<DeliveryRecord>, OutboxError> {
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
         match self {
             Db::Sqlite(c, _) => blocking(c, move |c| deliveries(c, &f)).await,
             Db::Postgres(p) => Ok(p.find_deliveries(&f).await?),
         }
     }
 
-    pub(crate) async fn delivery(&self, id: i64) -> Result<Option<DeliveryRecord>, OutboxError> {
+    pub(crate) async fn delivery(&self, id: i64) -> Result<Option<DeliveryRecord>, StoreError> {
         match self {
             Db::Sqlite(c, _) => blocking(c, move |c| delivery(c, id)).await,
             Db::Postgres(p) => Ok(p.delivery(id).await?),
@@ -238,19 +238,19 @@ impl Db {
     pub(crate) async fn delivery_attempts(
         &self,
         id: i64,
-    ) -> Result<Vec<AttemptRecord>, OutboxError> {
+    ) -> Result<Vec<AttemptRecord>, StoreError> {
         match self {
-            Db::Sqlite(c, _) => blocking(c, move |c| crate::events::outbox::attempts(c, id)).await,
+            Db::Sqlite(c, _) => blocking(c, move |c| outbox::attempts(c, id)).await,
             Db::Postgres(p) => Ok(p.attempts(id).await?),
         }
     }
 
     /// Replays one delivery (whatever its status but pending); how many were replayed.
-    pub(crate) async fn replay_one(&self, id: i64, now: i64) -> Result<usize, OutboxError> {
+    pub(crate) async fn replay_one(&self, id: i64, now: i64) -> Result<usize, StoreError> {
         match self {
             Db::Sqlite(c, _) => {
                 blocking(c, move |c| {
-                    crate::events::outbox::replay(c, Some(id), None, None, None, now)
+                    outbox::replay(c, Some(id), None, None, None, now)
                 })
                 .await
             }
@@ -265,21 +265,14 @@ impl Db {
         endpoint: String,
         since_ms: i64,
         now: i64,
-    ) -> Result<usize, OutboxError> {
+    ) -> Result<usize, StoreError> {
         let mut n = 0;
         for status in ["failed", "skipped"] {
             n += match self {
                 Db::Sqlite(c, _) => {
                     let ep = endpoint.clone();
                     blocking(c, move |c| {
-                        crate::events::outbox::replay(
-                            c,
-                            None,
-                            Some(since_ms),
-                            Some(status),
-                            Some(&ep),
-                            now,
-                        )
+                        outbox::replay(c, None, Some(since_ms), Some(status), Some(&ep), now)
                     })
                     .await?
                 }
@@ -298,7 +291,7 @@ impl Db {
         endpoint: String,
         disabled: bool,
         reason: Option<String>,
-    ) -> Result<(), OutboxError> {
+    ) -> Result<(), StoreError> {
         match self {
             Db::Sqlite(c, _) => {
                 blocking(c, move |c| {
@@ -312,14 +305,14 @@ impl Db {
         }
     }
 
-    pub(crate) async fn endpoints(&self) -> Result<Vec<EndpointState>, OutboxError> {
+    pub(crate) async fn endpoints(&self) -> Result<Vec<EndpointState>, StoreError> {
         match self {
             Db::Sqlite(c, _) => blocking(c, |c| endpoints(c)).await,
             Db::Postgres(p) => Ok(p.endpoints().await?),
         }
     }
 
-    pub(crate) async fn find_runs(&self, f: RunFilter) -> Result<Vec<RunRecord>, OutboxError> {
+    pub(crate) async fn find_runs(&self, f: RunFilter) -> Result<Vec<RunRecord>, StoreError> {
         match self {
             Db::Sqlite(c, _) => blocking(c, move |c| runs(c, &f)).await,
             Db::Postgres(p) => Ok(p.find_runs(&f).await?),

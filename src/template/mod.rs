@@ -10,6 +10,7 @@ mod secrets;
 mod url;
 
 pub use body::BodyTemplate;
+pub(crate) use secrets::redact_url;
 pub use secrets::{EnvSecrets, MapSecrets, Redactor, Secret, SecretSource};
 pub use url::UrlTemplate;
 

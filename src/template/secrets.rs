@@ -153,3 +153,38 @@ impl Redactor {
         out
     }
 }
+
+/// A database or cache URL (`postgres://`, `redis://`) with its password replaced by `***` (for every message that names it).
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let Some(at) = authority.rfind('@') else {
+        return redact_query(url);
+    };
+    let (user_pass, host) = authority.split_at(at);
+    let user = match user_pass.split_once(':') {
+        Some((u, _)) => format!("{u}:***"),
+        None => user_pass.to_string(),
+    };
+    redact_query(&format!("{scheme}://{user}{host}{tail}"))
+}
+
+fn redact_query(url: &str) -> String {
+    // `?password=...` is also accepted by libpq-style URLs.
+    let Some((base, q)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let q: Vec<String> = q
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", q.join("&"))
+}

@@ -1,11 +1,10 @@
-//! The egress policy (SSRF guard): which destinations actions and webhooks may reach.
+//! The egress policy (SSRF guard): which destinations actions and webhooks may reach. A value
+//! the transport is given (`config` builds it from an agent's `[egress]`); imports no config.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-
-use crate::config::EgressConfig;
 
 /// Where requests may go. HTTPS only unless `allow_http`; every address a host resolves to is
 /// checked when connecting, and loopback, private (RFC 1918), link-local (incl.
@@ -48,26 +47,10 @@ impl EgressPolicy {
         Self::default()
     }
 
-    /// The policy an agent's `[egress]` section describes.
-    pub fn from_config(config: &EgressConfig) -> Self {
-        EgressPolicy {
-            allow_http: config.allow_http,
-            allow_networks: config.allow_networks.clone(),
-        }
-    }
-
     /// Allows plain `http://`.
     pub fn allow_http(mut self, yes: bool) -> Self {
         self.allow_http = yes;
         self
-    }
-
-    /// A network as written in `[egress] allow_networks` or `--allow-network`: a CIDR
-    /// (`10.0.0.0/8`) or a single address (`127.0.0.1`).
-    pub fn parse_network(s: &str) -> Option<IpNet> {
-        s.parse::<IpNet>()
-            .ok()
-            .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
     }
 
     /// Exempts a network from the blocked ranges (local development, tests).

@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use midcall::automation::SIGNATURE_TOLERANCE_S;
-use midcall::events::{signing, time, EventBus};
+use midcall::events::{signing, EventBus};
+use midcall::server::SIGNATURE_TOLERANCE_S;
+use midcall::time;
 use midcall::{
     ActionSet, Automations, Call, CallEnd, CallInfo, InboundServer, MapSecrets, Runtime,
     Transcript, Turn,
@@ -108,7 +109,7 @@ const DEFAULT: Opts = Opts {
     deliver: true,
     concurrency: 16,
     grace: Duration::from_secs(5),
-    read_timeout: midcall::automation::DEFAULT_READ_TIMEOUT,
+    read_timeout: midcall::server::DEFAULT_READ_TIMEOUT,
 };
 
 struct Inbound {

@@ -156,7 +156,7 @@ async fn subscribers_get_only_their_types_signed_in_the_envelope(engine: Engine)
         assert_eq!(r.header("x-team"), Some("north"));
         assert!(r.header("webhook-id").unwrap().starts_with("msg_"));
         let ts: i64 = r.header("webhook-timestamp").unwrap().parse().unwrap();
-        assert!((ts - midcall::events::time::now_ms() / 1000).abs() < 60);
+        assert!((ts - midcall::time::now_ms() / 1000).abs() < 60);
         assert!(verify_independently(r), "signature verifies");
     }
     let first = reqs[0].json();
@@ -573,7 +573,7 @@ async fn delivered_events_are_purged_in_batches_and_nothing_else(engine: Engine)
     bus.publish(&Event::error("keep", "m"), &call).unwrap();
     let mut log = bus.log().unwrap();
     wait_for_status(&log, "delivered", 5).await;
-    let later = midcall::events::time::now_ms() + 1;
+    let later = midcall::time::now_ms() + 1;
     assert_eq!(log.purge_delivered(later, 3).unwrap(), 3, "a batch at most");
     assert_eq!(log.purge_delivered(later, 3).unwrap(), 2);
     assert_eq!(log.purge_delivered(later, 3).unwrap(), 0);

@@ -27,17 +27,17 @@ fn replay(target: &str, body: fn(&[u8])) {
 
 #[test]
 fn config_load_corpus() {
-    replay("config_load", midcall::fuzzing::config_load);
+    replay("config_load", midcall::testing::config_load);
 }
 
 #[test]
 fn template_render_corpus() {
-    replay("template_render", midcall::fuzzing::template_render);
+    replay("template_render", midcall::testing::template_render);
 }
 
 #[test]
 fn jsonpath_compile_corpus() {
-    replay("jsonpath_compile", midcall::fuzzing::jsonpath_compile);
+    replay("jsonpath_compile", midcall::testing::jsonpath_compile);
 }
 
 /// Found by `jsonpath_compile`: serde_json_path panicked when a query ended inside a `\u`
@@ -98,20 +98,20 @@ fn regression_deeply_nested_filters_are_refused_quickly() {
 
 #[test]
 fn response_extract_corpus() {
-    replay("response_extract", midcall::fuzzing::response_extract);
+    replay("response_extract", midcall::testing::response_extract);
 }
 
 #[test]
 fn retry_after_corpus() {
-    replay("retry_after", midcall::fuzzing::retry_after);
+    replay("retry_after", midcall::testing::retry_after);
 }
 
 #[test]
 fn egress_host_corpus() {
-    replay("egress_host", midcall::fuzzing::egress_host);
+    replay("egress_host", midcall::testing::egress_host);
 }
 
 #[test]
 fn inbound_verify_corpus() {
-    replay("inbound_verify", midcall::fuzzing::inbound_verify);
+    replay("inbound_verify", midcall::testing::inbound_verify);
 }

@@ -896,7 +896,7 @@ async fn events_and_call_completed_automations_stay_inside_their_tenant() {
         "[agent]\nid = \"b\"\ntenant = \"t2\"\n{}",
         hook("events", &format!("{o}/b-events"), "")
     ));
-    let agents = midcall::automation::Agents::many(vec![a, a2, b]).unwrap();
+    let agents = midcall::config::Agents::many(vec![a, a2, b]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let runtime = midcall::Runtime::builder()
         .egress(crate::support::loopback_policy())
@@ -1083,7 +1083,7 @@ async fn deliveries_carry_an_ed25519_signature_the_published_key_verifies() {
         r.header("webhook-signature").unwrap().to_string(),
     );
     assert!(sig.contains("v1,") && sig.contains("v1a,"), "{sig}");
-    let now = midcall::events::time::now_ms() / 1000;
+    let now = midcall::time::now_ms() / 1000;
     assert!(signing::verify_ed25519(
         &public, &id, ts, &r.body, &sig, now, 300
     ));

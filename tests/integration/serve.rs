@@ -1,4 +1,4 @@
-//! `midcall serve` as an operator meets it: the README's example works against the bundled
+//! `midcall serve` as an operator meets it: docs/serve.md's example works against the bundled
 //! mock, it says which secrets are missing, it logs what happens, and it checks the port
 //! before it makes a database.
 

@@ -13,14 +13,14 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use midcall::events::{time, DeliveryLog, Event, EventBus};
+use midcall::events::{DeliveryLog, Event};
 use midcall::exec::Budget;
+use midcall::time;
 use midcall::{
-    ActionSet, Automations, Call, CallEnd, CallInfo, EgressPolicy, Outcome, Runtime, StatePath,
-    ToolCall, Turn,
+    ActionSet, Call, CallEnd, CallInfo, Outcome, Stack, StackError, StatePath, ToolCall, Turn,
 };
 
-use midcall::demo::{hosts, DemoSecrets, Mock, MockResolver};
+use midcall::demo::{hosts, DemoSecrets};
 use script::{Expect, Script};
 
 /// The script `simulate` plays when none is given.
@@ -348,44 +348,37 @@ async fn play(
     shared: Option<midcall::cache::SharedCacheConfig>,
     progress: bool,
 ) -> Result<Report, String> {
-    let secrets = Arc::new(DemoSecrets::default());
-    let mock = Mock::start(&hosts(&set), &script.mock, secrets.clone()).await?;
-    let resolver = Arc::new(MockResolver(mock.addr));
-    let policy = EgressPolicy::from_config(set.egress())
-        .allow_network("127.0.0.0/8".parse().map_err(|_| "loopback network")?);
     let tmp = tempfile_dir()?;
     let db_path = match db {
         Some(p) => PathBuf::from(p),
         None => tmp.join("outbox.db"),
     };
-    // One builder: network, secrets and the event bus (which shares the runtime's pool).
-    let bus = EventBus::builder(&db_path)
-        .webhooks(&set)
-        .retry_schedule(vec![Duration::from_millis(200), Duration::from_millis(400)])
-        .jitter(0.0)
-        .attempt_timeout(Duration::from_secs(3));
-    let mut builder = Runtime::builder()
-        .egress(policy)
-        .resolver(resolver)
-        .secrets(secrets.clone())
-        .add_root_certificate(mock.cert_der.clone())
-        .event_bus(bus);
-    if let Some(n) = script.runtime.breaker_threshold {
-        builder = builder.breaker_threshold(n);
-    }
+    let breaker = script.runtime.breaker_threshold;
+    let mut builder = Stack::for_agent(set.clone())
+        .mock(script.mock.clone(), Arc::new(DemoSecrets::default()))
+        .outbox(&db_path, |bus| {
+            bus.retry_schedule(vec![Duration::from_millis(200), Duration::from_millis(400)])
+                .jitter(0.0)
+                .attempt_timeout(Duration::from_secs(3))
+        })
+        .runtime(move |r| match breaker {
+            Some(n) => r.breaker_threshold(n),
+            None => r,
+        });
     if let Some(cfg) = shared {
         builder = builder.shared_cache(cfg);
     }
-    let runtime = builder.build().map_err(|e| format!("--db: {e}"))?;
-    runtime
-        .check_shared_cache(Duration::from_secs(2))
-        .await
-        .map_err(|e| format!("--cache-url: {e}"))?;
+    let stack = builder.build().await.map_err(|e| match e {
+        StackError::Runtime(e) => format!("--db: {e}"),
+        StackError::SharedCache(e) => format!("--cache-url: {e}"),
+        e => e.to_string(),
+    })?;
+    let (runtime, mock) = (stack.runtime.clone(), stack.mock.as_ref().ok_or("no mock")?);
     let bus = runtime
         .event_bus()
         .cloned()
         .ok_or("the runtime has no event bus")?;
-    let automations = Automations::builder(set.clone(), runtime.clone(), bus.clone()).start()?;
+    let automations = stack.automations.clone().ok_or("no automations")?;
 
     let started_at = time::now_ms();
     let info = CallInfo {
@@ -622,7 +615,7 @@ async fn play(
     run_reports.reverse();
     let mock_addr = mock.addr;
     let mock_requests = mock.hits();
-    drop(mock);
+    drop(stack);
 
     let actions: Vec<&ActionReport> = tl
         .entries
@@ -635,7 +628,7 @@ async fn play(
         .map(|a| (a.latency_ms * 1000.0).round() as u64)
         .collect();
     latencies.sort_unstable();
-    let percentile = |p| crate::cli::bench::percentile(&latencies, p) / 1000.0;
+    let percentile = |p| crate::cli::measure::percentile(&latencies, p) / 1000.0;
     let summary = Summary {
         actions: actions.len(),
         latency_p50_ms: percentile(0.5),

@@ -178,8 +178,8 @@ pub fn egress_host(data: &[u8]) {
 /// Never panics; a signature is accepted only if it is the true one; a payload error names a
 /// line and column.
 pub fn inbound_verify(data: &[u8]) {
-    use crate::automation::{check_signature, is_json, parse_payload};
     use crate::events::signing;
+    use crate::server::{check_signature, is_json, parse_payload};
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     const NOW: i64 = 1_700_000_000;
     let mut parts = data.splitn(5, |b| *b == b'\n');
@@ -218,7 +218,7 @@ pub fn inbound_verify(data: &[u8]) {
             .trim()
             .parse()
             .unwrap_or_default();
-        assert!((NOW - t).abs() <= crate::automation::SIGNATURE_TOLERANCE_S);
+        assert!((NOW - t).abs() <= crate::server::SIGNATURE_TOLERANCE_S);
         let true_sig = true_sig.unwrap_or_default();
         assert!(
             sig.unwrap_or_default()

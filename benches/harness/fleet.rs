@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use midcall::events::{DeliveryLog, Event, EventBus, EventType};
 use midcall::{ActionSet, CallInfo, Syntax};
 
-use super::bench::{call_info as call, percentile, upstream, Answer, EXTRACT_NAME};
+use crate::measure::{call_info as call, percentile};
+use crate::scenarios::{upstream, Answer, EXTRACT_NAME};
 
 /// What the parent asked a child process to do.
 pub(crate) enum Child {
@@ -224,12 +225,7 @@ async fn deliver(db: &str, procs: usize, n: usize) -> Result<f64, String> {
 async fn cache_latency(redis: &str, samples: usize) -> Result<Value, String> {
     use midcall::exec::{Budget, CacheStatus};
     // The main bench's upstream and response (1 KiB of CRM JSON), in this process.
-    let port = upstream(
-        Arc::new(midcall::bench_data::crm_response(1024)),
-        None,
-        Answer::Now,
-    )
-    .await;
+    let port = upstream(Arc::new(crate::data::crm_response(1024)), None, Answer::Now).await;
     let set = ActionSet::from_str(
         "bench.toml",
         &format!("[agent]\nid = \"bench\"\ntenant = \"bench\"\n[[actions]]\nname = \"lookup\"\ndescription = \"d\"\nurl = \"http://127.0.0.1:{port}/c?p={{{{call.from_number}}}}\"\ncache = {{ ttl_s = 300, scope = \"tenant\" }}\n{EXTRACT_NAME}\ndedupe = false\n"),

@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 /// A JSON body of about `bytes` bytes: `{"data": {"customer": ...}, "items": [...], "meta": ...}`.
-pub fn crm_response(bytes: usize) -> Vec<u8> {
+pub(crate) fn crm_response(bytes: usize) -> Vec<u8> {
     let item = |i: usize| {
         json!({
             "id": format!("item_{i:06}"),
@@ -41,7 +41,7 @@ pub fn crm_response(bytes: usize) -> Vec<u8> {
 }
 
 /// The simple-path queries the extraction benchmarks use.
-pub const SIMPLE_QUERIES: &[(&str, &str)] = &[
+pub(crate) const SIMPLE_QUERIES: &[(&str, &str)] = &[
     ("customer.name", "$.data.customer.name"),
     ("customer.tier", "$.data.customer.tier"),
     ("customer.zip", "$.data.customer.address.zip"),
@@ -51,4 +51,4 @@ pub const SIMPLE_QUERIES: &[(&str, &str)] = &[
 ];
 
 /// A filter query.
-pub const FILTER_QUERY: &str = "$.items[?@.price > 450].sku";
+pub(crate) const FILTER_QUERY: &str = "$.items[?@.price > 450].sku";

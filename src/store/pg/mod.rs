@@ -12,9 +12,12 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::OutboxError;
-use crate::automation::runlog::{ClaimedRun, NewRun, RunRecord, StepRecord};
-use crate::events::outbox::{Attempt, AttemptRecord, Claimed, DeliveryRecord, NewEvent, Next};
+use super::records::{
+    step_webhook_id, Attempt, AttemptRecord, Claimed, ClaimedRun, DeliveryRecord, NewEvent, NewRun,
+    Next, RunRecord, StepRecord,
+};
+use super::StoreError;
+use crate::template::redact_url;
 
 /// The channel `NOTIFY` uses after events are stored.
 const OUTBOX_CHANNEL: &str = "midcall_outbox";
@@ -113,41 +116,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 /// The schema version this build writes and reads.
 pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
-/// A `postgres://` URL with its password replaced by `***` (for every message that names it).
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let Some(at) = authority.rfind('@') else {
-        return redact_query(url);
-    };
-    let (user_pass, host) = authority.split_at(at);
-    let user = match user_pass.split_once(':') {
-        Some((u, _)) => format!("{u}:***"),
-        None => user_pass.to_string(),
-    };
-    redact_query(&format!("{scheme}://{user}{host}{tail}"))
-}
-
-fn redact_query(url: &str) -> String {
-    // `?password=...` is also accepted by libpq-style URLs.
-    let Some((base, q)) = url.split_once('?') else {
-        return url.to_string();
-    };
-    let q: Vec<String> = q
-        .split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_string(),
-        })
-        .collect();
-    format!("{base}?{}", q.join("&"))
-}
-
 /// An error from PostgreSQL, and whether trying again later may succeed (the server is down,
 /// restarting or unreachable) or not (the statement itself failed).
 #[derive(Debug)]
@@ -200,12 +168,6 @@ impl From<deadpool_postgres::PoolError> for PgError {
     }
 }
 
-impl From<PgError> for OutboxError {
-    fn from(e: PgError) -> Self {
-        OutboxError(format!("postgres: {}", e.message))
-    }
-}
-
 type R<T> = Result<T, PgError>;
 
 /// Wakes for the two channels, fed by one listening connection per [`Pg`].
@@ -238,11 +200,11 @@ impl std::fmt::Debug for Pg {
 impl Pg {
     /// A pool for `url` that connects on first use (each connection within 5 s). No I/O
     /// here; errors name the URL with its password hidden.
-    pub(crate) fn new(url: &str) -> Result<Pg, OutboxError> {
+    pub(crate) fn new(url: &str) -> Result<Pg, StoreError> {
         let shown: Arc<str> = redact_url(url).into();
         let mut config: tokio_postgres::Config = url
             .parse()
-            .map_err(|e| OutboxError(format!("{shown}: not a PostgreSQL URL: {e}")))?;
+            .map_err(|e| StoreError::new(format!("{shown}: not a PostgreSQL URL: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
@@ -262,11 +224,11 @@ impl Pg {
             .wait_timeout(Some(Duration::from_secs(10)))
             .create_timeout(Some(Duration::from_secs(5)))
             .build()
-            .map_err(|e| OutboxError(format!("{shown}: {e}")))?;
+            .map_err(|e| StoreError::new(format!("{shown}: {e}")))?;
         Ok(Pg {
             pool,
             config: Arc::new(config),
-            owner: format!("{}-{:x}", std::process::id(), crate::events::time::now_ms()).into(),
+            owner: format!("{}-{:x}", std::process::id(), crate::time::now_ms()).into(),
             shown,
             wakes: Arc::new(Wakes::default()),
             listening: Arc::new(std::sync::Once::new()),
@@ -274,10 +236,10 @@ impl Pg {
     }
 
     /// Connects and brings the schema up to date; the error names the database.
-    pub(crate) async fn migrate_checked(&self) -> Result<(), OutboxError> {
+    pub(crate) async fn migrate_checked(&self) -> Result<(), StoreError> {
         self.migrate()
             .await
-            .map_err(|e| OutboxError(format!("{}: {}", self.shown, e.message)))
+            .map_err(|e| StoreError::new(format!("{}: {}", self.shown, e.message)))
     }
 
     /// The wakes of this database, with a task listening for them (started on first use, in
@@ -325,7 +287,7 @@ impl Pg {
         if current < SCHEMA_VERSION {
             tx.execute(
                 "INSERT INTO schema_version (id, version, migrated_ms) VALUES (1, $1, $2) ON CONFLICT (id) DO UPDATE SET version = excluded.version, migrated_ms = excluded.migrated_ms",
-                &[&SCHEMA_VERSION, &crate::events::time::now_ms()],
+                &[&SCHEMA_VERSION, &crate::time::now_ms()],
             )
             .await?;
         }
@@ -864,7 +826,7 @@ impl Pg {
                         "INSERT INTO deliveries (event_seq, endpoint, call_id, webhook_id, status, due_ms, created_ms, target)
                          VALUES ($1, $2, $3, $4, CASE WHEN EXISTS (SELECT 1 FROM endpoints WHERE endpoint = $2 AND disabled = 1) THEN 'skipped' ELSE 'pending' END, $5, $5, $6)
                          RETURNING id",
-                        &[&seq, &endpoint, &e.call_id, &crate::events::outbox::step_webhook_id(target, &e.event_id), &now, &target],
+                        &[&seq, &endpoint, &e.call_id, &step_webhook_id(target, &e.event_id), &now, &target],
                     )
                     .await?
                     .get(0);
@@ -1005,7 +967,7 @@ impl PgBlocking {
                 })
             })
             .join()
-            .unwrap_or_else(|_| Err(OutboxError("postgres: the connecting thread failed".into())))
+            .unwrap_or_else(|_| Err(StoreError::new("postgres: the connecting thread failed")))
         }) {
             Ok(pg) => pg,
             Err(e) => {
@@ -1047,7 +1009,7 @@ impl PgBlocking {
                 })
             })
         })
-        .map_err(|e| OutboxError::from(e).to_string())
+        .map_err(|e| StoreError::from(e).to_string())
     }
 }
 

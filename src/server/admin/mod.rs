@@ -1,7 +1,7 @@
 //! The operator API under `/v1/admin/`: deliveries and runs listed, filtered and paged;
 //! a delivery replayed; an endpoint's failures recovered; endpoints disabled and enabled.
 //!
-//! Off unless the server has an admin key ([`super::InboundServer::admin_key`]); sent as
+//! Off unless the server has an admin key ([`crate::server::InboundServer::admin_key`]); sent as
 //! `Authorization: Bearer <key>`, compared in constant time, rate limited per key
 //! ([`ADMIN_RATE_PER_SECOND`], [`ADMIN_BURST`]) and, for failures, per address (so others'
 //! failures never lock the key out). Answers are JSON, errors
@@ -19,15 +19,14 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::inbound::{error, reply, RateLimiter};
-use super::runlog::RunRecord;
-use super::Automations;
+use crate::automation::Automations;
 use crate::config::Step;
-use crate::events::outbox::{AttemptRecord, DeliveryRecord};
-use crate::events::time;
+use crate::server::{error, reply, RateLimiter};
 use crate::store::query::{DeliveryFilter, EndpointState, RunFilter};
 use crate::store::Db;
+use crate::store::{AttemptRecord, DeliveryRecord, RunRecord};
 use crate::template::Secret;
+use crate::time;
 
 /// Admin requests a key may make per second, sustained: 20.
 pub const ADMIN_RATE_PER_SECOND: f64 = 20.0;
@@ -63,7 +62,7 @@ pub(crate) struct Admin {
     limiter: Mutex<RateLimiter>,
     pub(crate) db: Option<Db>,
     pub(crate) https: bool,
-    pub(crate) sessions: super::console::Sessions,
+    pub(crate) sessions: crate::server::console::Sessions,
 }
 
 impl Admin {
@@ -328,70 +327,12 @@ pub(crate) fn parse_time(name: &str, v: &str) -> Result<i64, ApiError> {
     if let Ok(ms) = v.parse::<i64>() {
         return Ok(ms);
     }
-    time_from_rfc3339(v).ok_or_else(|| {
+    time::parse_rfc3339(v).ok_or_else(|| {
         bad(format!(
             "{name}: \"{}\" is not a time (RFC 3339 such as 2026-12-01T10:00:00Z, or milliseconds since the epoch)",
             v.chars().take(60).collect::<String>()
         ))
     })
-}
-
-fn time_from_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        t.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| t.parse().ok())?
-    };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    let mut ms = 0i64;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits: String = frac.chars().take_while(|c| c.is_ascii_digit()).collect();
-        if digits.is_empty() {
-            return None;
-        }
-        let three: String = format!("{digits:0<3}").chars().take(3).collect();
-        ms = three.parse().ok()?;
-        rest = &frac[digits.len()..];
-    }
-    let offset_s = match rest {
-        "Z" | "z" => 0,
-        o if o.len() == 6
-            && (o.starts_with('+') || o.starts_with('-'))
-            && o.as_bytes()[3] == b':' =>
-        {
-            let oh: i64 = o.get(1..3)?.parse().ok()?;
-            let om: i64 = o.get(4..6)?.parse().ok()?;
-            let v = oh * 3600 + om * 60;
-            if o.starts_with('-') {
-                -v
-            } else {
-                v
-            }
-        }
-        _ => return None,
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let (y2, m2) = if mo <= 2 {
-        (y - 1, mo + 9)
-    } else {
-        (y, mo - 3)
-    };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let doy = (153 * m2 + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + h * 3600 + mi * 60 + se - offset_s) * 1000 + ms)
 }
 
 /// `v` when it is one of `allowed`; an error naming the parameter otherwise.
@@ -627,7 +568,7 @@ pub(crate) fn configured_endpoints(automations: &Automations) -> Vec<(String, St
             for (i, step) in a.steps.iter().enumerate() {
                 if matches!(step, Step::SendWebhook { .. }) {
                     out.push((
-                        agents.name(&s.agent().id, &super::runner::step_endpoint(&a.id, i)),
+                        agents.name(&s.agent().id, &crate::automation::step_endpoint(&a.id, i)),
                         s.agent().id.clone(),
                     ));
                 }
@@ -917,20 +858,6 @@ mod tests {
 
     #[test]
     fn times_parse_as_rfc3339_or_milliseconds() {
-        assert_eq!(time_from_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            time_from_rfc3339("2026-12-01T10:00:00.250Z"),
-            Some(1_796_119_200_250)
-        );
-        assert_eq!(
-            time_from_rfc3339("2026-12-01T11:00:00+01:00"),
-            time_from_rfc3339("2026-12-01T10:00:00Z")
-        );
-        assert_eq!(time_from_rfc3339("2026-13-01T10:00:00Z"), None);
-        assert_eq!(time_from_rfc3339("yesterday"), None);
-        assert_eq!(time_from_rfc3339("2026-12-01T10:00:00+0\u{e9}00"), None);
-        assert_eq!(time_from_rfc3339("2026-12-01T10:00:00\u{e9}"), None);
-        assert_eq!(time_from_rfc3339("2026-12-01T1\u{e9}:00:00Z"), None);
         assert_eq!(parse_time("since", "1234").unwrap(), 1234);
         assert!(parse_time("since", "soon").unwrap_err().1.contains("since"));
     }

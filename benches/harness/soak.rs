@@ -14,11 +14,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use midcall::exec::Budget;
-use midcall::transport::EgressPolicy;
-use midcall::{ActionSet, CallEnd, CallInfo, Runtime, Syntax, ToolCall, Turn};
+use midcall::{ActionSet, CallEnd, CallInfo, Syntax, ToolCall, Turn};
 
-use super::bench::{next_request, percentile, rss_bytes, Hogs};
-use super::Table;
+use crate::measure::percentile;
+use crate::scenarios::{next_request, rss_bytes, Hogs};
+use crate::table::Table;
 
 /// The turn budget of every tool call.
 const BUDGET_MS: u64 = 500;
@@ -205,14 +205,19 @@ pub(crate) async fn run(s: Soak) -> Result<ExitCode, String> {
     let _hogs = Hogs::start(s.cpu_hogs)?;
     let port = start_upstream()?;
     let set = Arc::new(agent(port)?);
-    let runtime = Runtime::builder()
+    let calls = s.calls;
+    let runtime = midcall::Stack::for_agent(set.clone())
         .egress(
-            EgressPolicy::from_config(set.egress())
+            set.egress()
+                .policy()
                 .allow_http(true)
                 .allow_network("127.0.0.0/8".parse().map_err(|_| "cidr")?),
         )
-        .pool_max_idle_per_host(s.calls)
-        .build()?;
+        .runtime(move |r| r.pool_max_idle_per_host(calls))
+        .build()
+        .await
+        .map_err(|e| e.to_string())?
+        .runtime;
     let tasks_start = live_tasks();
     let rss_start = rss_bytes();
     let started = Instant::now();

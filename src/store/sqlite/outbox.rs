@@ -1,21 +1,11 @@
-//! The durable outbox: events, their deliveries to each subscribed endpoint, every attempt, and
-//! the state of each endpoint (the schema is `crate::store`'s).
+//! The outbox on SQLite: events, their deliveries to each subscribed endpoint, every attempt,
+//! and the state of each endpoint.
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-pub(crate) use crate::store::open;
-pub use crate::store::OutboxError;
-use serde::Serialize;
-
-/// One event to store with the endpoints it goes to.
-#[derive(Debug, Clone)]
-pub(crate) struct NewEvent {
-    pub(crate) event_id: String,
-    pub(crate) kind: String,
-    pub(crate) call_id: String,
-    pub(crate) body: Vec<u8>,
-    pub(crate) endpoints: Vec<String>,
-}
+use super::write_tx;
+use crate::store::records::{step_webhook_id, Attempt, AttemptRecord, Claimed, NewEvent, Next};
+use crate::store::StoreError;
 
 /// Stores one event with one delivery to `endpoint` carrying `target`, inside `tx`. Returns
 /// the delivery's id. A disabled endpoint gets it as skipped.
@@ -24,7 +14,7 @@ pub(crate) fn insert_targeted(
     e: &NewEvent,
     target: &str,
     now: i64,
-) -> Result<i64, OutboxError> {
+) -> Result<i64, StoreError> {
     tx.execute(
         "INSERT INTO events (event_id, type, call_id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![e.event_id, e.kind, e.call_id, e.body, now],
@@ -39,23 +29,13 @@ pub(crate) fn insert_targeted(
     Ok(tx.last_insert_rowid())
 }
 
-/// The `webhook-id` of an automation step's delivery: derived from its run and step, so a step
-/// executed again (its process died before recording it) carries the same id and a receiver
-/// can drop the duplicate.
-pub(crate) fn step_webhook_id(target: &str, event_id: &str) -> String {
-    match serde_json::from_str::<crate::automation::TargetRef>(target) {
-        Ok(t) => format!("msg_{}_step{}", t.run, t.step),
-        Err(_) => format!("msg_{event_id}_0"),
-    }
-}
-
 /// Stores a batch in one transaction. Deliveries to disabled endpoints are stored as skipped.
 pub(crate) fn insert_batch(
     conn: &mut Connection,
     batch: &[NewEvent],
     now: i64,
-) -> Result<(), OutboxError> {
-    let tx = crate::store::write_tx(conn)?;
+) -> Result<(), StoreError> {
+    let tx = write_tx(conn)?;
     {
         let mut ev = tx.prepare_cached(
             "INSERT INTO events (event_id, type, call_id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -78,21 +58,6 @@ pub(crate) fn insert_batch(
     Ok(())
 }
 
-/// A delivery taken for an attempt.
-#[derive(Debug, Clone)]
-pub(crate) struct Claimed {
-    pub(crate) id: i64,
-    pub(crate) endpoint: String,
-    pub(crate) webhook_id: String,
-    pub(crate) attempts: i64,
-    pub(crate) body: Vec<u8>,
-    /// For an automation's `send_webhook` step: which run and step (JSON), so the URL,
-    /// headers and signing secret are rendered at delivery time and never stored.
-    pub(crate) target: Option<String>,
-    /// For such a delivery: its run's stored context (what the templates read).
-    pub(crate) context: Option<Vec<u8>>,
-}
-
 /// Leases up to `limit` due deliveries. A delivery waits while an earlier one for the same
 /// endpoint and call is still pending, unless it has waited longer than `hold_ms`.
 pub(crate) fn claim(
@@ -101,8 +66,8 @@ pub(crate) fn claim(
     lease_ms: i64,
     hold_ms: i64,
     limit: i64,
-) -> Result<Vec<Claimed>, OutboxError> {
-    let tx = crate::store::write_tx(conn)?;
+) -> Result<Vec<Claimed>, StoreError> {
+    let tx = write_tx(conn)?;
     let rows: Vec<Claimed> = {
         let mut st = tx.prepare_cached(
             "SELECT d.id, d.endpoint, d.webhook_id, d.attempts, e.body, d.target, r.context FROM deliveries d JOIN events e ON e.seq = d.event_seq
@@ -137,8 +102,8 @@ pub(crate) fn claim(
 }
 
 /// Extends the leases of deliveries still in flight.
-pub(crate) fn renew(conn: &mut Connection, ids: &[i64], until: i64) -> Result<(), OutboxError> {
-    let tx = crate::store::write_tx(conn)?;
+pub(crate) fn renew(conn: &mut Connection, ids: &[i64], until: i64) -> Result<(), StoreError> {
+    let tx = write_tx(conn)?;
     {
         let mut up = tx.prepare_cached(
             "UPDATE deliveries SET lease_ms = ?2 WHERE id = ?1 AND status = 'pending' AND lease_ms > 0",
@@ -152,7 +117,7 @@ pub(crate) fn renew(conn: &mut Connection, ids: &[i64], until: i64) -> Result<()
 }
 
 /// The earliest time a pending delivery is due, if any.
-pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>, OutboxError> {
+pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>, StoreError> {
     Ok(conn
         .query_row(
             "SELECT MIN(MAX(due_ms, lease_ms)) FROM deliveries WHERE status = 'pending'",
@@ -163,36 +128,12 @@ pub(crate) fn next_due(conn: &Connection) -> Result<Option<i64>, OutboxError> {
         .flatten())
 }
 
-/// What an attempt decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Next {
-    Delivered,
-    Retry {
-        due_ms: i64,
-    },
-    Failed,
-    /// 410 Gone, or failing past the disable window: the endpoint is disabled.
-    Disable {
-        reason: String,
-    },
-}
-
-/// One attempt's facts.
-#[derive(Debug, Clone)]
-pub(crate) struct Attempt {
-    pub(crate) at_ms: i64,
-    pub(crate) duration_ms: i64,
-    pub(crate) status_code: Option<u16>,
-    pub(crate) error: Option<String>,
-    pub(crate) response_prefix: Vec<u8>,
-}
-
 /// Records a batch of attempts in one transaction (one fsync for the batch).
 pub(crate) fn record_batch(
     conn: &mut Connection,
     batch: &[(Claimed, Attempt, Next)],
-) -> Result<(), OutboxError> {
-    let tx = crate::store::write_tx(conn)?;
+) -> Result<(), StoreError> {
+    let tx = write_tx(conn)?;
     for (c, a, next) in batch {
         record_in(&tx, c, a, next)?;
     }
@@ -206,7 +147,7 @@ fn record_in(
     c: &Claimed,
     a: &Attempt,
     next: &Next,
-) -> Result<(), OutboxError> {
+) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO attempts (delivery_id, at_ms, duration_ms, status_code, error, response_prefix) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![c.id, a.at_ms, a.duration_ms, a.status_code, a.error, a.response_prefix],
@@ -258,7 +199,7 @@ fn record_in(
     Ok(())
 }
 
-fn failing(tx: &rusqlite::Transaction<'_>, endpoint: &str, now: i64) -> Result<(), OutboxError> {
+fn failing(tx: &rusqlite::Transaction<'_>, endpoint: &str, now: i64) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO endpoints (endpoint, failing_since_ms) VALUES (?1, ?2)
          ON CONFLICT(endpoint) DO UPDATE SET failing_since_ms = COALESCE(failing_since_ms, ?2)",
@@ -268,7 +209,7 @@ fn failing(tx: &rusqlite::Transaction<'_>, endpoint: &str, now: i64) -> Result<(
 }
 
 /// Since when an endpoint has failed without a success, if it is failing.
-pub(crate) fn failing_since(conn: &Connection, endpoint: &str) -> Result<Option<i64>, OutboxError> {
+pub(crate) fn failing_since(conn: &Connection, endpoint: &str) -> Result<Option<i64>, StoreError> {
     Ok(conn
         .query_row(
             "SELECT failing_since_ms FROM endpoints WHERE endpoint = ?1",
@@ -279,51 +220,8 @@ pub(crate) fn failing_since(conn: &Connection, endpoint: &str) -> Result<Option<
         .flatten())
 }
 
-/// A delivery as the log shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeliveryRecord {
-    /// The delivery's id (for replay).
-    pub id: i64,
-    /// The event type (`event_...`).
-    pub event_type: String,
-    /// The call.
-    pub call_id: String,
-    /// The endpoint (its label, or its URL without query).
-    pub endpoint: String,
-    /// `pending`, `delivered`, `failed` or `skipped`.
-    pub status: String,
-    /// Attempts made.
-    pub attempts: i64,
-    /// When it was published (ms since the epoch).
-    pub created_ms: i64,
-    /// The last error, if any.
-    pub last_error: Option<String>,
-    /// The `webhook-id` header it carries.
-    pub webhook_id: String,
-    /// When the next attempt is due (ms since the epoch), while it is pending.
-    pub next_attempt_ms: Option<i64>,
-}
-
-/// One attempt as the log shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AttemptRecord {
-    /// When (ms since the epoch).
-    pub at_ms: i64,
-    /// How long it took.
-    pub duration_ms: i64,
-    /// The HTTP status, if the endpoint answered.
-    pub status_code: Option<u16>,
-    /// The error kind, if it did not.
-    pub error: Option<String>,
-    /// The first 8 KiB of the response body.
-    pub response_prefix: String,
-}
-
 /// The attempts of one delivery, oldest first.
-pub(crate) fn attempts(
-    conn: &Connection,
-    delivery: i64,
-) -> Result<Vec<AttemptRecord>, OutboxError> {
+pub(crate) fn attempts(conn: &Connection, delivery: i64) -> Result<Vec<AttemptRecord>, StoreError> {
     let mut st = conn.prepare(
         "SELECT at_ms, duration_ms, status_code, error, response_prefix FROM attempts WHERE delivery_id = ?1 ORDER BY id",
     )?;
@@ -349,8 +247,8 @@ pub(crate) fn replay(
     status: Option<&str>,
     endpoint: Option<&str>,
     now: i64,
-) -> Result<usize, OutboxError> {
-    let tx = crate::store::write_tx(conn)?;
+) -> Result<usize, StoreError> {
+    let tx = write_tx(conn)?;
     let n = tx.execute(
         "UPDATE deliveries SET status = 'pending', due_ms = ?4, lease_ms = 0
          WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR created_ms >= ?2) AND (?3 IS NULL OR status = ?3)
@@ -373,8 +271,8 @@ pub(crate) fn purge(
     conn: &mut Connection,
     before_ms: i64,
     batch: i64,
-) -> Result<usize, OutboxError> {
-    let tx = crate::store::write_tx(conn)?;
+) -> Result<usize, StoreError> {
+    let tx = write_tx(conn)?;
     tx.execute(
         "CREATE TEMP TABLE IF NOT EXISTS purge_ids (id INTEGER PRIMARY KEY)",
         [],

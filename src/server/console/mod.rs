@@ -20,10 +20,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
 
-use super::admin::{self, Admin, ApiError};
-use super::Automations;
-use crate::events::time;
+use crate::automation::Automations;
+use crate::server::admin::{self, Admin, ApiError};
 use crate::store::Db;
+use crate::time;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "midcall_console";
