@@ -9,12 +9,13 @@
 
 pub(crate) mod runlog;
 mod runner;
+mod steps;
 
 pub use crate::state::CallEnd;
 pub use crate::store::{RunRecord, StepRecord};
 pub use runlog::RunLog;
-pub(crate) use runner::step_endpoint;
 pub use runner::{Automations, AutomationsBuilder, StartError, WebhookTarget, REPLAY_WINDOW};
+pub(crate) use steps::step_endpoint;
 
 /// What an automation run's templates read: call facts, state, transcript and payload.
 pub(crate) use crate::template::RenderInputs as RunContext;

@@ -7,18 +7,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::{signing, time, Event};
+use super::{time, Event};
 use crate::config::Agents;
 use crate::config::{ActionSet, WebhookSpec};
 use crate::state::CallInfo;
 use crate::store::sqlite::{self, outbox};
-use crate::store::{Attempt, Claimed, Db, Location, LogConn, NewEvent, Next, StoreError};
-use crate::template::{EnvSecrets, Redactor, RenderInputs, SecretSource, Template, UrlTemplate};
-use crate::transport::{Deadline, EgressPolicy, Transport, TransportConfig, TransportError};
+use crate::store::{Db, Location, NewEvent, StoreError};
+use crate::template::{EnvSecrets, RenderInputs, SecretSource, Template, UrlTemplate};
+use crate::transport::{EgressPolicy, Transport, TransportConfig};
+
+use super::deliver::Worker;
+use super::DeliveryLog;
 
 /// Default retry schedule after a failed attempt: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 pub const DEFAULT_RETRY_SCHEDULE: [Duration; 7] = [
@@ -46,28 +47,28 @@ pub enum PublishError {
     Storage(String),
 }
 
-enum Msg {
+pub(super) enum Msg {
     Event(NewEvent, Option<oneshot::Sender<Result<(), String>>>),
 }
 
 /// Builds an [`EventBus`]. Every setting has a default, given on its method.
 #[derive(Clone)]
 pub struct EventBusBuilder {
-    db: PathBuf,
-    webhooks: Vec<Hook>,
-    secrets: Arc<dyn SecretSource>,
-    policy: EgressPolicy,
-    extra_roots: Vec<Vec<u8>>,
-    resolver: Arc<dyn crate::transport::Resolve>,
-    schedule: Vec<Duration>,
-    jitter: f64,
-    attempt_timeout: Duration,
-    hold: Duration,
-    disable_after: Duration,
-    retention: Duration,
-    capacity: usize,
-    deliver: bool,
-    retry_after_cap: Duration,
+    pub(super) db: PathBuf,
+    pub(super) webhooks: Vec<Hook>,
+    pub(super) secrets: Arc<dyn SecretSource>,
+    pub(super) policy: EgressPolicy,
+    pub(super) extra_roots: Vec<Vec<u8>>,
+    pub(super) resolver: Arc<dyn crate::transport::Resolve>,
+    pub(super) schedule: Vec<Duration>,
+    pub(super) jitter: f64,
+    pub(super) attempt_timeout: Duration,
+    pub(super) hold: Duration,
+    pub(super) disable_after: Duration,
+    pub(super) retention: Duration,
+    pub(super) capacity: usize,
+    pub(super) deliver: bool,
+    pub(super) retry_after_cap: Duration,
 }
 
 impl std::fmt::Debug for EventBusBuilder {
@@ -269,10 +270,10 @@ pub(crate) struct Hook {
     pub(crate) spec: WebhookSpec,
 }
 
-type Hooks = Arc<std::sync::RwLock<Arc<Vec<Hook>>>>;
+pub(super) type Hooks = Arc<std::sync::RwLock<Arc<Vec<Hook>>>>;
 
 /// The webhooks of `agents`, named as [`Agents::name`] stores them.
-fn hooks_of(agents: &Agents) -> Vec<Hook> {
+pub(super) fn hooks_of(agents: &Agents) -> Vec<Hook> {
     agents
         .sets()
         .iter()
@@ -300,21 +301,21 @@ pub(crate) fn endpoint_name(i: usize, w: &WebhookSpec) -> String {
     }
 }
 
-struct Inner {
-    tx: Mutex<Option<mpsc::Sender<Msg>>>,
-    overloaded: AtomicU64,
-    webhooks: Hooks,
-    writer: Mutex<Option<Writer>>,
-    targets: Targets,
+pub(super) struct Inner {
+    pub(super) tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    pub(super) overloaded: AtomicU64,
+    pub(super) webhooks: Hooks,
+    pub(super) writer: Mutex<Option<Writer>>,
+    pub(super) targets: Targets,
 }
 
-enum Writer {
+pub(super) enum Writer {
     Thread(std::thread::JoinHandle<()>),
     Task(tokio::task::JoinHandle<()>),
 }
 
 /// Group commit: everything queued while the last commit ran goes in the next.
-fn next_batch(first: Msg, rx: &mut mpsc::Receiver<Msg>) -> Vec<Msg> {
+pub(super) fn next_batch(first: Msg, rx: &mut mpsc::Receiver<Msg>) -> Vec<Msg> {
     let mut batch = vec![first];
     while batch.len() < 4096 {
         match rx.try_recv() {
@@ -325,7 +326,7 @@ fn next_batch(first: Msg, rx: &mut mpsc::Receiver<Msg>) -> Vec<Msg> {
     batch
 }
 
-fn answer(batch: Vec<Msg>, result: Result<(), String>) {
+pub(super) fn answer(batch: Vec<Msg>, result: Result<(), String>) {
     if result.is_err() {
         metrics::counter!("midcall_events_write_errors_total").increment(batch.len() as u64);
     }
@@ -336,7 +337,11 @@ fn answer(batch: Vec<Msg>, result: Result<(), String>) {
     }
 }
 
-fn write_sqlite(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Msg>, notify: Arc<Notify>) {
+pub(super) fn write_sqlite(
+    mut conn: rusqlite::Connection,
+    mut rx: mpsc::Receiver<Msg>,
+    notify: Arc<Notify>,
+) {
     while let Some(first) = rx.blocking_recv() {
         let batch = next_batch(first, &mut rx);
         let events: Vec<NewEvent> = batch.iter().map(|Msg::Event(e, _)| e.clone()).collect();
@@ -351,7 +356,11 @@ fn write_sqlite(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Msg>, not
 /// and tried again with backoff (up to 2 s apart) until it commits, so nothing published is lost
 /// while the database restarts; publishers meanwhile fill the channel and, once it is full, get
 /// `Overloaded` (counted). After the bus is closed, a batch is tried for at most 10 s more.
-async fn write_pg(pg: crate::store::pg::Pg, mut rx: mpsc::Receiver<Msg>, notify: Arc<Notify>) {
+pub(super) async fn write_pg(
+    pg: crate::store::pg::Pg,
+    mut rx: mpsc::Receiver<Msg>,
+    notify: Arc<Notify>,
+) {
     while let Some(first) = rx.recv().await {
         let batch = next_batch(first, &mut rx);
         let events: Vec<NewEvent> = batch.iter().map(|Msg::Event(e, _)| e.clone()).collect();
@@ -400,16 +409,16 @@ pub(crate) struct ResolvedTarget {
     pub(crate) inputs: RenderInputs,
 }
 
-type Targets = Arc<std::sync::RwLock<Option<Arc<dyn DeliveryTargets>>>>;
+pub(super) type Targets = Arc<std::sync::RwLock<Option<Arc<dyn DeliveryTargets>>>>;
 
 /// The event bus of one outbox database. Cheap to clone.
 #[derive(Clone)]
 pub struct EventBus {
-    inner: Arc<Inner>,
-    notify: Arc<Notify>,
-    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
-    db: PathBuf,
-    store: Db,
+    pub(super) inner: Arc<Inner>,
+    pub(super) notify: Arc<Notify>,
+    pub(super) task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    pub(super) db: PathBuf,
+    pub(super) store: Db,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -593,502 +602,4 @@ pub(crate) fn event_id(now: i64) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     format!("{now:x}{:x}{n:x}", std::process::id())
-}
-
-/// Reads and replays the delivery log of an outbox database (a SQLite file or a
-/// `postgres://` URL).
-#[derive(Debug)]
-pub struct DeliveryLog {
-    conn: LogConn,
-}
-
-impl DeliveryLog {
-    /// Opens an outbox database (a SQLite file must exist).
-    pub fn open(db: impl AsRef<Path>) -> Result<DeliveryLog, String> {
-        Ok(DeliveryLog {
-            conn: LogConn::open(db.as_ref())?,
-        })
-    }
-
-    /// Deliveries, newest first; optionally one call's, optionally of one status
-    /// (`pending`, `delivered`, `failed`, `skipped`).
-    pub fn deliveries(
-        &self,
-        call: Option<&str>,
-        status: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<super::DeliveryRecord>, String> {
-        self.conn.deliveries(call, status, limit as i64)
-    }
-
-    /// The attempts of one delivery, oldest first.
-    pub fn attempts(&self, delivery: i64) -> Result<Vec<super::AttemptRecord>, String> {
-        self.conn.attempts(delivery)
-    }
-
-    /// Makes one delivery due again. Returns how many (0 or 1).
-    pub fn replay_id(&mut self, id: i64) -> Result<usize, String> {
-        self.conn.replay(Some(id), None, None, time::now_ms())
-    }
-
-    /// Whether a delivery with this id is in the log.
-    pub fn contains(&self, id: i64) -> Result<bool, String> {
-        self.conn.contains(id)
-    }
-
-    /// Deletes delivered deliveries finished before `before_ms` (with their attempts and
-    /// events), and automation runs finished before it that no delivery refers to, at most
-    /// `batch` of each. The delivery task does this for the retention window.
-    pub fn purge_delivered(&mut self, before_ms: i64, batch: usize) -> Result<usize, String> {
-        self.conn.purge(before_ms, batch as i64)
-    }
-
-    /// Makes every delivery of `status` published since `since_ms` due again.
-    pub fn replay_since(&mut self, since_ms: i64, status: &str) -> Result<usize, String> {
-        self.conn
-            .replay(None, Some(since_ms), Some(status), time::now_ms())
-    }
-}
-
-struct Worker {
-    db: Db,
-    transport: Transport,
-    secrets: Arc<dyn SecretSource>,
-    webhooks: Hooks,
-    targets: Targets,
-    schedule: Vec<Duration>,
-    jitter: f64,
-    attempt_timeout: Duration,
-    hold: Duration,
-    disable_after: Duration,
-    retention: Duration,
-    retry_after_cap: Duration,
-    notify: Arc<Notify>,
-    /// Per-endpoint token buckets of webhooks with `max_per_second`.
-    throttle: Mutex<std::collections::HashMap<String, Bucket>>,
-}
-
-impl Worker {
-    /// Splits claimed deliveries into those sent now and those a throttled endpoint has no
-    /// token for, each with the time it is due again (spread at the endpoint's rate).
-    fn throttled(&self, claimed: Vec<Claimed>) -> (Vec<Claimed>, Vec<(i64, i64)>) {
-        let hooks = self
-            .webhooks
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if hooks.iter().all(|h| h.spec.max_per_second.is_none()) {
-            return (claimed, Vec::new());
-        }
-        let mut buckets = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
-        let now = tokio::time::Instant::now();
-        let now_ms = time::now_ms();
-        let (mut go, mut later) = (Vec::new(), Vec::new());
-        for c in claimed {
-            let rate = if c.target.is_none() {
-                hooks
-                    .iter()
-                    .find(|h| h.name == c.endpoint)
-                    .and_then(|h| h.spec.max_per_second)
-            } else {
-                None
-            };
-            let Some(rate) = rate else {
-                go.push(c);
-                continue;
-            };
-            let burst = rate.max(1.0);
-            let b = buckets.entry(c.endpoint.clone()).or_insert(Bucket {
-                tokens: burst,
-                at: now,
-                next_slot_ms: 0,
-            });
-            let level = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
-            b.at = now;
-            if level >= 1.0 {
-                b.tokens = level - 1.0;
-                go.push(c);
-            } else {
-                b.tokens = level;
-                // Each deferred delivery takes the next free slot at the endpoint's rate,
-                // across claims: a backlog is spread over its whole length, each delivery
-                // handed back once, not stacked on the next second.
-                let step = (1000.0 / rate).ceil() as i64;
-                let slot = b.next_slot_ms.max(now_ms) + step;
-                b.next_slot_ms = slot;
-                later.push((c.id, slot));
-            }
-        }
-        (go, later)
-    }
-
-    fn ok<T>(r: Result<T, StoreError>) -> Option<T> {
-        match r {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::warn!(error = %e, "outbox");
-                None
-            }
-        }
-    }
-
-    /// The lease of a claim: always longer than an attempt may take (the attempt timeout plus
-    /// as much again, 1 to 10 s), and renewed every third of it while the attempt runs; a
-    /// worker that dies has its claims taken over when the lease runs out (25 s with the
-    /// default 15 s timeout).
-    fn lease(&self) -> Duration {
-        self.attempt_timeout
-            + self
-                .attempt_timeout
-                .clamp(Duration::from_secs(1), Duration::from_secs(10))
-    }
-
-    async fn run(self) {
-        let lease = self.lease();
-        let lease_ms = lease.as_millis() as i64;
-        let hold = self.hold.as_millis() as i64;
-        let wakes = self.db.pg().map(|p| p.wakes());
-        let mut rounds: u64 = 0;
-        loop {
-            rounds += 1;
-            if rounds % 1000 == 1 {
-                let before = time::now_ms() - self.retention.as_millis() as i64;
-                Self::ok(self.db.purge(before, 500).await);
-            }
-            let now = time::now_ms();
-            let claimed = Self::ok(self.db.claim(now, lease_ms, hold, 64).await);
-            let Some(claimed) = claimed else {
-                // The database is unreachable: try again shortly (a new event also wakes us).
-                tokio::select! {
-                    _ = self.notify.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-                continue;
-            };
-            if claimed.is_empty() {
-                let next = Self::ok(self.db.next_due().await).flatten();
-                let wait = next
-                    .map(|due| Duration::from_millis((due - time::now_ms()).clamp(10, 1000) as u64))
-                    .unwrap_or(Duration::from_secs(1));
-                match &wakes {
-                    Some(w) => tokio::select! {
-                        _ = self.notify.notified() => {}
-                        _ = w.outbox.notified() => {}
-                        _ = tokio::time::sleep(wait) => {}
-                    },
-                    None => tokio::select! {
-                        _ = self.notify.notified() => {}
-                        _ = tokio::time::sleep(wait) => {}
-                    },
-                }
-                continue;
-            }
-            let (claimed, later) = self.throttled(claimed);
-            if !later.is_empty() {
-                metrics::counter!("midcall_webhook_throttled_total").increment(later.len() as u64);
-                Self::ok(self.db.defer(later).await);
-            }
-            if claimed.is_empty() {
-                let next = Self::ok(self.db.next_due().await).flatten();
-                let wait = next
-                    .map(|due| Duration::from_millis((due - time::now_ms()).clamp(10, 1000) as u64))
-                    .unwrap_or(Duration::from_millis(100));
-                tokio::select! {
-                    _ = self.notify.notified() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                continue;
-            }
-            let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
-            let work = futures_util::future::join_all(claimed.into_iter().map(|c| self.deliver(c)));
-            tokio::pin!(work);
-            let done: Vec<(Claimed, Attempt, Next)> = loop {
-                tokio::select! {
-                    d = &mut work => break d,
-                    _ = tokio::time::sleep(lease / 3) => {
-                        let until = time::now_ms() + lease_ms;
-                        Self::ok(self.db.renew(ids.clone(), until).await);
-                    }
-                }
-            };
-            metrics::counter!("midcall_webhook_attempts_total").increment(done.len() as u64);
-            // Recording must not be lost to a database restart: the attempt happened.
-            let mut backoff = Duration::from_millis(50);
-            for _ in 0..40 {
-                match self.db.record_batch(done.clone()).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "outbox: recording attempts; trying again");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        }
-    }
-
-    async fn deliver(&self, c: Claimed) -> (Claimed, Attempt, Next) {
-        let failed = |c: Claimed, why: &str| {
-            tracing::warn!(
-                target: "midcall::delivery",
-                delivery = c.id,
-                endpoint = %c.endpoint,
-                error = %why,
-                "delivery failed"
-            );
-            let a = Attempt {
-                at_ms: time::now_ms(),
-                duration_ms: 0,
-                status_code: None,
-                error: Some(why.to_string()),
-                response_prefix: Vec::new(),
-            };
-            (c, a, Next::Failed)
-        };
-        let resolved = match &c.target {
-            None => None,
-            Some(t) => {
-                let targets = self
-                    .targets
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let Some(targets) = targets else {
-                    return failed(
-                        c,
-                        "no automations are running in this process to resolve the target",
-                    );
-                };
-                match targets.resolve(t, c.context.as_deref()) {
-                    Ok(r) => Some(r),
-                    Err(why) => return failed(c, &why),
-                }
-            }
-        };
-        let empty = RenderInputs::default();
-        let hooks = self
-            .webhooks
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let (target, context) = match &resolved {
-            None => match hooks.iter().find(|h| h.name == c.endpoint) {
-                Some(Hook { spec: hook, .. }) => (
-                    Target {
-                        url: &hook.url,
-                        headers: &hook.headers,
-                        signing_secret: hook.signing_secret.as_ref(),
-                        signing_key: hook.signing_key.as_ref(),
-                    },
-                    &empty,
-                ),
-                None => return failed(c, "no such webhook in the config"),
-            },
-            Some(r) => (
-                Target {
-                    url: &r.url,
-                    headers: &r.headers,
-                    signing_secret: r.signing_secret.as_ref(),
-                    signing_key: None,
-                },
-                &r.inputs,
-            ),
-        };
-        let at = time::now_ms();
-        let started = tokio::time::Instant::now();
-        let result = self.attempt(&target, context, &c).await;
-        let duration_ms = started.elapsed().as_millis() as i64;
-        let (code, error) = match &result {
-            Ok((status, _, _)) => (Some(status.as_u16()), ""),
-            Err(e) => (None, e.as_str()),
-        };
-        if code.is_some_and(|c| (200..300).contains(&c)) {
-            tracing::info!(target: "midcall::delivery", delivery = c.id, endpoint = %c.endpoint,
-                attempt = c.attempts + 1, status = code, ms = duration_ms, "delivered");
-        } else {
-            tracing::warn!(target: "midcall::delivery", delivery = c.id, endpoint = %c.endpoint,
-                attempt = c.attempts + 1, status = code, ms = duration_ms, error,
-                "delivery attempt failed");
-        }
-        let (attempt, next) = match result {
-            Ok((status, headers, body)) => {
-                let code = status.as_u16();
-                let attempt = Attempt {
-                    at_ms: at,
-                    duration_ms,
-                    status_code: Some(code),
-                    error: None,
-                    response_prefix: body[..body.len().min(8192)].to_vec(),
-                };
-                let next = if status.is_success() {
-                    Next::Delivered
-                } else if code == 410 {
-                    Next::Disable {
-                        reason: "410 Gone".into(),
-                    }
-                } else {
-                    let retry_after = if code == 429 || code == 503 {
-                        headers
-                            .get(http::header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| {
-                                crate::transport::parse_retry_after(v, std::time::SystemTime::now())
-                            })
-                    } else {
-                        None
-                    };
-                    self.retry(&c, retry_after).await
-                };
-                (attempt, next)
-            }
-            Err(error) => {
-                let attempt = Attempt {
-                    at_ms: at,
-                    duration_ms,
-                    status_code: None,
-                    error: Some(error),
-                    response_prefix: Vec::new(),
-                };
-                let next = self.retry(&c, None).await;
-                (attempt, next)
-            }
-        };
-        (c, attempt, next)
-    }
-
-    /// The next step after a failed attempt: a retry per the schedule (never sooner than it,
-    /// later when Retry-After asks, up to `retry_after_cap`), or failure.
-    async fn retry(&self, c: &Claimed, retry_after: Option<Duration>) -> Next {
-        let since = Self::ok(self.db.failing_since(c.endpoint.clone()).await).flatten();
-        let now = time::now_ms();
-        if since.is_some_and(|s| now - s >= self.disable_after.as_millis() as i64) {
-            return Next::Disable {
-                reason: "failing without a success past the disable window".into(),
-            };
-        }
-        let made = c.attempts as usize + 1;
-        let Some(base) = self.schedule.get(made - 1) else {
-            return Next::Failed;
-        };
-        let spread = 1.0 + self.jitter * (2.0 * unit_random(c.id as u64 ^ now as u64) - 1.0);
-        let mut delay = base.mul_f64(spread.max(0.0));
-        if let Some(ra) = retry_after {
-            delay = delay.max(ra.min(self.retry_after_cap));
-        }
-        Next::Retry {
-            due_ms: now + delay.as_millis() as i64,
-        }
-    }
-
-    async fn attempt(
-        &self,
-        hook: &Target<'_>,
-        context: &RenderInputs,
-        c: &Claimed,
-    ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), String> {
-        let ctx = context.render_context(&*self.secrets);
-        let mut redactor = Redactor::default();
-        let url = hook
-            .url
-            .render(&ctx, &mut redactor)
-            .map_err(|e| format!("url: {e}"))?;
-        let mut req = http::Request::new(Full::new(Bytes::from(c.body.clone())));
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = url
-            .parse()
-            .map_err(|_| "the rendered URL is not valid".to_string())?;
-        let h = req.headers_mut();
-        for (name, t) in hook.headers {
-            let v = t
-                .render_header(&ctx, &mut redactor)
-                .map_err(|e| format!("header \"{name}\": {e}"))?;
-            if let (Ok(n), Ok(v)) = (
-                http::HeaderName::from_bytes(name.as_bytes()),
-                http::HeaderValue::from_str(&v),
-            ) {
-                h.insert(n, v);
-            }
-        }
-        h.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            http::header::USER_AGENT,
-            http::HeaderValue::from_static(concat!("midcall/", env!("CARGO_PKG_VERSION"))),
-        );
-        let ts = time::now_ms() / 1000;
-        let set = |h: &mut http::HeaderMap, k: &'static str, v: &str| {
-            if let Ok(v) = http::HeaderValue::from_str(v) {
-                h.insert(k, v);
-            }
-        };
-        set(h, "webhook-id", &c.webhook_id);
-        set(h, "webhook-timestamp", &ts.to_string());
-        let mut signatures = Vec::new();
-        if let Some(secret) = hook.signing_secret {
-            let s = secret
-                .render_text(&ctx, &mut redactor)
-                .map_err(|e| format!("signing_secret: {e}"))?;
-            signatures.push(
-                signing::signature_header(&s, &c.webhook_id, ts, &c.body)
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        if let Some(key) = hook.signing_key {
-            let k = key
-                .render_text(&ctx, &mut redactor)
-                .map_err(|e| format!("signing_key: {e}"))?;
-            signatures.push(
-                signing::sign_ed25519(&k, &c.webhook_id, ts, &c.body)
-                    .map_err(|e| format!("signing_key: {e}"))?,
-            );
-        }
-        if !signatures.is_empty() {
-            set(h, "webhook-signature", &signatures.join(" "));
-        }
-        let deadline = Deadline::at(tokio::time::Instant::now() + self.attempt_timeout);
-        match self
-            .transport
-            .exchange(req, deadline, 16 * 1024 * 1024)
-            .await
-        {
-            Ok(ex) => {
-                // Only the log's first 8 KiB is kept, with any secret the request carried
-                // (a receiver that echoes its request) shown as ***.
-                let kept = &ex.body[..ex.body.len().min(8192)];
-                let shown = redactor.redact(&String::from_utf8_lossy(kept));
-                Ok((ex.status, ex.headers, Bytes::from(shown)))
-            }
-            Err(TransportError::Timeout { .. }) => Err("timeout".into()),
-            Err(TransportError::Connect(e)) => Err(redactor.redact(&e.to_string())),
-            Err(TransportError::Io { message, .. }) => Err(redactor.redact(&message)),
-            Err(TransportError::TooLarge { .. }) => Err("response too large".into()),
-        }
-    }
-}
-
-/// A throttled endpoint's token bucket, and the next free slot for a delivery it had no token
-/// for (ms since the epoch).
-struct Bucket {
-    tokens: f64,
-    at: tokio::time::Instant,
-    next_slot_ms: i64,
-}
-
-/// Where a delivery goes: a webhook's or an automation step's templates.
-struct Target<'a> {
-    url: &'a UrlTemplate,
-    headers: &'a [(String, Template)],
-    signing_secret: Option<&'a Template>,
-    signing_key: Option<&'a Template>,
-}
-
-/// A number in [0, 1) from a seed (splitmix64): enough to spread retries.
-fn unit_random(seed: u64) -> f64 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -2,11 +2,14 @@
 //! delivery with retries, and the delivery log.
 
 mod bus;
+mod deliver;
+mod log;
 pub mod signing;
 
 pub use crate::store::{AttemptRecord, DeliveryRecord, StoreError};
 pub(crate) use bus::{event_id, DeliveryTargets, ResolvedTarget};
-pub use bus::{DeliveryLog, EventBus, EventBusBuilder, PublishError, DEFAULT_RETRY_SCHEDULE};
+pub use bus::{EventBus, EventBusBuilder, PublishError, DEFAULT_RETRY_SCHEDULE};
+pub use log::DeliveryLog;
 
 /// How a `--db` value is shown in messages and banners: a SQLite path as given, a
 /// `postgres://` URL with its password replaced by `***`.

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -17,11 +16,15 @@ use midcall::events::{DeliveryLog, Event};
 use midcall::exec::Budget;
 use midcall::time;
 use midcall::{
-    ActionSet, Call, CallEnd, CallInfo, Outcome, Stack, StackError, StatePath, ToolCall, Turn,
+    ActionSet, Automations, Call, CallEnd, CallInfo, CallSession, Outcome, Stack, StackError,
+    StatePath, ToolCall, Turn,
 };
 
-use midcall::demo::{hosts, DemoSecrets};
+use midcall::demo::{hosts, DemoSecrets, Received};
 use script::{Expect, Script};
+
+mod report;
+pub(crate) use report::*;
 
 /// The script `simulate` plays when none is given.
 const DEFAULT_SCRIPT: &str = "examples/front-desk/call.toml";
@@ -55,93 +58,11 @@ pub(crate) struct SimulateArgs {
     json: bool,
 }
 
-#[derive(Debug, Serialize)]
-struct Report {
-    script: String,
-    title: Option<String>,
-    agent: String,
-    agent_file: String,
-    call_id: String,
-    from_number: String,
-    mock_addr: String,
-    mock_hosts: Vec<String>,
-    timeline: Vec<Entry>,
-    deliveries: Vec<DeliveryReport>,
-    runs: Vec<RunReport>,
-    /// Every request the mock CRM answered (status 0: reset on purpose).
-    mock_requests: Vec<midcall::demo::Hit>,
-    /// Every webhook the mock received, with its signature check.
-    webhooks_received: Vec<midcall::demo::Received>,
-    summary: Summary,
-    problems: Vec<String>,
-}
 
-#[derive(Debug, Serialize)]
-struct Entry {
-    at_ms: u64,
-    kind: &'static str,
-    text: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    action: Option<ActionReport>,
-}
 
-#[derive(Debug, Serialize)]
-struct ActionReport {
-    action: String,
-    tool_call_id: Option<String>,
-    args: Value,
-    status: String,
-    http_status: Option<u16>,
-    latency_ms: f64,
-    attempts: u32,
-    cache: String,
-    filler: Option<String>,
-    fallback: Option<String>,
-    deduplicated: bool,
-    values: Value,
-    state_changes: BTreeMap<String, Value>,
-    expectations_failed: Vec<String>,
-    error: Option<String>,
-}
 
-#[derive(Debug, Serialize)]
-struct DeliveryReport {
-    id: i64,
-    endpoint: String,
-    event: String,
-    status: String,
-    attempts: i64,
-    signature: String,
-    last_error: Option<String>,
-}
 
-#[derive(Debug, Serialize)]
-struct RunReport {
-    id: String,
-    automation: String,
-    status: String,
-    error: Option<String>,
-}
 
-#[derive(Debug, Serialize)]
-struct Summary {
-    actions: usize,
-    latency_p50_ms: f64,
-    latency_p99_ms: f64,
-    cache_hits: usize,
-    deduplicated: usize,
-    fillers: usize,
-    fallbacks: usize,
-    expectations_passed: usize,
-    expectations_failed: usize,
-    deliveries: usize,
-    delivered: usize,
-    signatures_verified: usize,
-    signatures_invalid: usize,
-    runs_succeeded: usize,
-    runs_failed: usize,
-    duration_ms: u64,
-}
 
 pub(crate) fn run(a: SimulateArgs) -> Result<ExitCode, String> {
     let path = PathBuf::from(&a.script);
@@ -257,19 +178,11 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
-/// A latency for people: 0.042 ms, 12.3 ms.
-fn show_ms(v: f64) -> String {
-    if v < 1.0 {
-        format!("{v:.3} ms")
-    } else {
-        format!("{v:.1} ms")
-    }
-}
 
-struct Timeline {
-    started: Instant,
-    entries: Vec<Entry>,
-    progress: bool,
+pub(crate) struct Timeline {
+    pub(crate) started: Instant,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) progress: bool,
 }
 
 impl Timeline {
@@ -353,10 +266,102 @@ async fn play(
         Some(p) => PathBuf::from(p),
         None => tmp.join("outbox.db"),
     };
+    let stack = build_stack(script, &set, &db_path, shared).await?;
+    let (runtime, mock) = (stack.runtime.clone(), stack.mock.as_ref().ok_or("no mock")?);
+    let bus = runtime
+        .event_bus()
+        .cloned()
+        .ok_or("the runtime has no event bus")?;
+    let automations = stack.automations.clone().ok_or("no automations")?;
+
+    let started_at = time::now_ms();
+    let info = call_info(script, &set, started_at);
+    let mut tl = Timeline {
+        started: Instant::now(),
+        entries: Vec::new(),
+        progress,
+    };
+    // The call connects: phone_call_connected, warm-up, prefetches.
+    let before = json!({});
+    let mut call = runtime
+        .start_call(set.clone(), info.clone(), Duration::from_millis(1500))
+        .await;
+    connected(&call, &info, &before, &mut tl);
+    let mut turns = Turns::default();
+    for (i, turn) in script.turns().into_iter().enumerate() {
+        turns.play(&mut call, script, i, turn, &mut tl).await;
+    }
+
+    // The call ends.
+    let duration = tl.started.elapsed();
+    let _ = bus.publish(&Event::transcript(&call.transcript()), &info);
+    let mut end = CallEnd::new(duration, script.end.reason.clone());
+    if let Some(o) = &script.end.outcome {
+        end = end.outcome(o.clone());
+    }
+    let runs = call.end(end).await.map_err(|e| e.to_string())?;
+    tl.push(
+        "call",
+        format!(
+            "ended ({}); phone_call_ended and post-call results published; {} queued",
+            script.end.reason,
+            super::count(runs.len(), "automation run", "automation runs")
+        ),
+        None,
+    );
+    automations.wait_idle(Duration::from_secs(5)).await;
+    bus.wake();
+    // Wait for the outbox to settle (failing deliveries exhaust their short demo schedule).
+    let log = DeliveryLog::open(&db_path)?;
+    settle(&log, &automations, &info).await?;
+    automations.shutdown(Duration::from_secs(2)).await;
+    bus.close().await;
+    if progress {
+        eprint!("\r\x1b[2K");
+    }
+
+    let received = mock.received();
+    let deliveries = deliveries(&log, &received, started_at, &mut turns.problems)?;
+    let run_reports = run_reports(&db_path, &runs)?;
+    let mock_addr = mock.addr;
+    let mock_requests = mock.hits();
+    drop(stack);
+
+    let summary = summary(&tl, &deliveries, &run_reports, &turns, duration);
+    let mut entries = tl.entries;
+    entries.sort_by_key(|e| e.at_ms);
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(Report {
+        script: script_path.to_string(),
+        title: script.title.clone(),
+        agent: set.agent().id.clone(),
+        agent_file: agent_path.display().to_string(),
+        call_id: info.id.clone(),
+        from_number: info.from_number.clone(),
+        mock_addr: mock_addr.to_string(),
+        mock_hosts: hosts(&set),
+        timeline: entries,
+        mock_requests,
+        webhooks_received: received,
+        deliveries,
+        runs: run_reports,
+        summary,
+        problems: turns.problems,
+    })
+}
+
+/// The stack a simulation plays against: the mock CRM in front of every host, an outbox with
+/// a short retry schedule.
+async fn build_stack(
+    script: &Script,
+    set: &Arc<ActionSet>,
+    db_path: &Path,
+    shared: Option<midcall::cache::SharedCacheConfig>,
+) -> Result<Stack, String> {
     let breaker = script.runtime.breaker_threshold;
     let mut builder = Stack::for_agent(set.clone())
         .mock(script.mock.clone(), Arc::new(DemoSecrets::default()))
-        .outbox(&db_path, |bus| {
+        .outbox(db_path, |bus| {
             bus.retry_schedule(vec![Duration::from_millis(200), Duration::from_millis(400)])
                 .jitter(0.0)
                 .attempt_timeout(Duration::from_secs(3))
@@ -368,20 +373,16 @@ async fn play(
     if let Some(cfg) = shared {
         builder = builder.shared_cache(cfg);
     }
-    let stack = builder.build().await.map_err(|e| match e {
+    builder.build().await.map_err(|e| match e {
         StackError::Runtime(e) => format!("--db: {e}"),
         StackError::SharedCache(e) => format!("--cache-url: {e}"),
         e => e.to_string(),
-    })?;
-    let (runtime, mock) = (stack.runtime.clone(), stack.mock.as_ref().ok_or("no mock")?);
-    let bus = runtime
-        .event_bus()
-        .cloned()
-        .ok_or("the runtime has no event bus")?;
-    let automations = stack.automations.clone().ok_or("no automations")?;
+    })
+}
 
-    let started_at = time::now_ms();
-    let info = CallInfo {
+/// The simulated call's facts.
+fn call_info(script: &Script, set: &ActionSet, started_at: i64) -> CallInfo {
+    CallInfo {
         id: script
             .call
             .id
@@ -398,19 +399,11 @@ async fn play(
             .unwrap_or_else(|| "+15550000000".into()),
         is_outgoing: false,
         started_at: time::rfc3339_ms(started_at),
-    };
-    let mut tl = Timeline {
-        started: Instant::now(),
-        entries: Vec::new(),
-        progress,
-    };
-    let (mut passed, mut problems) = (0usize, Vec::new());
+    }
+}
 
-    // The call connects: phone_call_connected, warm-up, prefetches.
-    let before = json!({});
-    let call = runtime
-        .start_call(set.clone(), info.clone(), Duration::from_millis(1500))
-        .await;
+/// The timeline's first entries: the call connected, the hosts warmed, the prefetches.
+fn connected(call: &CallSession, info: &CallInfo, before: &Value, tl: &mut Timeline) {
     let start = call.start_report();
     let mut text = format!(
         "{} from {} connected; warmed {}",
@@ -427,7 +420,7 @@ async fn play(
     }
     tl.push_at(0, "call", text, None);
     for o in &start.prefetched {
-        let changes = state_changes(&before, &call.state_value());
+        let changes = state_changes(before, &call.state_value());
         tl.push_at(
             0,
             "fetch",
@@ -435,10 +428,27 @@ async fn play(
             Some(action_report(o, None, json!({}), changes, None, Vec::new())),
         );
     }
+}
 
-    let budget_ms = script.runtime.turn_budget_ms.unwrap_or(2000);
-    let mut step = 0u64;
-    for (i, turn) in script.turns().into_iter().enumerate() {
+/// What the turns so far have counted: the transcript's step, expectations met and missed.
+#[derive(Default)]
+pub(crate) struct Turns {
+    pub(crate) step: u64,
+    pub(crate) passed: usize,
+    pub(crate) problems: Vec<String>,
+}
+
+impl Turns {
+    /// Plays turn `i` of the script.
+    async fn play(
+        &mut self,
+        call: &mut CallSession,
+        script: &Script,
+        i: usize,
+        turn: script::Turn<'_>,
+        tl: &mut Timeline,
+    ) {
+        let budget_ms = script.runtime.turn_budget_ms.unwrap_or(2000);
         match turn {
             script::Turn::User { text, barge_in } => {
                 if barge_in {
@@ -453,10 +463,10 @@ async fn play(
                 call.add_turn(Turn::ai(
                     text,
                     time::rfc3339_ms(time::now_ms()),
-                    Some(step),
+                    Some(self.step),
                     None,
                 ));
-                step += 1;
+                self.step += 1;
                 tl.push("ai", text.to_string(), None);
             }
             script::Turn::Pause(n) => {
@@ -490,10 +500,10 @@ async fn play(
                     call.add_turn(Turn::ai(
                         line.clone(),
                         time::rfc3339_ms(time::now_ms()),
-                        Some(step),
+                        Some(self.step),
                         Some("filler".into()),
                     ));
-                    step += 1;
+                    self.step += 1;
                     tl.entries.push(Entry {
                         at_ms: *at,
                         kind: "ai",
@@ -503,9 +513,9 @@ async fn play(
                 }
                 let changes = state_changes(&before, &call.state_value());
                 let (n, failed) = check(expect, &outcome, &call.snapshot());
-                passed += n - failed.len();
+                self.passed += n - failed.len();
                 for f in &failed {
-                    problems.push(format!("turn {} ({name}): {f}", i + 1));
+                    self.problems.push(format!("turn {} ({name}): {f}", i + 1));
                 }
                 let text = format!("{name} {}", args);
                 let report = action_report(
@@ -522,37 +532,23 @@ async fn play(
                     call.add_turn(Turn::ai(
                         line.clone(),
                         time::rfc3339_ms(time::now_ms()),
-                        Some(step),
+                        Some(self.step),
                         Some("fallback".into()),
                     ));
-                    step += 1;
+                    self.step += 1;
                     tl.push("ai", format!("(fallback) {line}"), None);
                 }
             }
         }
     }
+}
 
-    // The call ends.
-    let duration = tl.started.elapsed();
-    let _ = bus.publish(&Event::transcript(&call.transcript()), &info);
-    let mut end = CallEnd::new(duration, script.end.reason.clone());
-    if let Some(o) = &script.end.outcome {
-        end = end.outcome(o.clone());
-    }
-    let runs = call.end(end).await.map_err(|e| e.to_string())?;
-    tl.push(
-        "call",
-        format!(
-            "ended ({}); phone_call_ended and post-call results published; {} queued",
-            script.end.reason,
-            super::count(runs.len(), "automation run", "automation runs")
-        ),
-        None,
-    );
-    automations.wait_idle(Duration::from_secs(5)).await;
-    bus.wake();
-    // Wait for the outbox to settle (failing deliveries exhaust their short demo schedule).
-    let log = DeliveryLog::open(&db_path)?;
+/// Waits (at most 8 s) until no delivery of the call is pending and no run queued.
+async fn settle(
+    log: &DeliveryLog,
+    automations: &Automations,
+    info: &CallInfo,
+) -> Result<(), String> {
     let settle = Instant::now();
     loop {
         let pending = log.deliveries(Some(&info.id), Some("pending"), 1000)?;
@@ -562,15 +558,19 @@ async fn play(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    automations.shutdown(Duration::from_secs(2)).await;
-    bus.close().await;
-    if progress {
-        eprint!("\r\x1b[2K");
-    }
 
-    let received = mock.received();
+    Ok(())
+}
+
+/// This simulation's deliveries (a kept --db may hold earlier ones), each with what the mock
+/// made of its signature; a signature that did not verify is a problem.
+fn deliveries(
+    log: &DeliveryLog,
+    received: &[Received],
+    started_at: i64,
+    problems: &mut Vec<String>,
+) -> Result<Vec<DeliveryReport>, String> {
     let mut deliveries = Vec::new();
-    // Only this simulation's (a kept --db may hold earlier runs).
     let mut rows: Vec<_> = log
         .deliveries(None, None, 10_000)?
         .into_iter()
@@ -600,7 +600,12 @@ async fn play(
             last_error: d.last_error,
         });
     }
-    let run_log = midcall::RunLog::open(&db_path)?;
+    Ok(deliveries)
+}
+
+/// The runs the call's end queued, oldest first.
+fn run_reports(db_path: &Path, runs: &[String]) -> Result<Vec<RunReport>, String> {
+    let run_log = midcall::RunLog::open(db_path)?;
     let mut run_reports: Vec<RunReport> = run_log
         .runs(None, None, 1000)?
         .into_iter()
@@ -613,76 +618,9 @@ async fn play(
         })
         .collect();
     run_reports.reverse();
-    let mock_addr = mock.addr;
-    let mock_requests = mock.hits();
-    drop(stack);
-
-    let actions: Vec<&ActionReport> = tl
-        .entries
-        .iter()
-        .filter_map(|e| e.action.as_ref())
-        .collect();
-    // Latencies in whole microseconds, for the bench's percentile.
-    let mut latencies: Vec<u64> = actions
-        .iter()
-        .map(|a| (a.latency_ms * 1000.0).round() as u64)
-        .collect();
-    latencies.sort_unstable();
-    let percentile = |p| crate::cli::measure::percentile(&latencies, p) / 1000.0;
-    let summary = Summary {
-        actions: actions.len(),
-        latency_p50_ms: percentile(0.5),
-        latency_p99_ms: percentile(0.99),
-        cache_hits: actions
-            .iter()
-            .filter(|a| a.cache == "hit" || a.cache == "stale")
-            .count(),
-        deduplicated: actions.iter().filter(|a| a.deduplicated).count(),
-        fillers: actions.iter().filter(|a| a.filler.is_some()).count(),
-        fallbacks: actions.iter().filter(|a| a.fallback.is_some()).count(),
-        expectations_passed: passed,
-        expectations_failed: problems.len(),
-        deliveries: deliveries.len(),
-        delivered: deliveries
-            .iter()
-            .filter(|d| d.status == "delivered")
-            .count(),
-        signatures_verified: deliveries
-            .iter()
-            .filter(|d| d.signature == "verified")
-            .count(),
-        signatures_invalid: deliveries
-            .iter()
-            .filter(|d| d.signature == "invalid")
-            .count(),
-        runs_succeeded: run_reports
-            .iter()
-            .filter(|r| r.status == "succeeded")
-            .count(),
-        runs_failed: run_reports.iter().filter(|r| r.status == "failed").count(),
-        duration_ms: duration.as_millis() as u64,
-    };
-    let mut entries = tl.entries;
-    entries.sort_by_key(|e| e.at_ms);
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok(Report {
-        script: script_path.to_string(),
-        title: script.title.clone(),
-        agent: set.agent().id.clone(),
-        agent_file: agent_path.display().to_string(),
-        call_id: info.id.clone(),
-        from_number: info.from_number.clone(),
-        mock_addr: mock_addr.to_string(),
-        mock_hosts: hosts(&set),
-        timeline: entries,
-        mock_requests,
-        webhooks_received: received,
-        deliveries,
-        runs: run_reports,
-        summary,
-        problems,
-    })
+    Ok(run_reports)
 }
+
 
 /// A private temporary directory for the default outbox.
 fn tempfile_dir() -> Result<PathBuf, String> {
@@ -695,165 +633,5 @@ fn tempfile_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-fn print_report(r: &Report) {
-    println!(
-        "midcall simulate: {}{}",
-        r.script,
-        r.title
-            .as_ref()
-            .map(|t| format!(" — {t}"))
-            .unwrap_or_default()
-    );
-    println!(
-        "agent \"{}\" ({}); mock CRM on https://{} answering for {}",
-        r.agent,
-        r.agent_file,
-        r.mock_addr,
-        r.mock_hosts.join(", ")
-    );
-    println!();
-    println!("{:>7}  {:<5}  what", "t (ms)", "who");
-    for e in &r.timeline {
-        match &e.action {
-            None => {
-                let text = match e.kind {
-                    "user" | "barge" | "ai" => format!("\"{}\"", e.text),
-                    _ => e.text.clone(),
-                };
-                let who = if e.kind == "barge" { "user" } else { e.kind };
-                let mark = if e.kind == "barge" {
-                    "  [barge-in]"
-                } else {
-                    ""
-                };
-                println!("{:>7}  {:<5}  {text}{mark}", e.at_ms, who);
-            }
-            Some(a) => {
-                let mut marks = Vec::new();
-                if e.kind == "fetch" {
-                    marks.push("prefetch".to_string());
-                }
-                let fetched = a.http_status.is_some() || a.status == "cache_hit";
-                if a.cache != "bypass" && fetched && !a.deduplicated {
-                    marks.push(format!("cache {}", a.cache));
-                }
-                if a.filler.is_some() {
-                    marks.push("filler".into());
-                }
-                if a.fallback.is_some() {
-                    marks.push("fallback".into());
-                }
-                if a.deduplicated {
-                    marks.push("deduplicated: nothing sent".into());
-                }
-                if a.attempts > 1 {
-                    marks.push(format!("{} attempts", a.attempts));
-                }
-                let http = a
-                    .http_status
-                    .map(|s| format!(" HTTP {s}"))
-                    .unwrap_or_default();
-                let args = if a.args == json!({}) {
-                    String::new()
-                } else {
-                    format!(" {}", a.args)
-                };
-                println!(
-                    "{:>7}  {:<5}  {}{args} → {}{http} in {}{}",
-                    e.at_ms,
-                    e.kind,
-                    a.action,
-                    a.status,
-                    show_ms(a.latency_ms),
-                    if marks.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  [{}]", marks.join(", "))
-                    }
-                );
-                if !a.state_changes.is_empty() {
-                    let changes: Vec<String> = a
-                        .state_changes
-                        .iter()
-                        .map(|(k, v)| format!("{k} = {}", truncate(&v.to_string(), 60)))
-                        .collect();
-                    println!("{:>7}  {:<5}    state: {}", "", "", changes.join(", "));
-                }
-                if let Some(err) = &a.error {
-                    println!("{:>7}  {:<5}    why: {}", "", "", truncate(err, 110));
-                }
-                for f in &a.expectations_failed {
-                    println!("{:>7}  {:<5}    EXPECTATION FAILED: {f}", "", "");
-                }
-            }
-        }
-    }
-    let s = &r.summary;
-    println!();
-    println!("Summary");
-    println!(
-        "  {:<22} {} ({:.1} s)",
-        "call",
-        r.call_id,
-        s.duration_ms as f64 / 1000.0
-    );
-    println!("  {:<22} {}", "actions", s.actions);
-    println!(
-        "  {:<22} p50 {}, p99 {}",
-        "action latency",
-        show_ms(s.latency_p50_ms),
-        show_ms(s.latency_p99_ms)
-    );
-    println!("  {:<22} {}", "cache hits", s.cache_hits);
-    println!("  {:<22} {}", "deduplicated calls", s.deduplicated);
-    println!("  {:<22} {}", "fillers spoken", s.fillers);
-    println!("  {:<22} {}", "fallbacks spoken", s.fallbacks);
-    println!(
-        "  {:<22} {} passed, {} failed",
-        "expectations", s.expectations_passed, s.expectations_failed
-    );
-    println!(
-        "  {:<22} {} succeeded, {} failed",
-        "automation runs", s.runs_succeeded, s.runs_failed
-    );
-    println!();
-    println!(
-        "Webhook deliveries ({} delivered of {}, {} verified)",
-        s.delivered,
-        s.deliveries,
-        super::count(s.signatures_verified, "signature", "signatures")
-    );
-    let mut t = super::Table::new(&[
-        ("endpoint", false),
-        ("event", false),
-        ("status", false),
-        ("attempts", true),
-        ("signature", false),
-    ]);
-    for d in &r.deliveries {
-        t.row(vec![
-            d.endpoint.clone(),
-            d.event.clone(),
-            d.status.clone(),
-            d.attempts.to_string(),
-            d.signature.clone(),
-        ]);
-    }
-    for line in t.render().lines() {
-        println!("  {line}");
-    }
-    for run in &r.runs {
-        if let Some(e) = &run.error {
-            println!("  automation {} failed: {e}", run.automation);
-        }
-    }
-    println!();
-    if r.problems.is_empty() {
-        println!("All expectations met; every signed delivery verified.");
-    } else {
-        println!("Problems:");
-        for p in &r.problems {
-            println!("  {p}");
-        }
-    }
-}
+
+
