@@ -1,5 +1,7 @@
 //! Step 3 of the path (sync, writes the call): values into state, or the fallback; the
 //! outcome and the model-facing result; cache invalidation; metrics and the `action` event.
+//! Every [`Outcome`] a tool call ends with is made here: applied, deduplicated, or ended
+//! before it could be applied.
 
 use std::time::Duration;
 
@@ -8,7 +10,7 @@ use tokio::time::Instant;
 
 use super::error::{Error, Failure, Fault, Kind, Retry};
 use super::obtain::FetchResult;
-use super::outcome::{llm_result, values_object, Outcome, Status};
+use super::outcome::{llm_result, values_object, Outcome, Status, Timings};
 use super::runtime::Runtime;
 use crate::cache::{CacheStatus, ScopeId};
 use crate::config::ActionSpec;
@@ -139,6 +141,50 @@ pub fn action_event(outcome: &Outcome) -> Event {
             "detached": outcome.detached,
         }),
     )
+}
+
+/// The outcome of a tool call that ended with `failure` without reaching the apply step
+/// (refused before it started, cancelled while detached, stopped with its task): no state is
+/// written and no fallback spoken. `limit` bounds the model-facing result (none: left empty);
+/// `started` gives the total time.
+pub(crate) fn ended(
+    action: &str,
+    tool_call_id: Option<String>,
+    failure: Failure,
+    started: Option<Instant>,
+    limit: Option<usize>,
+) -> Outcome {
+    let mut o = Outcome::new(action, tool_call_id);
+    o.status = failure.status();
+    if let Some(limit) = limit {
+        o.llm_result = llm_result(o.status, &[], Some(&failure.error), limit);
+    }
+    if let Some(started) = started {
+        o.timings.total = started.elapsed();
+    }
+    o.error = Some(failure.error);
+    o
+}
+
+/// The outcome of a tool call answered by an earlier or concurrent identical one: its values
+/// and status, marked deduplicated, with nothing sent.
+pub(crate) fn deduplicated(
+    earlier: Outcome,
+    tool_call_id: Option<String>,
+    started: Instant,
+) -> Outcome {
+    let mut o = earlier;
+    o.tool_call_id = tool_call_id;
+    o.deduplicated = true;
+    o.detached = false;
+    o.attempts = 0;
+    o.filler_fired = false;
+    o.timings = Timings {
+        total: started.elapsed(),
+        ..Timings::default()
+    };
+    metrics::counter!("midcall_deduplicated_total", "action" => o.action.clone()).increment(1);
+    o
 }
 
 /// The failure of a cancelled tool call.

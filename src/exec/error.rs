@@ -52,6 +52,8 @@ pub(crate) enum Kind {
     Overloaded,
     Transport,
     UnknownTool,
+    /// A tool call after the call ended.
+    CallEnded,
     Cancelled,
     HostBusy,
 }
@@ -71,7 +73,8 @@ impl Kind {
             | Kind::Render
             | Kind::Overloaded
             | Kind::HostBusy
-            | Kind::UnknownTool => Status::Rejected,
+            | Kind::UnknownTool
+            | Kind::CallEnded => Status::Rejected,
             Kind::Cancelled => Status::Cancelled,
         }
     }
@@ -360,6 +363,11 @@ impl Error {
     /// The model called a tool the agent does not have.
     pub fn is_unknown_tool(&self) -> bool {
         self.inner.kind == Kind::UnknownTool
+    }
+
+    /// The tool was called after the call ended.
+    pub fn is_call_ended(&self) -> bool {
+        self.inner.kind == Kind::CallEnded
     }
 
     /// The tool call was cancelled (barge-in, a cancelled or dropped handle).

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use tokio::sync::{oneshot, watch};
 
 use super::apply::cancelled;
-use super::outcome::{Outcome, Status};
+use super::outcome::Outcome;
 use super::session::{interrupt, Interrupt};
 
 type FillerCallback = Box<dyn FnOnce(&str) + Send>;
@@ -160,10 +160,8 @@ impl Future for ToolHandle {
                 this.done = true;
                 Poll::Ready(r.unwrap_or_else(|_| {
                     // The task is gone without a word: its runtime is shutting down.
-                    let mut o = Outcome::new(&this.action, None);
-                    o.status = Status::Cancelled;
-                    o.error = Some(cancelled(&this.action, "the runtime stopped").error);
-                    o
+                    let f = cancelled(&this.action, "the runtime stopped");
+                    super::apply::ended(&this.action, None, *f, None, None)
                 }))
             }
             Poll::Pending => Poll::Pending,

@@ -7,6 +7,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::budget::ActionDeadline;
 use super::error::{Failure, Fault, Kind, Retry};
 use super::outcome::Timings;
 use super::plan::Prepared;
@@ -15,7 +16,6 @@ use crate::cache::shared::{SharedKey, SharedTier};
 use crate::cache::{key_headers, CacheStatus, Entry, Join, KeyParts, Lookup, ScopeId};
 use crate::config::{ActionSpec, CachePolicy};
 use crate::state::StatePath;
-use crate::transport::Deadline;
 
 /// Values fetched and extracted, not yet applied.
 #[derive(Clone)]
@@ -27,24 +27,6 @@ pub(crate) struct Fetched {
 }
 
 pub(crate) type FetchResult = Result<Fetched, Box<Failure>>;
-
-/// The deadline of one action and whether it is the turn's budget (not the action's own
-/// timeout) that sets it: a time-out then is midcall's, and never counts against the host.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ActionDeadline {
-    pub(crate) deadline: Deadline,
-    pub(crate) budget_cut: bool,
-}
-
-impl ActionDeadline {
-    /// The action's own timeout from now, with no budget above it.
-    pub(crate) fn own(p: &Prepared) -> ActionDeadline {
-        ActionDeadline {
-            deadline: Deadline::at(Instant::now() + p.timeout),
-            budget_cut: false,
-        }
-    }
-}
 
 /// A cached entry as a fetch result: values, or the remembered 404.
 pub(crate) fn from_entry(e: &Entry, action: &str) -> FetchResult {
@@ -91,11 +73,7 @@ async fn wait_shared(
         Ok(Err(_)) => Shared::Abandoned,
         Err(_) => Shared::Done(Err(Failure::new(
             Kind::Timeout,
-            if deadline.budget_cut {
-                Fault::Local
-            } else {
-                Fault::Upstream
-            },
+            deadline.fault(),
             Retry::Yes,
             format!("action \"{action}\": timed out waiting for the response"),
         )
@@ -253,7 +231,7 @@ impl Runtime {
         });
         tokio::spawn(
             async move {
-                let fetch = this.fetch(&p, &extractor, ActionDeadline::own(&p));
+                let fetch = this.fetch(&p, &extractor, ActionDeadline::own(p.timeout));
                 let r = if while_waited {
                     tokio::select! {
                         r = fetch => r,

@@ -16,9 +16,10 @@ use tracing::Instrument;
 
 use super::apply::Applied;
 use super::breaker::Breakers;
+use super::budget::ActionDeadline;
 use super::budget::Budget;
 use super::error::describe_transport;
-use super::obtain::{ActionDeadline, FetchResult};
+use super::obtain::FetchResult;
 use super::outcome::Outcome;
 use super::plan::Prepared;
 use crate::cache::{CacheStatus, ResponseCache, ScopeId};
@@ -263,19 +264,6 @@ impl Runtime {
         report
     }
 
-    /// The deadline of an action started at `started` under `budget`.
-    pub(crate) fn deadline(
-        action: &ActionSpec,
-        budget: &Budget,
-        started: Instant,
-    ) -> ActionDeadline {
-        let own = started + action.timeout();
-        ActionDeadline {
-            deadline: budget.deadline_for(started, action.timeout()),
-            budget_cut: budget.deadline() < own,
-        }
-    }
-
     /// Runs one tool call within `budget` on a bare [`Call`]; see
     /// [`Runtime::execute_with_filler`].
     pub async fn execute(
@@ -316,7 +304,7 @@ impl Runtime {
         let (result, cache, filler_fired) = match planned {
             Err(f) => (Err(f), CacheStatus::Bypass, false),
             Ok(p) => {
-                let deadline = Runtime::deadline(action, budget, started);
+                let deadline = ActionDeadline::new(action, budget, started);
                 self.obtain_with_filler(action, p, deadline, started, &span, on_filler)
                     .await
             }
@@ -356,7 +344,7 @@ impl Runtime {
                     match p {
                         Err(f) => (Err(f), CacheStatus::Bypass, false),
                         Ok(p) => {
-                            let deadline = Runtime::deadline(action, budget, started);
+                            let deadline = ActionDeadline::new(action, budget, started);
                             self.obtain_with_filler(action, p, deadline, started, span, |line| {
                                 on_filler(action.name(), line)
                             })

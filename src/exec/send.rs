@@ -11,9 +11,12 @@ use http_body_util::Full;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::breaker::Permit;
+use super::budget::ActionDeadline;
 use super::error::{classify, describe_transport, Failure, Fault, Kind, Retry};
+use super::gate::Slot;
 use super::idempotency::idempotency_key;
-use super::obtain::{ActionDeadline, FetchResult, Fetched};
+use super::obtain::{FetchResult, Fetched};
 use super::outcome::Timings;
 use super::plan::Prepared;
 use super::runtime::{Runtime, MIN_RETRY_ATTEMPT};
@@ -52,11 +55,33 @@ impl Runtime {
         extractor: &Extractor,
         deadline: ActionDeadline,
     ) -> FetchResult {
-        let ActionDeadline {
-            deadline,
-            budget_cut,
-        } = deadline;
-        let mut timings = Timings::default();
+        let (permit, slot) = self.admit(p, deadline.deadline).await?;
+        let action = &p.action;
+        let idempotency = p.idempotency.as_ref().and_then(|i| {
+            HeaderValue::from_str(&idempotency_key(
+                &i.call_id,
+                i.tool_id.as_deref(),
+                action,
+                &i.args,
+            ))
+            .ok()
+        });
+        let (exchange, attempts, permit) = self
+            .exchange(p, idempotency.as_ref(), deadline, permit)
+            .await?;
+        if let Some(s) = slot {
+            s.done();
+        }
+        checked(&p.action, exchange, attempts, permit, extractor)
+    }
+
+    /// Time left, the host's breaker closed, a slot under the host's cap: the permit and the
+    /// slot, or why the request is not sent.
+    async fn admit(
+        &self,
+        p: &Prepared,
+        deadline: Deadline,
+    ) -> Result<(Permit, Option<Slot>), Box<Failure>> {
         let action = &p.action;
         if deadline.remaining().is_zero() {
             return Err(Failure::new(
@@ -101,29 +126,39 @@ impl Runtime {
                 }
             },
         };
-        let idempotency = p.idempotency.as_ref().and_then(|i| {
-            HeaderValue::from_str(&idempotency_key(
-                &i.call_id,
-                i.tool_id.as_deref(),
-                action,
-                &i.args,
-            ))
-            .ok()
-        });
+        Ok((permit, slot))
+    }
+
+    /// The exchange, with the two retries allowed (a 429 whose Retry-After fits the budget, a
+    /// stale pooled connection of an idempotent request) and the hedge: the response, the
+    /// attempts made and the breaker's permit, or the failure (recorded on the breaker).
+    async fn exchange(
+        &self,
+        p: &Prepared,
+        idempotency: Option<&HeaderValue>,
+        deadline: ActionDeadline,
+        permit: Permit,
+    ) -> Result<(Exchange, u32, Permit), Box<Failure>> {
+        let ActionDeadline {
+            deadline,
+            budget_cut,
+        } = deadline;
+        let action = &p.action;
+        let timings = Timings::default();
         let mut attempts = 0;
-        let exchange: Exchange = loop {
+        loop {
             attempts += 1;
             let attempt_start = Instant::now();
             p.sent.store(true, Ordering::Release);
             let sent = match self.hedge_delay(p) {
                 Some(delay) if attempts == 1 => {
-                    let (r, hedged) = self.hedged(p, idempotency.as_ref(), deadline, delay).await;
+                    let (r, hedged) = self.hedged(p, idempotency, deadline, delay).await;
                     attempts += u32::from(hedged);
                     r
                 }
                 _ => {
                     self.transport()
-                        .exchange(self.request(p, idempotency.as_ref()), deadline, p.max_bytes)
+                        .exchange(self.request(p, idempotency), deadline, p.max_bytes)
                         .await
                 }
             };
@@ -165,7 +200,7 @@ impl Runtime {
                     .http(429)
                     .after(attempts, timings));
                 }
-                Ok(ex) => break ex,
+                Ok(ex) => return Ok((ex, attempts, permit)),
                 Err(TransportError::Io { stale: true, .. })
                     if attempts == 1 && p.idempotent && !deadline.remaining().is_zero() =>
                 {
@@ -198,97 +233,109 @@ impl Runtime {
                     .after(attempts_made, timings));
                 }
             }
+        }
+    }
+}
+
+/// The response checked (status, encoding, content type) and its values extracted.
+fn checked(
+    action: &str,
+    exchange: Exchange,
+    attempts: u32,
+    permit: Permit,
+    extractor: &Extractor,
+) -> FetchResult {
+    let mut timings = Timings {
+        connect: exchange.connect,
+        tls: exchange.tls,
+        ttfb: Some(exchange.ttfb),
+        body: Some(exchange.body_time),
+        ..Timings::default()
+    };
+    let code = exchange.status.as_u16();
+    if !exchange.status.is_success() {
+        permit.record(code < 500);
+        let what = if exchange.status.is_redirection() {
+            " (redirects are not followed)"
+        } else {
+            ""
         };
-        if let Some(s) = slot {
-            s.done();
-        }
-        timings.connect = exchange.connect;
-        timings.tls = exchange.tls;
-        timings.ttfb = Some(exchange.ttfb);
-        timings.body = Some(exchange.body_time);
-        let code = exchange.status.as_u16();
-        if !exchange.status.is_success() {
-            permit.record(code < 500);
-            let what = if exchange.status.is_redirection() {
-                " (redirects are not followed)"
-            } else {
-                ""
-            };
-            let (kind, retry) = match code {
-                429 => (Kind::RateLimited, Retry::Yes),
-                500.. => (Kind::HttpStatus(code), Retry::Yes),
-                _ => (Kind::HttpStatus(code), Retry::No),
-            };
-            return Err(Failure::new(
-                kind,
-                Fault::Upstream,
-                retry,
-                format!(
-                    "action \"{action}\": upstream answered {}{what}",
-                    exchange.status
-                ),
-            )
-            .http(code)
-            .after(attempts, timings));
-        }
-        permit.record(true);
-        let invalid = |message: String, timings| {
-            Failure::new(
-                Kind::InvalidResponse,
-                Fault::Upstream,
-                Retry::No,
-                format!("action \"{action}\": {message}"),
-            )
-            .http(code)
-            .after(attempts, timings)
+        let (kind, retry) = match code {
+            429 => (Kind::RateLimited, Retry::Yes),
+            500.. => (Kind::HttpStatus(code), Retry::Yes),
+            _ => (Kind::HttpStatus(code), Retry::No),
         };
-        if extractor.is_empty() {
-            return Ok(Fetched {
-                values: Vec::new(),
-                http_status: code,
-                attempts,
-                timings,
-            });
-        }
-        if let Some(enc) = exchange.headers.get(http::header::CONTENT_ENCODING) {
-            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
-                return Err(invalid(
-                    format!(
-                        "the response is compressed ({}); none was asked for",
-                        String::from_utf8_lossy(enc.as_bytes())
-                    ),
-                    timings,
-                ));
-            }
-        }
-        let ctype = exchange
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !is_json_content_type(ctype) {
+        return Err(Failure::new(
+            kind,
+            Fault::Upstream,
+            retry,
+            format!(
+                "action \"{action}\": upstream answered {}{what}",
+                exchange.status
+            ),
+        )
+        .http(code)
+        .after(attempts, timings));
+    }
+    permit.record(true);
+    let invalid = |message: String, timings| {
+        Failure::new(
+            Kind::InvalidResponse,
+            Fault::Upstream,
+            Retry::No,
+            format!("action \"{action}\": {message}"),
+        )
+        .http(code)
+        .after(attempts, timings)
+    };
+    if extractor.is_empty() {
+        return Ok(Fetched {
+            values: Vec::new(),
+            http_status: code,
+            attempts,
+            timings,
+        });
+    }
+    if let Some(enc) = exchange.headers.get(http::header::CONTENT_ENCODING) {
+        if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
             return Err(invalid(
                 format!(
-                    "expected a JSON response, got content type \"{}\"",
-                    ctype.chars().take(64).collect::<String>()
+                    "the response is compressed ({}); none was asked for",
+                    String::from_utf8_lossy(enc.as_bytes())
                 ),
                 timings,
             ));
         }
-        let extracted = match extractor.extract_bytes(&exchange.body) {
-            Ok(x) => x,
-            Err(e) => return Err(invalid(e.to_string(), timings)),
-        };
-        timings.parse = Some(extracted.parse);
-        timings.extract = Some(extracted.extract);
-        Ok(Fetched {
-            values: extracted.values,
-            http_status: code,
-            attempts,
-            timings,
-        })
     }
+    let ctype = exchange
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !is_json_content_type(ctype) {
+        return Err(invalid(
+            format!(
+                "expected a JSON response, got content type \"{}\"",
+                ctype.chars().take(64).collect::<String>()
+            ),
+            timings,
+        ));
+    }
+    let extracted = match extractor.extract_bytes(&exchange.body) {
+        Ok(x) => x,
+        Err(e) => return Err(invalid(e.to_string(), timings)),
+    };
+    timings.parse = Some(extracted.parse);
+    timings.extract = Some(extracted.extract);
+    Ok(Fetched {
+        values: extracted.values,
+        http_status: code,
+        attempts,
+        timings,
+    })
+}
 
+impl Runtime {
     /// How long a read waits before its hedge, if it is hedged now.
     fn hedge_delay(&self, p: &Prepared) -> Option<std::time::Duration> {
         match p.hedge? {
@@ -376,7 +423,7 @@ impl Runtime {
                 let _permit = permit;
                 let started = Instant::now();
                 let result = this
-                    .fetch(&p, &Extractor::default(), ActionDeadline::own(&p))
+                    .fetch(&p, &Extractor::default(), ActionDeadline::own(p.timeout))
                     .await;
                 let status = match &result {
                     Ok(_) => super::Status::Ok,

@@ -351,15 +351,8 @@ impl CallSession {
     fn refuse(&self, name: &str, tool_call_id: Option<String>, f: Failure) -> ToolHandle {
         let (tx, rx) = oneshot::channel();
         let span = action_span(name, &self.info());
-        let mut o = Outcome::new(name, tool_call_id);
-        o.llm_result = super::outcome::llm_result(
-            f.status(),
-            &[],
-            Some(&f.error),
-            self.inner.runtime.llm_result_max_bytes(),
-        );
-        o.status = f.status();
-        o.error = Some(f.error);
+        let limit = self.inner.runtime.llm_result_max_bytes();
+        let o = super::apply::ended(name, tool_call_id, f, None, Some(limit));
         {
             let mut live = self.live();
             live.records.push(o.clone());
@@ -456,7 +449,7 @@ impl CallSession {
             if live.ended {
                 drop(live);
                 let f = Failure::new(
-                    Kind::Render,
+                    Kind::CallEnded,
                     Fault::Caller,
                     Retry::No,
                     format!("action \"{}\": the call has ended", action.name()),

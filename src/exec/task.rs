@@ -9,11 +9,11 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use super::apply::{cancelled, Applied};
-use super::budget::Budget;
-use super::error::{Failure, Fault, Kind, Retry};
+use super::apply::{cancelled, deduplicated, ended, Applied};
+use super::budget::{ActionDeadline, Budget};
+use super::error::{Failure, Kind, Retry};
 use super::handle::FillerSlot;
-use super::outcome::{Outcome, Status, Timings};
+use super::outcome::{Outcome, Status};
 use super::plan::Prepared;
 use super::runtime::{action_span, Runtime, ToolCall};
 use super::session::CallSession;
@@ -64,9 +64,29 @@ enum Ended {
     Deduplicated(Outcome),
 }
 
+/// What a task's path carries from step to step.
+struct Path {
+    runtime: Runtime,
+    action: Arc<ActionSpec>,
+    span: tracing::Span,
+    /// When it started; reset when a held call is let go at the end of the turn.
+    started: Instant,
+    /// Leading an identical call's waiters: they get this call's outcome.
+    leader: Option<watch::Sender<Option<Outcome>>>,
+    /// Finishing detached after its handle was cancelled.
+    detached: bool,
+}
+
+fn cancelled_end(action: &ActionSpec, why: &str) -> Ended {
+    Ended::Result(
+        Err(cancelled(action.name(), why)),
+        CacheStatus::Bypass,
+        false,
+    )
+}
+
 impl Task {
     pub(super) async fn run(mut self) {
-        let mut started = Instant::now();
         let runtime = self.session.inner.runtime.clone();
         let action = self.action.clone();
         let span = {
@@ -74,204 +94,213 @@ impl Task {
             let call = live.call.as_ref().expect("a session always holds its call");
             action_span(action.name(), &call.info)
         };
-        let key = self.key;
         // Whatever happens below (a panicking filler callback included), the call ends once.
         let mut guard = Guard {
             session: self.session.clone(),
             id: self.id,
-            key,
+            key: self.key,
             leader: false,
             action: action.clone(),
             tool_call_id: self.tool.id.clone(),
             armed: true,
         };
-        let mut leader: Option<watch::Sender<Option<Outcome>>> = None;
-        let mut detached = false;
-        let wait_until = Runtime::deadline(&action, &self.budget, started);
-        let ended = 'path: {
-            // Duplicate protection: an earlier success, or an identical call still running.
-            let planned = loop {
-                let next = {
-                    let mut live = self.session.live();
-                    let running = match key {
-                        Some(key) => {
-                            if let Some(o) = live.recent.find(key, runtime.dedupe_window()) {
-                                break 'path Ended::Deduplicated(o.clone());
-                            }
-                            let running = live.inflight.get(&key).cloned();
-                            if running.is_none() {
-                                let (tx, rx) = watch::channel(None);
-                                live.inflight.insert(key, rx);
-                                leader = Some(tx);
-                                guard.leader = true;
-                            }
-                            running
-                        }
-                        None => None,
-                    };
-                    match running {
-                        Some(rx) => Next::Wait(rx),
-                        None => {
-                            let call = live.call.as_ref().expect("a session always holds its call");
-                            let planned = match self.planned.take() {
-                                Some(p) => Ok(*p),
-                                None => runtime.plan(&action, call, &self.tool),
-                            };
-                            Next::Planned(Box::new(planned))
-                        }
-                    }
-                };
-                match next {
-                    Next::Planned(planned) => break *planned,
-                    Next::Wait(mut rx) => {
-                        let got = tokio::select! {
-                            biased;
-                            why = stopped(&mut self.stop) => {
-                                break 'path Ended::Result(Err(cancelled(action.name(), why)), CacheStatus::Bypass, false);
-                            }
-                            // Waiting on another call never runs past this call's own budget.
-                            _ = tokio::time::sleep_until(wait_until.deadline.timer_instant()) => {
-                                let f = Failure::new(
-                                    Kind::Timeout,
-                                    Fault::Local,
-                                    Retry::Yes,
-                                    format!("action \"{}\": timed out waiting for the identical call already running", action.name()),
-                                );
-                                break 'path Ended::Result(Err(f), CacheStatus::Bypass, false);
-                            }
-                            got = rx.wait_for(|o| o.is_some()) => got.ok().and_then(|o| o.clone()),
-                        };
-                        if let Some(o) = got {
-                            break 'path Ended::Deduplicated(o);
-                        }
-                        // The first call was cancelled (or its task is gone): this one goes
-                        // itself, after clearing a dead entry so nobody waits on it again.
-                        if let Some(key) = key {
-                            let mut live = self.session.live();
-                            if live.inflight.get(&key).is_some_and(|r| r.same_channel(&rx)) {
-                                live.inflight.remove(&key);
-                            }
-                        }
-                        continue;
-                    }
-                }
-            };
-            let p = match planned {
-                Ok(p) => p,
-                Err(f) => break 'path Ended::Result(Err(f), CacheStatus::Bypass, false),
-            };
-            // Held to the end of the turn: nothing is sent before it.
-            if let Some(held) = self.held.take() {
-                tokio::select! {
-                    biased;
-                    why = stopped(&mut self.stop) => {
-                        break 'path Ended::Result(Err(cancelled(action.name(), why)), CacheStatus::Bypass, false);
-                    }
-                    go = held => {
-                        if go != Ok(true) {
-                            break 'path Ended::Result(Err(cancelled(action.name(), "barge-in before the end of the turn")), CacheStatus::Bypass, false);
-                        }
-                        started = Instant::now();
-                    }
-                }
-            }
-            // Stopped before anything was handed to the transport: nothing is sent at all.
-            let stopped_already = *self.stop.borrow();
-            if let Some(why) = stopped_already {
-                break 'path Ended::Result(
-                    Err(cancelled(action.name(), why)),
-                    CacheStatus::Bypass,
-                    false,
-                );
-            }
-            let sent = p.sent.clone();
-            let deadline = Runtime::deadline(&action, &self.budget, started);
-            let filler = self.filler.clone();
-            let obtain =
-                runtime.obtain_with_filler(&action, p, deadline, started, &span, move |line| {
-                    filler.fire(line)
-                });
-            tokio::pin!(obtain);
-            tokio::select! {
-                biased;
-                (r, c, f) = &mut obtain => Ended::Result(r, c, f),
-                why = stopped(&mut self.stop) => {
-                    if action.on_interrupt() == OnInterrupt::Finish && sent.load(Ordering::Acquire) {
-                        // The request is out: finish it detached; the handle hears `cancelled`
-                        // and no filler line is spoken for it any more.
-                        detached = true;
-                        self.filler.disarm();
-                        let mut o = Outcome::new(action.name(), self.tool.id.clone());
-                        let f = cancelled(action.name(), why);
-                        o.status = Status::Cancelled;
-                        o.llm_result = super::outcome::llm_result(Status::Cancelled, &[], Some(&f.error), runtime.llm_result_max_bytes());
-                        o.error = Some(f.error);
-                        o.timings = Timings { total: started.elapsed(), ..Timings::default() };
-                        if let Some(reply) = self.reply.take() {
-                            let _ = reply.send(o);
-                        }
-                        let (r, c, f) = obtain.await;
-                        Ended::Result(r, c, f)
-                    } else {
-                        Ended::Result(Err(cancelled(action.name(), why)), CacheStatus::Bypass, false)
-                    }
-                }
-            }
+        let mut path = Path {
+            runtime,
+            action,
+            span,
+            started: Instant::now(),
+            leader: None,
+            detached: false,
         };
+        let ended = self.path(&mut path, &mut guard).await;
         self.filler.end();
-        let outcome = {
-            let mut live = self.session.live();
-            let live = &mut *live;
-            let call = live.call.as_mut().expect("a session always holds its call");
-            let outcome = match ended {
-                Ended::Deduplicated(earlier) => {
-                    let mut o = earlier;
-                    o.tool_call_id = self.tool.id.clone();
-                    o.deduplicated = true;
-                    o.detached = false;
-                    o.attempts = 0;
-                    o.filler_fired = false;
-                    o.timings = Timings {
-                        total: started.elapsed(),
-                        ..Timings::default()
-                    };
-                    metrics::counter!("midcall_deduplicated_total", "action" => o.action.clone())
-                        .increment(1);
-                    runtime.report(&o, call, &span);
-                    o
-                }
-                Ended::Result(result, cache, filler_fired) => {
-                    let how = Applied {
-                        tool_call_id: self.tool.id.clone(),
-                        cache,
-                        filler_fired,
-                        detached,
-                        started,
-                        span: &span,
-                    };
-                    runtime.apply(&action, call, result, how)
-                }
-            };
-            if let (Some(key), Some(tx)) = (key, leader.take()) {
-                live.inflight.remove(&key);
-                if matches!(outcome.status, Status::Ok | Status::CacheHit) {
-                    live.recent.remember(key, &outcome, runtime.dedupe_window());
-                }
-                // Waiters get this outcome; a cancelled one sends nothing and they go
-                // themselves.
-                if outcome.status != Status::Cancelled {
-                    let _ = tx.send(Some(outcome.clone()));
-                }
-            }
-            live.interrupts.remove(&self.id);
-            live.records.push(outcome.clone());
-            guard.armed = false;
-            outcome
-        };
+        let outcome = self.record(&mut path, ended);
+        guard.armed = false;
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(outcome);
         }
         self.session.inner.running.send_modify(|n| *n -= 1);
+    }
+
+    /// Duplicate protection, plan, the hold, obtain: how the call ended, before it is applied.
+    async fn path(&mut self, path: &mut Path, guard: &mut Guard) -> Ended {
+        let p = match self.dedupe_or_plan(path, guard).await {
+            Ok(p) => p,
+            Err(ended) => return ended,
+        };
+        let action = path.action.clone();
+        // Held to the end of the turn: nothing is sent before it.
+        if let Some(held) = self.held.take() {
+            tokio::select! {
+                biased;
+                why = stopped(&mut self.stop) => return cancelled_end(&action, why),
+                go = held => {
+                    if go != Ok(true) {
+                        return cancelled_end(&action, "barge-in before the end of the turn");
+                    }
+                    path.started = Instant::now();
+                }
+            }
+        }
+        // Stopped before anything was handed to the transport: nothing is sent at all.
+        let stopped_already = *self.stop.borrow();
+        if let Some(why) = stopped_already {
+            return cancelled_end(&action, why);
+        }
+        self.obtain(path, p).await
+    }
+
+    /// An earlier success or an identical call running (waited for) answers this one; else
+    /// this call's plan (it leads any identical call that comes while it runs).
+    async fn dedupe_or_plan(
+        &mut self,
+        path: &mut Path,
+        guard: &mut Guard,
+    ) -> Result<Prepared, Ended> {
+        let action = path.action.clone();
+        let wait_until = ActionDeadline::new(&action, &self.budget, path.started);
+        loop {
+            let next = {
+                let mut live = self.session.live();
+                let running = match self.key {
+                    Some(key) => {
+                        if let Some(o) = live.recent.find(key, path.runtime.dedupe_window()) {
+                            return Err(Ended::Deduplicated(o.clone()));
+                        }
+                        let running = live.inflight.get(&key).cloned();
+                        if running.is_none() {
+                            let (tx, rx) = watch::channel(None);
+                            live.inflight.insert(key, rx);
+                            path.leader = Some(tx);
+                            guard.leader = true;
+                        }
+                        running
+                    }
+                    None => None,
+                };
+                match running {
+                    Some(rx) => Next::Wait(rx),
+                    None => {
+                        let call = live.call.as_ref().expect("a session always holds its call");
+                        let planned = match self.planned.take() {
+                            Some(p) => Ok(*p),
+                            None => path.runtime.plan(&action, call, &self.tool),
+                        };
+                        Next::Planned(Box::new(planned))
+                    }
+                }
+            };
+            let mut rx = match next {
+                Next::Planned(planned) => {
+                    return (*planned)
+                        .map_err(|f| Ended::Result(Err(f), CacheStatus::Bypass, false))
+                }
+                Next::Wait(rx) => rx,
+            };
+            let got = tokio::select! {
+                biased;
+                why = stopped(&mut self.stop) => return Err(cancelled_end(&action, why)),
+                // Waiting on another call never runs past this call's own budget.
+                _ = tokio::time::sleep_until(wait_until.deadline.timer_instant()) => {
+                    // As obtain decides: the caller's fault only when the turn's budget, not
+                    // the action's own timeout, cut it.
+                    let f = Failure::new(
+                        Kind::Timeout,
+                        wait_until.fault(),
+                        Retry::Yes,
+                        format!("action \"{}\": timed out waiting for the identical call already running", action.name()),
+                    );
+                    return Err(Ended::Result(Err(f), CacheStatus::Bypass, false));
+                }
+                got = rx.wait_for(|o| o.is_some()) => got.ok().and_then(|o| o.clone()),
+            };
+            if let Some(o) = got {
+                return Err(Ended::Deduplicated(o));
+            }
+            // The first call was cancelled (or its task is gone): this one goes itself, after
+            // clearing a dead entry so nobody waits on it again.
+            if let Some(key) = self.key {
+                let mut live = self.session.live();
+                if live.inflight.get(&key).is_some_and(|r| r.same_channel(&rx)) {
+                    live.inflight.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Obtain, with the filler and the interrupt policy: a call stopped after its request
+    /// went out finishes detached when the action says so (its handle hears `cancelled`).
+    async fn obtain(&mut self, path: &mut Path, p: Prepared) -> Ended {
+        let (runtime, action) = (path.runtime.clone(), path.action.clone());
+        let sent = p.sent.clone();
+        let deadline = ActionDeadline::new(&action, &self.budget, path.started);
+        let filler = self.filler.clone();
+        let started = path.started;
+        let obtain =
+            runtime.obtain_with_filler(&action, p, deadline, started, &path.span, move |line| {
+                filler.fire(line)
+            });
+        tokio::pin!(obtain);
+        tokio::select! {
+            biased;
+            (r, c, f) = &mut obtain => Ended::Result(r, c, f),
+            why = stopped(&mut self.stop) => {
+                if action.on_interrupt() == OnInterrupt::Finish && sent.load(Ordering::Acquire) {
+                    // The request is out: finish it detached; the handle hears `cancelled`
+                    // and no filler line is spoken for it any more.
+                    path.detached = true;
+                    self.filler.disarm();
+                    let f = cancelled(action.name(), why);
+                    let o = ended(action.name(), self.tool.id.clone(), *f, Some(started), Some(runtime.llm_result_max_bytes()));
+                    if let Some(reply) = self.reply.take() {
+                        let _ = reply.send(o);
+                    }
+                    let (r, c, f) = obtain.await;
+                    Ended::Result(r, c, f)
+                } else {
+                    cancelled_end(&action, why)
+                }
+            }
+        }
+    }
+
+    /// The outcome applied to the call and recorded; waiters of an identical call get it.
+    fn record(&mut self, path: &mut Path, end: Ended) -> Outcome {
+        let runtime = &path.runtime;
+        let mut live = self.session.live();
+        let live = &mut *live;
+        let call = live.call.as_mut().expect("a session always holds its call");
+        let outcome = match end {
+            Ended::Deduplicated(earlier) => {
+                let o = deduplicated(earlier, self.tool.id.clone(), path.started);
+                runtime.report(&o, call, &path.span);
+                o
+            }
+            Ended::Result(result, cache, filler_fired) => {
+                let how = Applied {
+                    tool_call_id: self.tool.id.clone(),
+                    cache,
+                    filler_fired,
+                    detached: path.detached,
+                    started: path.started,
+                    span: &path.span,
+                };
+                runtime.apply(&path.action, call, result, how)
+            }
+        };
+        if let (Some(key), Some(tx)) = (self.key, path.leader.take()) {
+            live.inflight.remove(&key);
+            if matches!(outcome.status, Status::Ok | Status::CacheHit) {
+                live.recent.remember(key, &outcome, runtime.dedupe_window());
+            }
+            // Waiters get this outcome; a cancelled one sends nothing and they go themselves.
+            if outcome.status != Status::Cancelled {
+                let _ = tx.send(Some(outcome.clone()));
+            }
+        }
+        live.interrupts.remove(&self.id);
+        live.records.push(outcome.clone());
+        outcome
     }
 }
 
@@ -298,9 +327,8 @@ impl Drop for Guard {
                 live.inflight.remove(&key);
             }
             live.interrupts.remove(&self.id);
-            let mut o = Outcome::new(self.action.name(), self.tool_call_id.take());
-            o.status = Status::Cancelled;
-            o.error = Some(cancelled(self.action.name(), "its task stopped").error);
+            let f = cancelled(self.action.name(), "its task stopped");
+            let o = ended(self.action.name(), self.tool_call_id.take(), *f, None, None);
             live.records.push(o);
         }
         self.session

@@ -10,6 +10,9 @@
 //! transaction that stores the run, so it holds across restarts and concurrent requests).
 //! Then the answer is 202 `{"run_id": ...}`. Bad input never gets a 500.
 
+// A check's `Err` is the response to send, on the cold path: boxing it would buy nothing.
+#![allow(clippy::result_large_err)]
+
 use std::net::IpAddr;
 
 use bytes::Bytes;
@@ -50,149 +53,40 @@ pub(super) async fn webhook(
         Err(e) => return error(StatusCode::CONFLICT, e.to_string()),
     };
     let (set, automation) = (target.set(), target.automation());
-    let agent_id = set.agent().id.as_str();
     let Some(auth) = automation.auth.as_ref().or(set.inbound().auth.as_ref()) else {
         // The config loader refuses webhook automations without credentials.
         return error(StatusCode::UNAUTHORIZED, "no credentials are configured");
     };
-    let headers = req.headers();
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-
-    // Rate: per key presented (a bearer key, or the signed automation), and per address for
-    // requests that fail authentication.
-    let ip_key = format!("ip:{peer}");
-    let key = match text("authorization").and_then(|v| v.strip_prefix("Bearer ")) {
-        Some(token) => {
-            let h = crate::cache::keyed_hash128(|h| h.write(token.trim().as_bytes()));
-            format!("bearer:{h:032x}")
-        }
-        None if headers.contains_key("webhook-signature") => format!("signed:{agent_id}/{id}"),
-        None => ip_key.clone(),
+    let caller = Caller {
+        s,
+        agent_id: set.agent().id.as_str(),
+        ip_key: format!("ip:{peer}"),
     };
-    let (rate, burst) = (set.inbound().rate_per_second, set.inbound().burst);
-    {
-        let mut limiters = s.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        if !limiters.contains_key(agent_id) {
-            limiters.insert(agent_id.to_string(), RateLimiter::new(rate, burst));
-        }
-        let Some(limiter) = limiters.get_mut(agent_id) else {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "try again"); // inserted just above
-        };
-        // A reload may have changed the agent's rate.
-        limiter.configure(rate, burst);
-        let now = Instant::now();
-        let wait = limiter
-            .exhausted(&ip_key, now)
-            .or_else(|| limiter.take(&key, now).err());
-        if let Some(wait) = wait {
-            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return r;
-        }
+    if let Some(r) = caller.rate(set, id, req.headers()) {
+        return r;
     }
-    let unauthorized = |message: &str| {
-        let mut limiters = s.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(limiter) = limiters.get_mut(agent_id) {
-            let _ = limiter.take(&ip_key, Instant::now());
-        }
-        let mut r = error(StatusCode::UNAUTHORIZED, message);
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            http::HeaderValue::from_static("Bearer"),
-        );
-        r
+    if let Err(r) = caller.check_bearer(auth, req.headers()) {
+        return r;
+    }
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     };
-
-    if let Some(bearer) = &auth.bearer {
-        let Some(expected) = secret(s, bearer) else {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the inbound credentials are not available on this server",
-            );
-        };
-        let presented = text("authorization").and_then(|v| v.strip_prefix("Bearer "));
-        let Some(presented) = presented.map(str::trim) else {
-            return unauthorized("missing Authorization: Bearer <key>");
-        };
-        let tag = ring::hmac::sign(&s.mac, presented.as_bytes());
-        // Every configured key (several during a rotation) is compared, in constant time.
-        let ok = expected.split_whitespace().fold(false, |ok, k| {
-            ring::hmac::verify(&s.mac, k.as_bytes(), tag.as_ref()).is_ok() | ok
-        });
-        if !ok {
-            return unauthorized("invalid bearer key");
-        }
-    }
-
-    let content_type = text("content-type").unwrap_or_default();
-    if !is_json(content_type) {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "the body must be JSON (Content-Type: application/json)",
-        );
-    }
-    let limit = set.inbound().max_body_bytes;
-    let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over the limit of {limit} bytes"),
-        )
+    let signature = [
+        header("webhook-id"),
+        header("webhook-timestamp"),
+        header("webhook-signature"),
+    ];
+    let body = match read_body(s, req, set.inbound().max_body_bytes).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    if let Some(len) = text("content-length") {
-        match len.parse::<u64>() {
-            Ok(n) if n > limit as u64 => return too_large(),
-            Ok(_) => {}
-            Err(_) => return error(StatusCode::BAD_REQUEST, "Content-Length is not a number"),
-        }
-    }
-    let (id_h, ts_h, sig_h) = (
-        text("webhook-id").map(str::to_string),
-        text("webhook-timestamp").map(str::to_string),
-        text("webhook-signature").map(str::to_string),
-    );
-    let body = match tokio::time::timeout(
-        s.body_timeout,
-        Limited::new(req.into_body(), limit).collect(),
-    )
-    .await
-    {
-        Err(_) => {
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                "the body took too long to arrive",
-            )
-        }
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "the body could not be read"),
-        Ok(Ok(b)) => b.to_bytes(),
+    let signed_id = match caller.check_signed(auth, &signature, &body) {
+        Ok(id) => id,
+        Err(r) => return r,
     };
-
-    let mut signed_id = None;
-    if let Some(signing_secret) = &auth.signing_secret {
-        let Some(secrets) = secret(s, signing_secret) else {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the inbound credentials are not available on this server",
-            );
-        };
-        let now = time::now_ms() / 1000;
-        let wid = match check_signature(
-            &secrets,
-            id_h.as_deref(),
-            ts_h.as_deref(),
-            sig_h.as_deref(),
-            &body,
-            now,
-        ) {
-            Ok(wid) => wid,
-            Err(why) => return unauthorized(&why),
-        };
-        signed_id = Some(wid.to_string());
-    }
-
     let payload = match parse_payload(&body) {
         Ok(v) => v,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
@@ -204,7 +98,7 @@ pub(super) async fn webhook(
     {
         Ok(run) => reply(StatusCode::ACCEPTED, json!({ "run_id": run })),
         Err(StartError::Replayed(_)) => {
-            unauthorized("this webhook-id was already used (replay refused)")
+            caller.unauthorized("this webhook-id was already used (replay refused)")
         }
         Err(e @ StartError::InvalidPayload(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ StartError::Storage(_)) => {
@@ -216,6 +110,185 @@ pub(super) async fn webhook(
         }
         Err(e @ StartError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+/// Who is asking, for the rate limits: the agent's bucket and the address's failures.
+struct Caller<'a> {
+    s: &'a Server,
+    agent_id: &'a str,
+    ip_key: String,
+}
+
+impl Caller<'_> {
+    /// A 429 when the key presented (a bearer key, or the signed automation) is over the
+    /// agent's rate, or the address has failed too often; `None` otherwise.
+    fn rate(
+        &self,
+        set: &crate::config::ActionSet,
+        id: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<Response<Full<Bytes>>> {
+        let agent_id = self.agent_id;
+        let key = match bearer(headers) {
+            Some(token) => {
+                let h = crate::cache::keyed_hash128(|h| h.write(token.trim().as_bytes()));
+                format!("bearer:{h:032x}")
+            }
+            None if headers.contains_key("webhook-signature") => {
+                format!("signed:{agent_id}/{id}")
+            }
+            None => self.ip_key.clone(),
+        };
+        let (rate, burst) = (set.inbound().rate_per_second, set.inbound().burst);
+        let mut limiters = self.s.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        let limiter = limiters
+            .entry(agent_id.to_string())
+            .or_insert_with(|| RateLimiter::new(rate, burst));
+        // A reload may have changed the agent's rate.
+        limiter.configure(rate, burst);
+        let now = Instant::now();
+        let wait = limiter
+            .exhausted(&self.ip_key, now)
+            .or_else(|| limiter.take(&key, now).err())?;
+        let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        Some(r)
+    }
+
+    /// A 401, counted against the address.
+    fn unauthorized(&self, message: &str) -> Response<Full<Bytes>> {
+        let mut limiters = self.s.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(limiter) = limiters.get_mut(self.agent_id) {
+            let _ = limiter.take(&self.ip_key, Instant::now());
+        }
+        let mut r = error(StatusCode::UNAUTHORIZED, message);
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        r
+    }
+
+    /// The bearer key, when one is configured: every configured key (several during a
+    /// rotation) compared in constant time.
+    fn check_bearer(
+        &self,
+        auth: &crate::config::InboundAuth,
+        headers: &http::HeaderMap,
+    ) -> Result<(), Response<Full<Bytes>>> {
+        let Some(configured) = &auth.bearer else {
+            return Ok(());
+        };
+        let Some(expected) = secret(self.s, configured) else {
+            return Err(unavailable());
+        };
+        let Some(presented) = bearer(headers).map(str::trim) else {
+            return Err(self.unauthorized("missing Authorization: Bearer <key>"));
+        };
+        let mac = &self.s.mac;
+        let tag = ring::hmac::sign(mac, presented.as_bytes());
+        let ok = expected.split_whitespace().fold(false, |ok, k| {
+            ring::hmac::verify(mac, k.as_bytes(), tag.as_ref()).is_ok() | ok
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(self.unauthorized("invalid bearer key"))
+        }
+    }
+
+    /// The Standard Webhooks signature, when a signing secret is configured: the verified
+    /// webhook-id, or a 401.
+    fn check_signed(
+        &self,
+        auth: &crate::config::InboundAuth,
+        [id, ts, sig]: &[Option<String>; 3],
+        body: &[u8],
+    ) -> Result<Option<String>, Response<Full<Bytes>>> {
+        let Some(signing_secret) = &auth.signing_secret else {
+            return Ok(None);
+        };
+        let Some(secrets) = secret(self.s, signing_secret) else {
+            return Err(unavailable());
+        };
+        let now = time::now_ms() / 1000;
+        match check_signature(
+            &secrets,
+            id.as_deref(),
+            ts.as_deref(),
+            sig.as_deref(),
+            body,
+            now,
+        ) {
+            Ok(wid) => Ok(Some(wid.to_string())),
+            Err(why) => Err(self.unauthorized(&why)),
+        }
+    }
+}
+
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+fn unavailable() -> Response<Full<Bytes>> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the inbound credentials are not available on this server",
+    )
+}
+
+/// The body: JSON (415 otherwise), within `limit` bytes (413, by Content-Length and while it
+/// is read), within the body timeout (408).
+async fn read_body(
+    s: &Server,
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<Bytes, Response<Full<Bytes>>> {
+    let text = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if !is_json(text("content-type").unwrap_or_default()) {
+        return Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be JSON (Content-Type: application/json)",
+        ));
+    }
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = text("content-length") {
+        match len.parse::<u64>() {
+            Ok(n) if n > limit as u64 => return Err(too_large()),
+            Ok(_) => {}
+            Err(_) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "Content-Length is not a number",
+                ))
+            }
+        }
+    }
+    match tokio::time::timeout(
+        s.body_timeout,
+        Limited::new(req.into_body(), limit).collect(),
+    )
+    .await
+    {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "the body took too long to arrive",
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(error(StatusCode::BAD_REQUEST, "the body could not be read")),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
     }
 }
 

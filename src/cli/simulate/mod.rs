@@ -58,12 +58,6 @@ pub(crate) struct SimulateArgs {
     json: bool,
 }
 
-
-
-
-
-
-
 pub(crate) fn run(a: SimulateArgs) -> Result<ExitCode, String> {
     let path = PathBuf::from(&a.script);
     if !path.exists() && a.script == DEFAULT_SCRIPT {
@@ -177,7 +171,6 @@ fn check(expect: Option<&Expect>, o: &Outcome, call: &Call) -> (usize, Vec<Strin
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
-
 
 pub(crate) struct Timeline {
     pub(crate) started: Instant,
@@ -621,7 +614,6 @@ fn run_reports(db_path: &Path, runs: &[String]) -> Result<Vec<RunReport>, String
     Ok(run_reports)
 }
 
-
 /// A private temporary directory for the default outbox.
 fn tempfile_dir() -> Result<PathBuf, String> {
     let dir = std::env::temp_dir().join(format!(
@@ -632,6 +624,3 @@ fn tempfile_dir() -> Result<PathBuf, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(dir)
 }
-
-
-

@@ -1,10 +1,10 @@
 //! What a simulation reports: the timeline, the actions, the deliveries and runs, the summary;
 //! as JSON (the structs) and as text for people.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::*;
 
