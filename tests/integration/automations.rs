@@ -2,6 +2,7 @@
 //! raw HTTP client: every answer, signatures, replay, rate limits, call completion scoping,
 //! the post-call payload, run_action from a payload, and the run log.
 
+use std::future::ready;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use midcall::{
 };
 
 use crate::support::servers::{Recorded, Reply, TestServer};
-use crate::support::{agent, call_info, loopback_policy, wait_until};
+use crate::support::{agent, call_info, loopback_policy, wait_until, WAIT};
 
 const INBOUND_KEY: &str = "k3y-for-tests";
 const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -440,8 +441,8 @@ async fn every_answer_of_the_inbound_endpoint() {
         booking[0].header("authorization"),
         Some("Bearer crm-secret-token")
     );
-    wait_until("the booked webhook", || {
-        !requests_to(&hooks, "/booked").is_empty()
+    wait_until("the booked webhook", WAIT, || {
+        ready(!requests_to(&hooks, "/booked").is_empty())
     })
     .await;
     assert_eq!(
@@ -542,8 +543,8 @@ async fn signatures_are_checked_and_replays_refused() {
     assert_eq!(later.status, 202);
 
     assert!(srv.automations.wait_idle(Duration::from_secs(10)).await);
-    wait_until("two signed runs delivered", || {
-        requests_to(&hooks, "/signed").len() == 2
+    wait_until("two signed runs delivered", WAIT, || {
+        ready(requests_to(&hooks, "/signed").len() == 2)
     })
     .await;
     assert_eq!(
@@ -668,8 +669,11 @@ async fn call_completed_automations_follow_their_agent_scope() {
     assert_eq!(runs.len(), 1, "only everyone");
 
     assert!(srv.automations.wait_idle(Duration::from_secs(10)).await);
-    wait_until("three deliveries", || {
-        requests_to(&hooks, "/crm-sync").len() == 1 && requests_to(&hooks, "/everyone").len() == 2
+    wait_until("three deliveries", WAIT, || {
+        ready(
+            requests_to(&hooks, "/crm-sync").len() == 1
+                && requests_to(&hooks, "/everyone").len() == 2,
+        )
     })
     .await;
     let sync = &requests_to(&hooks, "/crm-sync")[0];
@@ -832,8 +836,8 @@ async fn queued_work_survives_a_shutdown_and_resumes() {
         .await;
         assert_eq!(r.status, 202);
     }
-    wait_until("the first booking to reach the CRM", || {
-        slow.request_count() >= 1
+    wait_until("the first booking to reach the CRM", WAIT, || {
+        ready(slow.request_count() >= 1)
     })
     .await;
     let dir = srv.stop().await;
@@ -853,7 +857,10 @@ async fn queued_work_survives_a_shutdown_and_resumes() {
     let fast = TestServer::http(|_, n| Reply::Json(201, json!({"id": format!("apt_{n}")}))).await;
     let srv = Inbound::start_in(config(&fast.origin(), &hooks.origin(), ""), dir, DEFAULT).await;
     assert!(srv.automations.wait_idle(Duration::from_secs(10)).await);
-    wait_until("5 deliveries", || requests_to(&hooks, "/booked").len() == 5).await;
+    wait_until("5 deliveries", WAIT, || {
+        ready(requests_to(&hooks, "/booked").len() == 5)
+    })
+    .await;
     let mut slots: Vec<String> = requests_to(&hooks, "/booked")
         .iter()
         .map(|r| r.json()["slot"].as_str().unwrap().to_string())
@@ -984,18 +991,16 @@ async fn serve_binary_answers_exports_metrics_and_stops_on_sigterm() {
         metrics.body
     );
     // Runs are counted by outcome as they finish.
-    let mut counted = false;
-    for _ in 0..200 {
-        let m = send_raw(addr, &format!("GET /metrics HTTP/1.1\r\nHost: {addr}"), b"").await;
-        if m.body
-            .contains("midcall_automation_runs_total{status=\"succeeded\"}")
-        {
-            counted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(counted, "midcall_automation_runs_total never appeared");
+    wait_until(
+        "midcall_automation_runs_total to appear",
+        WAIT,
+        || async move {
+            let m = send_raw(addr, &format!("GET /metrics HTTP/1.1\r\nHost: {addr}"), b"").await;
+            m.body
+                .contains("midcall_automation_runs_total{status=\"succeeded\"}")
+        },
+    )
+    .await;
 
     let status = terminate(child).await;
     assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");

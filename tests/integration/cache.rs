@@ -1,6 +1,7 @@
 //! The response cache, coalescing, stale-while-revalidate, prefetch, duplicate tool calls and
 //! invalidation, against real local servers with request counters.
 
+use std::future::ready;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use midcall::exec::{Budget, CacheStatus, Status};
 use midcall::{ActionSet, Call, CallInfo, CallSession, Runtime, StatePath, ToolCall};
 
 use crate::support::servers::{Reply, TestServer};
-use crate::support::{call_info, load_toml, AGENT};
+use crate::support::{call_info, load_toml, wait_for, wait_until, AGENT, WAIT};
 
 fn runtime() -> Runtime {
     Runtime::builder()
@@ -230,9 +231,13 @@ async fn an_impatient_waiter_does_not_cancel_the_shared_fetch() {
         }
     };
     let patient = {
-        let (rt, set) = (rt.clone(), set.clone());
+        let (rt, set, server) = (rt.clone(), set.clone(), &server);
         async move {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // Wait for the event: the impatient call leads, its request is at the upstream.
+            wait_until("the leader's request", WAIT, || {
+                ready(server.request_count() == 1)
+            })
+            .await;
             let mut c = call_in("acme", "patient");
             let o = rt
                 .execute(set.action("lookup").unwrap(), &mut c, json!({}), &long())
@@ -300,19 +305,19 @@ async fn stale_is_served_at_once_while_one_refresh_runs() {
         );
     }
     // Wait for the event: the refreshed value is in the cache.
-    let mut refreshed = None;
-    for i in 0..500 {
+    let mut i = 0;
+    let o = wait_for("the refresh to land in the cache", WAIT, || {
+        i += 1;
+        let (rt, set) = (rt.clone(), set.clone());
         let mut c = call_in("acme", &format!("after{i}"));
-        let o = rt
-            .execute(set.action("lookup").unwrap(), &mut c, json!({}), &long())
-            .await;
-        if v(&c) == Some(json!(2)) {
-            refreshed = Some(o);
-            break;
+        async move {
+            let o = rt
+                .execute(set.action("lookup").unwrap(), &mut c, json!({}), &long())
+                .await;
+            (v(&c) == Some(json!(2))).then_some(o)
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let o = refreshed.expect("the refresh landed in the cache");
+    })
+    .await;
     assert_eq!(o.cache, CacheStatus::Hit);
     assert_eq!(
         server.request_count(),
@@ -363,8 +368,10 @@ async fn stale_if_error_serves_the_stale_value_instead_of_the_fallback() {
                 assert_eq!(v(&c), Some(json!("good")));
                 if round == 0 {
                     // Wait for the event: the refresh reached the (failing) upstream.
-                    crate::support::wait_until("the refresh", || server.request_count() > before)
-                        .await;
+                    wait_until("the refresh", WAIT, || {
+                        ready(server.request_count() > before)
+                    })
+                    .await;
                 }
             } else {
                 assert_eq!(o.status, Status::HttpError);
@@ -515,16 +522,26 @@ async fn a_reissued_booking_reaches_the_upstream_exactly_once() {
 async fn the_dedupe_window_ends_and_dedupe_false_turns_it_off() {
     let (server, set) = front_desk().await;
     let set = Arc::new(set);
+    let window = Duration::from_secs(30);
     let rt = Runtime::builder()
         .egress(crate::support::loopback_policy())
-        .dedupe_window(Duration::from_millis(100))
+        .dedupe_window(window)
         .build()
         .unwrap();
     let c = session(&rt, &set, "acme", "call_1").await;
     let base = count(&server, "/appointments");
     let book = || c.tool("book_appointment", json!({"slot": "15:00"}).into(), long());
     assert!(!book().await.deduplicated);
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The window is a pure timer: it passes on the paused clock (nothing is in flight while
+    // it is paused). One second short of its end, the booking is still answered from the first.
+    tokio::time::pause();
+    tokio::time::advance(window - Duration::from_secs(1)).await;
+    tokio::time::resume();
+    assert!(book().await.deduplicated, "inside the window");
+    assert_eq!(count(&server, "/appointments"), base + 1);
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    tokio::time::resume();
     let o = book().await;
     assert!(!o.deduplicated, "outside the window");
     assert_eq!(count(&server, "/appointments"), base + 2);

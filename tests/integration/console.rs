@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::operator::{agent_file, agents_dir, request, Served};
 use crate::support::servers::{Reply, TestServer};
+use crate::support::{wait_until, WAIT};
 
 const T1_KEY: &str = "tenant-one-inbound-key";
 const OPS_KEY: &str = "console-admin-key-abcdef0123456789";
@@ -116,24 +117,20 @@ async fn the_console_in_chromium_logs_in_shows_a_failure_and_replays_it() {
     .await;
     assert_eq!(status, 202, "{body}");
     // The delivery fails twice (the receiver answers 503), then is failed.
-    let admin = format!("Bearer {OPS_KEY}");
-    let mut failed = false;
-    for _ in 0..500 {
+    let (addr, admin) = (s.addr, format!("Bearer {OPS_KEY}"));
+    let admin = admin.as_str();
+    wait_until("the delivery to fail", WAIT, || async move {
         let (_, b) = request(
-            s.addr,
+            addr,
             "GET",
             "/v1/admin/deliveries?status=failed",
-            &[("Authorization", &admin)],
+            &[("Authorization", admin)],
             "",
         )
         .await;
-        if b.contains("\"status\":\"failed\"") {
-            failed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(failed, "the delivery never failed");
+        b.contains("\"status\":\"failed\"")
+    })
+    .await;
     fail.store(false, Ordering::SeqCst);
 
     let out_dir = crate::support::root().join("tests/browser/artifacts");

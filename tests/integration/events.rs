@@ -1,6 +1,7 @@
 //! Event webhooks against real local receivers: signing, subscriptions, retries, Retry-After,
 //! 410, ordering, replay, overload, and crash safety with a killed child process.
 
+use std::future::ready;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use midcall::events::{signing, DeliveryLog, Event, EventBus, EventType, PublishE
 use midcall::{ActionSet, MapSecrets, Transcript, Turn};
 
 use crate::support::servers::{Recorded, Reply, TestServer};
-use crate::support::{call_info, load_toml, wait_until, Engine, AGENT};
+use crate::support::{call_info, load_toml, wait_for, wait_until, Engine, AGENT, WAIT};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -95,8 +96,8 @@ fn error_hook(
 
 /// Waits until exactly `n` deliveries of the log have `status`.
 async fn wait_for_status(log: &DeliveryLog, status: &str, n: usize) {
-    wait_until(status, || {
-        log.deliveries(None, Some(status), 10).unwrap().len() == n
+    wait_until(status, WAIT, || {
+        ready(log.deliveries(None, Some(status), 10).unwrap().len() == n)
     })
     .await;
 }
@@ -142,7 +143,7 @@ async fn subscribers_get_only_their_types_signed_in_the_envelope(engine: Engine)
     bus.publish_durable(&Event::phone_call_ended(42.5, "caller_hung_up", &t), &call)
         .await
         .unwrap();
-    wait_until("two deliveries", || a.request_count() == 2).await;
+    wait_until("two deliveries", WAIT, || ready(a.request_count() == 2)).await;
     // Wait for the event: both deliveries are recorded; none was ever made for crm.
     let log = bus.log().unwrap();
     wait_for_status(&log, "delivered", 2).await;
@@ -197,7 +198,10 @@ async fn retries_follow_the_schedule_and_are_re_signed(engine: Engine) {
     bus.publish_durable(&Event::error("E", "m"), &call_info())
         .await
         .unwrap();
-    wait_until("three attempts", || server.request_count() == 3).await;
+    wait_until("three attempts", WAIT, || {
+        ready(server.request_count() == 3)
+    })
+    .await;
     let reqs = server.requests.lock().unwrap().clone();
     let id = reqs[0].header("webhook-id").unwrap();
     assert!(
@@ -275,11 +279,15 @@ async fn retry_after_on_429_and_503_is_honoured(engine: Engine) {
         bus.publish_durable(&Event::error("E", "m"), &call_info())
             .await
             .unwrap();
-        wait_until("two attempts", || server.request_count() == 2).await;
+        wait_until("two attempts", WAIT, || ready(server.request_count() == 2)).await;
         let log = bus.log().unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let d = &log.deliveries(None, None, 1).unwrap()[0];
-        let a = log.attempts(d.id).unwrap();
+        // Wait for the event: the answer to the second attempt is recorded after it arrives.
+        let a = wait_for("the second attempt recorded", WAIT, || {
+            let d = &log.deliveries(None, None, 1).unwrap()[0];
+            let a = log.attempts(d.id).unwrap();
+            ready((a.len() == 2).then_some(a))
+        })
+        .await;
         let gap = a[1].at_ms - a[0].at_ms - a[0].duration_ms;
         assert!(
             gap >= 950,
@@ -352,7 +360,10 @@ async fn per_call_order_holds_while_the_first_event_is_retried(engine: Engine) {
     for code in ["first", "second", "third"] {
         bus.publish(&Event::error(code, "m"), &call).unwrap();
     }
-    wait_until("three delivered", || seen.lock().unwrap().len() == 3).await;
+    wait_until("three delivered", WAIT, || {
+        ready(seen.lock().unwrap().len() == 3)
+    })
+    .await;
     assert_eq!(*seen.lock().unwrap(), ["first", "second", "third"]);
     assert_eq!(
         fails.load(Ordering::SeqCst),
@@ -429,12 +440,11 @@ async fn crash_child() {
         std::fs::write(marker, b"1").unwrap();
     }
     let log = bus.log().unwrap();
-    loop {
-        if log.deliveries(None, Some("pending"), 1).unwrap().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Bounded below the parent's wait for this process, so a stuck child ends by itself.
+    wait_until("no pending deliveries", Duration::from_secs(45), || {
+        ready(log.deliveries(None, Some("pending"), 1).unwrap().is_empty())
+    })
+    .await;
 }
 
 both_engines!(crash_safety_under_sigkill);
@@ -480,20 +490,21 @@ async fn crash_safety_under_sigkill(engine: Engine) {
         c.spawn().unwrap()
     };
     let mut child = spawn(false);
-    wait_until("published", || marker.exists()).await;
-    wait_until("some deliveries", || got.lock().unwrap().len() >= 100).await;
+    wait_until("published", WAIT, || ready(marker.exists())).await;
+    wait_until("some deliveries", WAIT, || {
+        ready(got.lock().unwrap().len() >= 100)
+    })
+    .await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let at_kill = got.lock().unwrap().len();
     assert!(at_kill < 1000, "killed midway ({at_kill} delivered)");
     let mut child = spawn(true);
-    for _ in 0..3000 {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let status = child.wait().unwrap();
+    // Longer than the child's own 45 s bound on delivering the rest.
+    let status = wait_for("the resumed child to exit", Duration::from_secs(60), || {
+        ready(child.try_wait().unwrap())
+    })
+    .await;
     assert!(status.success());
     let got = got.lock().unwrap().clone();
     let mut by_event: std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> =

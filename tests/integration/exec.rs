@@ -1,6 +1,7 @@
 //! The executor against real local servers: pooling, deadlines, faults, retries, breaker,
 //! egress, filler and fallbacks.
 
+use std::future::ready;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use midcall::{ActionSet, Call, MapSecrets, Runtime, StatePath, ToolCall};
 use crate::support::servers::{
     json_response, read_request, wait_closed, write_all, RawServer, Reply, TestServer,
 };
-use crate::support::{call_info, load_toml, AGENT};
+use crate::support::{call_info, load_toml, wait_until, AGENT, WAIT};
 
 const SECRET: &str = "tok_EXEC_s3cr3t";
 
@@ -561,13 +562,15 @@ async fn a_429_beyond_the_budget_is_rate_limited_at_once() {
         body: vec![],
     })
     .await;
-    let set = one_action(&server.origin(), "/x", "timeout_ms = 3000");
+    let set = one_action(&server.origin(), "/x", "timeout_ms = 10000");
     let start = Instant::now();
     let out = run_a(&runtime(), &set).await;
     assert_eq!(out.status, Status::RateLimited);
     assert_eq!(out.attempts, 1);
+    // A generous bound: the answer takes milliseconds, and sleeping toward the Retry-After
+    // runs into the 10 s timeout.
     assert!(
-        start.elapsed() < Duration::from_millis(500),
+        start.elapsed() < Duration::from_secs(2),
         "no sleeping: {:?}",
         start.elapsed()
     );
@@ -792,9 +795,10 @@ async fn breaker_opens_fails_fast_then_probes_and_closes() {
         "/x",
         "on_failure = { say = \"Sorry.\" }\ndedupe = false",
     );
+    let cooldown = Duration::from_secs(30);
     let rt = builder()
         .breaker_threshold(3)
-        .breaker_cooldown(Duration::from_millis(200))
+        .breaker_cooldown(cooldown)
         .build()
         .unwrap();
     let mut c = call();
@@ -813,14 +817,30 @@ async fn breaker_opens_fails_fast_then_probes_and_closes() {
     assert_eq!(out.status, Status::CircuitOpen);
     assert_eq!(out.attempts, 0);
     assert_eq!(out.say.as_deref(), Some("Sorry."));
-    // Nothing was sent (below); the bound only catches a wait on the upstream.
+    // Nothing was sent (below); the generous bound catches a wait, e.g. for the 30 s cool-down.
     assert!(
-        out.timings.total < Duration::from_millis(500),
+        out.timings.total < Duration::from_secs(2),
         "fails fast: {:?}",
         out.timings.total
     );
     assert_eq!(server.request_count(), before, "nothing sent while open");
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // The cool-down is a pure timer: it passes on the paused clock (no request is in flight
+    // while it is paused). One second short of it, the breaker is still open.
+    tokio::time::pause();
+    tokio::time::advance(cooldown - Duration::from_secs(1)).await;
+    tokio::time::resume();
+    let out = rt
+        .execute(set.action("a").unwrap(), &mut c, json!({}), &long())
+        .await;
+    assert_eq!(
+        out.status,
+        Status::CircuitOpen,
+        "open until the cool-down ends"
+    );
+    assert_eq!(server.request_count(), before);
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    tokio::time::resume();
     healthy.store(true, Ordering::SeqCst);
     let out = rt
         .execute(set.action("a").unwrap(), &mut c, json!({}), &long())
@@ -854,7 +874,10 @@ async fn dropping_the_future_mid_request_closes_the_connection() {
             .await
     });
     // Wait for the event: the request is at the upstream.
-    crate::support::wait_until("the request", || requests.load(Ordering::SeqCst) == 1).await;
+    wait_until("the request", WAIT, || {
+        ready(requests.load(Ordering::SeqCst) == 1)
+    })
+    .await;
     task.abort(); // the caller barged in
     tokio::time::timeout(Duration::from_secs(2), server.closed.notified())
         .await
@@ -898,18 +921,34 @@ async fn idempotency_keys_follow_the_tool_call() {
 
 #[tokio::test]
 async fn execute_all_runs_in_parallel_and_applies_in_order() {
-    let server = TestServer::http(|r, _| {
-        let v = if r.uri == "/slow" { 1 } else { 2 };
-        let reply = Reply::ok(json!({"v": v}));
-        if r.uri == "/slow" {
-            Reply::After(Duration::from_millis(200), Box::new(reply))
-        } else {
-            Reply::After(Duration::from_millis(150), Box::new(reply))
-        }
-    })
+    // Each request is held until both are at the upstream (for at most 5 s), then answered,
+    // the slow one last. Only one sent after the other waits the 5 s out (the actions'
+    // timeouts are longer, so neither gives up first).
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let apart = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (b2, a2) = (barrier.clone(), apart.clone());
+    let server = RawServer::start(Arc::new(move |mut s, _, _, _| {
+        let (barrier, apart) = (b2.clone(), a2.clone());
+        Box::pin(async move {
+            while let Some(head) = read_request(&mut s).await {
+                let slow = head.starts_with("GET /slow ");
+                if tokio::time::timeout(Duration::from_secs(5), barrier.wait())
+                    .await
+                    .is_err()
+                {
+                    apart.store(true, Ordering::SeqCst);
+                }
+                let (delay, v) = if slow { (200, 1) } else { (150, 2) };
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                if !write_all(&mut s, &json_response(&format!("{{\"v\": {v}}}"))).await {
+                    return;
+                }
+            }
+        })
+    }))
     .await;
     let text = format!(
-        "{AGENT}[[actions]]\nname = \"slow\"\ndescription = \"d\"\nurl = \"{o}/slow\"\nextract = {{ \"r.v\" = \"$.v\" }}\n[[actions]]\nname = \"fast\"\ndescription = \"d\"\nurl = \"{o}/fast\"\nextract = {{ \"r.v\" = \"$.v\" }}\n",
+        "{AGENT}[[actions]]\nname = \"slow\"\ndescription = \"d\"\nurl = \"{o}/slow\"\ntimeout_ms = 10000\nextract = {{ \"r.v\" = \"$.v\" }}\n[[actions]]\nname = \"fast\"\ndescription = \"d\"\nurl = \"{o}/fast\"\ntimeout_ms = 10000\nextract = {{ \"r.v\" = \"$.v\" }}\n",
         o = server.origin()
     );
     let set = load_toml(&text).unwrap();
@@ -928,7 +967,12 @@ async fn execute_all_runs_in_parallel_and_applies_in_order() {
         )
         .await;
     assert!(
-        start.elapsed() < Duration::from_millis(340),
+        !apart.load(Ordering::SeqCst),
+        "both requests were out at once"
+    );
+    // A generous bound: the answers take 200 ms in parallel; one after the other, 5 s or more.
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
         "in parallel: {:?}",
         start.elapsed()
     );
@@ -966,12 +1010,10 @@ async fn async_actions_start_in_the_background_and_are_bounded() {
         .await;
     assert_eq!(out.status, Status::Rejected, "beyond the limit");
     assert!(out.error.unwrap().is_overloaded());
-    for _ in 0..100 {
-        if server.request_count() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the background request", WAIT, || {
+        ready(server.request_count() == 1)
+    })
+    .await;
     assert_eq!(server.last().json(), json!({"n": 1}));
     assert!(
         c.state.variables().is_empty(),

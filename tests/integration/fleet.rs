@@ -3,6 +3,7 @@
 //! serve` processes on one database with one killed and the database restarted.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::ready;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use midcall::{ActionSet, Automations, Call, CallInfo, MapSecrets, Runtime, Secre
 
 use crate::support::servers::{Reply, TestServer};
 use crate::support::services::{shared_postgres, Postgres, Redis};
-use crate::support::{call_info, load_toml, loopback_policy, wait_until, AGENT};
+use crate::support::{call_info, load_toml, loopback_policy, wait_until, AGENT, WAIT};
 
 const FLEET_SECRET: &str = "fleet-secret-0123456789abcdef";
 
@@ -70,13 +71,10 @@ fn redis_entries(redis: &Redis) -> usize {
 
 /// Waits until Redis holds `n` cache entries (a put runs on its own task).
 async fn wait_for_entries(redis: &Redis, n: usize) {
-    for _ in 0..500 {
-        if redis_entries(redis) == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("redis never held {n} entries");
+    wait_until(&format!("redis to hold {n} entries"), WAIT, || {
+        ready(redis_entries(redis) == n)
+    })
+    .await;
 }
 
 /// Process A fills the shared tier; process B (its own in-process cache, its own connection)
@@ -128,16 +126,18 @@ async fn a_hit_on_b_for_an_entry_filled_by_a_and_invalidation_reaches_every_proc
     // B changes the data: A's own cache drops the entry too (pub/sub), and Redis's goes.
     let out = run(&b, &set, "change", &mut call_in("acme", "c5")).await;
     assert_eq!(out.status, Status::Ok);
-    let mut seen_miss = false;
-    for _ in 0..500 {
-        let out = run(&a, &set, "lookup", &mut call_in("acme", "c6")).await;
-        if out.cache == CacheStatus::Miss {
-            seen_miss = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(seen_miss, "A's cached entry was invalidated by B's change");
+    let (a, set) = (&a, &set);
+    wait_until(
+        "A's cached entry to be invalidated by B's change",
+        WAIT,
+        || async move {
+            run(a, set, "lookup", &mut call_in("acme", "c6"))
+                .await
+                .cache
+                == CacheStatus::Miss
+        },
+    )
+    .await;
 }
 
 /// Redis stopped mid-test: actions still succeed, as misses, well within their budget.
@@ -170,20 +170,24 @@ async fn redis_down_costs_nothing_but_the_hit() {
     }
     // Back up: the tier is used again (a new caller each time: a miss, so a write).
     redis.restart();
-    let mut filled = false;
-    for i in 0..300 {
-        let mut c = Call::new(CallInfo {
-            from_number: format!("+1555100{i:04}"),
-            ..call_info()
-        });
-        run(&a, &set, "lookup", &mut c).await;
-        if redis_entries(&redis) > 0 {
-            filled = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(filled, "the tier is written again once Redis is back");
+    let (a, set, redis) = (&a, &set, &redis);
+    let mut i = 0;
+    wait_until(
+        "the tier to be written again once Redis is back",
+        WAIT,
+        || {
+            i += 1;
+            let mut c = Call::new(CallInfo {
+                from_number: format!("+1555100{i:04}"),
+                ..call_info()
+            });
+            async move {
+                run(a, set, "lookup", &mut c).await;
+                redis_entries(redis) > 0
+            }
+        },
+    )
+    .await;
 }
 
 #[test]
@@ -318,8 +322,8 @@ async fn two_workers_share_the_outbox_never_send_one_attempt_twice_and_keep_call
     }
     // Every delivery recorded as delivered: nothing is left to be sent again.
     let log = DeliveryLog::open(&url).unwrap();
-    wait_until("300 recorded as delivered", || {
-        log.deliveries(None, Some("delivered"), 1000).unwrap().len() == 300
+    wait_until("300 recorded as delivered", WAIT, || {
+        ready(log.deliveries(None, Some("delivered"), 1000).unwrap().len() == 300)
     })
     .await;
     let got = got.lock().unwrap().clone();
@@ -366,7 +370,10 @@ async fn a_commit_in_one_process_wakes_an_idle_worker_in_another() {
         )
         .await
         .unwrap();
-    wait_until("the first event", || server.request_count() == 1).await;
+    wait_until("the first event", WAIT, || {
+        ready(server.request_count() == 1)
+    })
+    .await;
     let started = Instant::now();
     for i in 0..20 {
         let call = CallInfo {
@@ -377,7 +384,7 @@ async fn a_commit_in_one_process_wakes_an_idle_worker_in_another() {
             .publish_durable(&Event::new(EventType::Message, json!({"n": i})), &call)
             .await
             .unwrap();
-        wait_until("the event", || server.request_count() == i + 2).await;
+        wait_until("the event", WAIT, || ready(server.request_count() == i + 2)).await;
     }
     let took = started.elapsed();
     assert!(
@@ -554,13 +561,19 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
             .unwrap()
             .len()
     };
-    wait_until("the first lookup run", || succeeded("lookup") == 1).await;
+    wait_until("the first lookup run", WAIT, || {
+        ready(succeeded("lookup") == 1)
+    })
+    .await;
     wait_for_entries(&redis, 1).await;
     assert_eq!(
         start_run(servers[1].addr, "lookup", r#"{"p": "ada"}"#).await,
         202
     );
-    wait_until("the second lookup run", || succeeded("lookup") == 2).await;
+    wait_until("the second lookup run", WAIT, || {
+        ready(succeeded("lookup") == 2)
+    })
+    .await;
     assert_eq!(
         crm.request_count(),
         1,
@@ -601,19 +614,19 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
             .collect::<BTreeSet<_>>()
             .len()
     };
-    wait_until("200 delivered", || delivered(&got) >= 200).await;
+    wait_until("200 delivered", WAIT, || ready(delivered(&got) >= 200)).await;
     let killed = servers.remove(0);
     drop(killed); // SIGKILL, mid-delivery
     let at_kill = delivered(&got);
-    wait_until("500 delivered", || delivered(&got) >= 500).await;
+    wait_until("500 delivered", WAIT, || ready(delivered(&got) >= 500)).await;
     pg.restart();
     let at_restart = delivered(&got);
-    for _ in 0..6000 {
-        if delivered(&got) >= 1100 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        &format!("1100 delivered (killed at {at_kill}, database restarted at {at_restart})"),
+        Duration::from_secs(60),
+        || ready(delivered(&got) >= 1100),
+    )
+    .await;
     let all = got.lock().unwrap().clone();
     let mut ids: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (what, id) in &all {
@@ -633,11 +646,13 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
         "fleet: 1000 events + 100 runs delivered; {duplicates} duplicate attempts (same webhook-id); killed at {at_kill}, restarted at {at_restart}"
     );
     // A run's delivery can arrive before the run's own end is recorded: wait for the ends.
-    wait_until("every run finished", || {
-        log.runs(Some("notify"), None, 1000)
-            .unwrap()
-            .iter()
-            .all(|r| r.status != "running" && r.status != "queued")
+    wait_until("every run finished", WAIT, || {
+        ready(
+            log.runs(Some("notify"), None, 1000)
+                .unwrap()
+                .iter()
+                .all(|r| r.status != "running" && r.status != "queued"),
+        )
     })
     .await;
     let runs = log.runs(Some("notify"), None, 1000).unwrap();
@@ -655,7 +670,7 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
             .iter()
             .all(|d| d.status == "delivered")
     };
-    wait_until("every delivery recorded", all_recorded).await;
+    wait_until("every delivery recorded", WAIT, || ready(all_recorded())).await;
     let deliveries = dlog.deliveries(None, None, 5000).unwrap();
     assert_eq!(deliveries.len(), 1100);
     let pending: Vec<_> = deliveries
@@ -670,7 +685,10 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
         start_run(servers[0].addr, "lookup", r#"{"p": "grace"}"#).await,
         202
     );
-    wait_until("a lookup with Redis down", || succeeded("lookup") == 3).await;
+    wait_until("a lookup with Redis down", WAIT, || {
+        ready(succeeded("lookup") == 3)
+    })
+    .await;
     let r = &log.runs(Some("lookup"), Some("succeeded"), 1).unwrap()[0];
     assert!(
         r.steps[0].duration_ms < 2000,

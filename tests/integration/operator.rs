@@ -2,6 +2,7 @@
 //! requests in flight, and the operator API under /v1/admin/ (on both engines).
 
 use std::collections::BTreeSet;
+use std::future::ready;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::servers::{Recorded, Reply, TestServer};
-use crate::support::{wait_until, Engine};
+use crate::support::{wait_for, wait_until, Engine, WAIT};
 
 const T1_KEY: &str = "tenant-one-inbound-key";
 const T2_KEY: &str = "tenant-two-inbound-key";
@@ -75,15 +76,12 @@ impl Served {
 
     /// Waits (up to 20 s) for a stdout line containing `what`; the line.
     pub(crate) async fn line(&self, what: &str) -> String {
-        for _ in 0..2000 {
-            while let Ok(l) = self.lines.try_recv() {
-                if l.contains(what) {
-                    return l;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("serve never printed a line with {what:?}");
+        wait_for(
+            &format!("serve to print a line with {what:?}"),
+            Duration::from_secs(20),
+            || ready(self.lines.try_iter().find(|l| l.contains(what))),
+        )
+        .await
     }
 }
 
@@ -241,7 +239,7 @@ async fn a_directory_of_agents_routes_per_agent_behind_tenant_walls() {
     assert_eq!(start(a, &r("nobody", "notify"), T1_KEY, 9).await, 404);
     assert_eq!(start(a, &r("a1", "b-only"), T1_KEY, 10).await, 404);
 
-    wait_until("four deliveries", || paths(&got).len() == 4).await;
+    wait_until("four deliveries", WAIT, || ready(paths(&got).len() == 4)).await;
     let mut p = paths(&got);
     p.sort();
     assert_eq!(p, ["/a1/notify", "/a2/notify", "/b/b-only", "/b/notify"]);
@@ -435,7 +433,7 @@ async fn two_hundred_requests_in_flight_across_a_reload_are_all_answered() {
         202,
         "the new automation is served"
     );
-    wait_until("201 deliveries", || paths(&got).len() == 201).await;
+    wait_until("201 deliveries", WAIT, || ready(paths(&got).len() == 201)).await;
     let ns: BTreeSet<String> = got
         .lock()
         .unwrap()
@@ -462,8 +460,8 @@ async fn two_hundred_requests_in_flight_across_a_reload_are_all_answered() {
     // Every run done before "second" goes: a queued run whose automation a reload removed
     // fails naming it (a loaded machine may not have run 501 yet).
     let log = midcall::RunLog::open(&db).unwrap();
-    wait_until("every run finished", || {
-        log.runs(None, Some("succeeded"), 1000).unwrap().len() == 202
+    wait_until("every run finished", WAIT, || {
+        ready(log.runs(None, Some("succeeded"), 1000).unwrap().len() == 202)
     })
     .await;
     // Fixed, without "second", applied by SIGHUP (the watcher also sees it).
@@ -579,13 +577,15 @@ async fn the_operator_api_lists_replays_recovers_and_disables(engine: Engine) {
     assert_eq!(status, 401, "an inbound key is not the admin key");
 
     // Four failed deliveries (two attempts each), then the filters.
-    for _ in 0..1000 {
-        let (_, v) = admin(a, "GET", "/v1/admin/deliveries?status=failed").await;
-        if v["deliveries"].as_array().map_or(0, Vec::len) == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "four failed deliveries",
+        Duration::from_secs(20),
+        || async move {
+            let (_, v) = admin(a, "GET", "/v1/admin/deliveries?status=failed").await;
+            v["deliveries"].as_array().map_or(0, Vec::len) == 4
+        },
+    )
+    .await;
     let (status, v) = admin(a, "GET", "/v1/admin/deliveries?status=failed&agent=a1").await;
     assert_eq!(status, 200, "{v}");
     let list = v["deliveries"].as_array().unwrap();
@@ -700,16 +700,14 @@ async fn the_operator_api_lists_replays_recovers_and_disables(engine: Engine) {
     fail.store(false, Ordering::SeqCst);
     let (status, v) = admin(a, "POST", &format!("/v1/admin/deliveries/{first}/replay")).await;
     assert_eq!(status, 200, "{v}");
-    for _ in 0..1000 {
-        if admin(a, "GET", &format!("/v1/admin/deliveries/{first}"))
-            .await
-            .1["status"]
-            == "delivered"
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let one = format!("/v1/admin/deliveries/{first}");
+    let one = one.as_str();
+    wait_until(
+        "the replayed delivery",
+        Duration::from_secs(20),
+        || async move { admin(a, "GET", one).await.1["status"] == "delivered" },
+    )
+    .await;
     let (_, d) = admin(a, "GET", &format!("/v1/admin/deliveries/{first}")).await;
     assert_eq!(d["status"], "delivered", "{d}");
     assert_eq!(d["attempts"].as_array().unwrap().len(), 3);
@@ -724,8 +722,8 @@ async fn the_operator_api_lists_replays_recovers_and_disables(engine: Engine) {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["replayed"], 2, "{v}");
-    wait_until("a1's three delivered", || {
-        paths(&got).iter().filter(|p| *p == "/a1/notify").count() == 3
+    wait_until("a1's three delivered", WAIT, || {
+        ready(paths(&got).iter().filter(|p| *p == "/a1/notify").count() == 3)
     })
     .await;
     assert_eq!(
@@ -743,17 +741,18 @@ async fn the_operator_api_lists_replays_recovers_and_disables(engine: Engine) {
         start(a, "/v1/agents/b/automations/notify/webhook", T2_KEY, 10).await,
         202
     );
-    for _ in 0..1000 {
-        if count(
-            &admin(a, "GET", "/v1/admin/deliveries?agent=b&status=skipped")
-                .await
-                .1,
-        ) == 1
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "b's skipped delivery",
+        Duration::from_secs(20),
+        || async move {
+            count(
+                &admin(a, "GET", "/v1/admin/deliveries?agent=b&status=skipped")
+                    .await
+                    .1,
+            ) == 1
+        },
+    )
+    .await;
     assert_eq!(
         count(
             &admin(a, "GET", "/v1/admin/deliveries?agent=b&status=skipped")
@@ -785,8 +784,8 @@ async fn the_operator_api_lists_replays_recovers_and_disables(engine: Engine) {
     )
     .await;
     assert_eq!(v["replayed"], 2, "the failed one and the skipped one: {v}");
-    wait_until("b's two delivered", || {
-        paths(&got).iter().filter(|p| *p == "/b/notify").count() == 2
+    wait_until("b's two delivered", WAIT, || {
+        ready(paths(&got).iter().filter(|p| *p == "/b/notify").count() == 2)
     })
     .await;
 
@@ -941,7 +940,7 @@ async fn events_and_call_completed_automations_stay_inside_their_tenant() {
         "an agent not loaded starts nothing of another's"
     );
     // b's message and its two call-end events, a2's two, and one automation delivery.
-    wait_until("six deliveries", || paths(&got).len() == 6).await;
+    wait_until("six deliveries", WAIT, || ready(paths(&got).len() == 6)).await;
     let mut p = paths(&got);
     p.sort();
     assert_eq!(
@@ -1013,12 +1012,12 @@ async fn a_throttled_endpoint_gets_its_rate_and_every_event() {
         .await
         .unwrap();
     }
-    for _ in 0..3000 {
-        if times.lock().unwrap().len() == 12 && fast.lock().unwrap().len() == 12 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "twelve events at each endpoint",
+        Duration::from_secs(30),
+        || ready(times.lock().unwrap().len() == 12 && fast.lock().unwrap().len() == 12),
+    )
+    .await;
     let span = |v: &Arc<Mutex<Vec<tokio::time::Instant>>>| {
         let v = v.lock().unwrap();
         assert_eq!(v.len(), 12, "every event arrives");
@@ -1072,7 +1071,7 @@ async fn deliveries_carry_an_ed25519_signature_the_published_key_verifies() {
     )
     .await
     .unwrap();
-    wait_until("the delivery", || paths(&got).len() == 1).await;
+    wait_until("the delivery", WAIT, || ready(paths(&got).len() == 1)).await;
     let r = got.lock().unwrap()[0].clone();
     let (id, ts, sig) = (
         r.header("webhook-id").unwrap().to_string(),
@@ -1161,8 +1160,8 @@ async fn a_secret_echoed_by_the_receiver_is_not_kept_in_the_log() {
     .await
     .unwrap();
     let log = midcall::events::DeliveryLog::open(&db).unwrap();
-    wait_until("the failed delivery", || {
-        log.deliveries(None, Some("failed"), 10).unwrap().len() == 1
+    wait_until("the failed delivery", WAIT, || {
+        ready(log.deliveries(None, Some("failed"), 10).unwrap().len() == 1)
     })
     .await;
     let d = &log.deliveries(None, None, 10).unwrap()[0];
@@ -1206,15 +1205,17 @@ async fn a_pending_delivery_shows_its_next_attempt_and_is_not_replayed() {
         start(s.addr, "/v1/automations/notify/webhook", T1_KEY, 1).await,
         202
     );
-    let mut d = Value::Null;
-    for _ in 0..1000 {
-        let (_, v) = admin(s.addr, "GET", "/v1/admin/deliveries").await;
-        d = v["deliveries"][0].clone();
-        if d["attempts_made"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let addr = s.addr;
+    let d = wait_for(
+        "the first attempt",
+        Duration::from_secs(20),
+        || async move {
+            let (_, v) = admin(addr, "GET", "/v1/admin/deliveries").await;
+            let d = v["deliveries"][0].clone();
+            (d["attempts_made"] == 1).then_some(d)
+        },
+    )
+    .await;
     assert_eq!(d["status"], "pending", "{d}");
     let next = d["next_attempt_ms"].as_i64().unwrap();
     let created = d["created_ms"].as_i64().unwrap();

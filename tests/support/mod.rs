@@ -66,15 +66,47 @@ pub(crate) fn loopback_policy() -> midcall::EgressPolicy {
         .allow_network("127.0.0.0/8".parse().unwrap())
 }
 
-/// Polls `cond` every 10 ms for up to 10 s; panics naming `what` if it never holds.
-pub(crate) async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if cond() {
-            return;
+/// The usual limit of [`wait_until`] and [`wait_for`]: the events waited for take
+/// milliseconds, so only a hang reaches it.
+pub(crate) const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often [`wait_for`] checks again.
+const POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Checks `cond` every 10 ms until it holds; panics naming `what` when `limit` passes first.
+/// A synchronous condition is `|| std::future::ready(…)`.
+pub(crate) async fn wait_until<F, Fut>(what: &str, limit: std::time::Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    wait_for(what, limit, || {
+        let held = cond();
+        async move { held.await.then_some(()) }
+    })
+    .await
+}
+
+/// Checks `check` every 10 ms until it gives `Some`, and returns that value; panics naming
+/// `what` when `limit` passes first. Bounded in count as well as time (`limit` / 10 ms
+/// checks at most), so a slow check cannot stretch it either.
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, limit: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let checks = limit.as_millis() / POLL.as_millis() + 1;
+    for _ in 0..checks {
+        if let Some(v) = check().await {
+            return v;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
     }
-    panic!("timed out waiting for {what}");
+    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 pub(crate) fn call_info() -> CallInfo {
