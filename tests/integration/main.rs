@@ -11,6 +11,7 @@ mod config_errors;
 mod console;
 mod cts;
 mod egress;
+mod errors;
 mod events;
 mod examples;
 mod exec;

@@ -1356,8 +1356,22 @@ async fn console_sessions_cross_processes_and_failures_never_lock_the_key_out() 
     }
     assert!(limited, "failures are rate limited");
     assert_eq!(admin(b.addr, "GET", "/v1/admin/runs").await.0, 200);
-    let (status, _, _) = exchange(b.addr, "POST", "/console/login", &form, "secret=wrong").await;
-    assert_eq!(status, 429, "a login from the same address is limited too");
+    // The bucket refills at 20/s: on a loaded machine a token may come back between two
+    // requests, so wrong logins go on (a bounded number) until one is refused.
+    let mut login_limited = false;
+    for _ in 0..400 {
+        let (status, _, _) =
+            exchange(b.addr, "POST", "/console/login", &form, "secret=wrong").await;
+        assert!(status == 401 || status == 429, "{status}");
+        if status == 429 {
+            login_limited = true;
+            break;
+        }
+    }
+    assert!(
+        login_limited,
+        "a login from the same address is limited too"
+    );
     let (status, _, _) = exchange(
         b.addr,
         "POST",
