@@ -5,6 +5,9 @@
 //! files, `#[cfg(test)]` modules and the files they name). `src/cli` and `src/main.rs` are the
 //! binary, above everything, and reach the library only as `midcall::`.
 //!
+//! Also checked: no file in `src/` or `python/src/` over 800 lines and no function over 150
+//! (test code exempt), so a file and a function can still be read whole.
+//!
 //! A module may import only modules of a lower rank. Change a rank only with the reason beside
 //! it, and never to make a wrong import pass: give the lower module a trait it owns instead
 //! (as `CallCompletion` and `DeliveryTargets` do).
@@ -494,4 +497,86 @@ fn the_checker_finds_a_planted_wrong_import() {
         cycle(&graph),
         Some(vec!["events".into(), "store".into(), "events".into()])
     );
+}
+
+/// The longest file and function a newcomer should have to read whole.
+const MAX_FILE_LINES: usize = 800;
+const MAX_FN_LINES: usize = 150;
+
+/// Functions (of rustfmt-formatted code) longer than `MAX_FN_LINES`, from the `fn` line to
+/// the brace that closes it at the same indentation, as `(line, name, length)`.
+fn long_functions(code: &str) -> Vec<(usize, String, usize)> {
+    let lines: Vec<&str> = code.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        let mut rest = trimmed;
+        for prefix in ["pub(crate) ", "pub(super) ", "pub ", "const ", "async ", "unsafe "] {
+            rest = rest.strip_prefix(prefix).unwrap_or(rest);
+        }
+        let Some(sig) = rest.strip_prefix("fn ") else {
+            continue;
+        };
+        let name: String = sig
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // The body opens on the first line that ends with `{` (a declaration ends with `;`).
+        let Some(open) = (i..lines.len()).find(|&j| {
+            let l = lines[j].trim_end();
+            l.ends_with('{') || l.ends_with(';')
+        }) else {
+            continue;
+        };
+        if lines[open].trim_end().ends_with(';') {
+            continue;
+        }
+        let close = format!("{}}}", " ".repeat(indent));
+        if let Some(end) = (open + 1..lines.len()).find(|&j| lines[j] == close) {
+            let len = end - i + 1;
+            if len > MAX_FN_LINES {
+                out.push((i + 1, name, len));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_file_over_800_lines_and_no_function_over_150() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("python").join("src"), &mut files);
+    let mut bad = Vec::new();
+    for file in &files {
+        if file.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let shown = file.strip_prefix(root).unwrap_or(file).display().to_string();
+        let text = std::fs::read_to_string(file).expect("a source file");
+        let lines = text.lines().count();
+        if lines > MAX_FILE_LINES {
+            bad.push(format!("{shown}: {lines} lines (at most {MAX_FILE_LINES})"));
+        }
+        let (code, _) = without_test_code(&text);
+        // Line numbers of the code without its test modules are shown as found there.
+        for (line, name, len) in long_functions(&code) {
+            bad.push(format!(
+                "{shown}: fn {name} (near line {line}) is {len} lines (at most {MAX_FN_LINES})"
+            ));
+        }
+    }
+    assert!(bad.is_empty(), "split these:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn the_length_check_finds_a_long_function() {
+    let body = "    x();\n".repeat(MAX_FN_LINES);
+    let code = format!("fn short() {{\n    y();\n}}\n\npub(crate) async fn long(\n    a: u8,\n) -> u8 {{\n{body}}}\n");
+    let found = long_functions(&code);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].1, "long");
+    assert_eq!(found[0].2, MAX_FN_LINES + 4);
 }
