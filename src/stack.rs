@@ -14,7 +14,7 @@ use crate::automation::Automations;
 use crate::cache::SharedCacheConfig;
 use crate::config::{ActionSet, Agents};
 use crate::events::{EventBus, EventBusBuilder};
-use crate::exec::{Runtime, RuntimeBuilder};
+use crate::exec::{BuildError, Runtime, RuntimeBuilder};
 use crate::template::SecretSource;
 use crate::transport::EgressPolicy;
 
@@ -22,26 +22,27 @@ use crate::transport::EgressPolicy;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StackError {
-    /// An extra root certificate (PEM) could not be read.
-    #[error("{what}: {why}")]
+    /// Extra root certificates (PEM) could not be used (the caller's configuration).
+    #[error("{what}: {source}")]
     Roots {
         /// Which roots (a file name, an argument).
         what: String,
         /// What was wrong with them.
-        why: String,
+        source: BuildError,
     },
     /// The mock CRM could not start.
+    #[cfg(feature = "demo")]
     #[error("mock CRM: {0}")]
-    Mock(String),
-    /// The runtime or its outbox could not be built (the outbox database named).
+    Mock(crate::demo::MockError),
+    /// The runtime or its outbox could not be built.
     #[error("{0}")]
-    Runtime(String),
+    Runtime(BuildError),
     /// The shared cache tier did not answer.
     #[error("the shared cache: {0}")]
-    SharedCache(String),
+    SharedCache(crate::cache::SharedCacheError),
     /// The automations could not start.
     #[error("automations: {0}")]
-    Automations(String),
+    Automations(crate::automation::StartupError),
 }
 
 /// A built stack. Dropping it stops the mock; shut the automations down first for a clean end.
@@ -189,7 +190,7 @@ impl StackBuilder {
                 .await
                 .map_err(StackError::Mock)?;
             let loopback = ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8)
-                .map_err(|e| StackError::Mock(e.to_string()))?;
+                .map_err(|e| StackError::Mock(e.to_string().into()))?;
             policy = policy.allow_network(loopback.into());
             builder = builder
                 .resolver(Arc::new(crate::demo::MockResolver(m.addr)))
@@ -201,21 +202,22 @@ impl StackBuilder {
             builder = builder.secrets(s);
         }
         for (what, pem) in &self.roots {
-            builder = builder
-                .add_root_certificates_pem(pem)
-                .map_err(|why| StackError::Roots {
-                    what: what.clone(),
-                    why,
-                })?;
+            builder =
+                builder
+                    .add_root_certificates_pem(pem)
+                    .map_err(|source| StackError::Roots {
+                        what: what.clone(),
+                        source,
+                    })?;
         }
         if let Some((db, tune)) = self.outbox {
             let mut bus = tune(EventBus::builder(&db).agents(&self.agents));
             for (what, pem) in &self.roots {
                 bus = bus
                     .add_root_certificates_pem(pem)
-                    .map_err(|why| StackError::Roots {
+                    .map_err(|source| StackError::Roots {
                         what: what.clone(),
-                        why,
+                        source: BuildError::Bus(source),
                     })?;
             }
             builder = builder.event_bus(bus);
@@ -231,7 +233,7 @@ impl StackBuilder {
             runtime
                 .check_shared_cache(Duration::from_secs(2))
                 .await
-                .map_err(|e| StackError::SharedCache(e.to_string()))?;
+                .map_err(StackError::SharedCache)?;
         }
         let automations = match runtime.event_bus().cloned() {
             Some(bus) => Some(
@@ -247,5 +249,12 @@ impl StackBuilder {
             #[cfg(feature = "demo")]
             mock,
         })
+    }
+}
+
+/// For callers that report errors as text (the command line).
+impl From<StackError> for String {
+    fn from(e: StackError) -> Self {
+        e.to_string()
     }
 }

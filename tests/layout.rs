@@ -512,7 +512,14 @@ fn long_functions(code: &str) -> Vec<(usize, String, usize)> {
         let trimmed = line.trim_start();
         let indent = line.len() - trimmed.len();
         let mut rest = trimmed;
-        for prefix in ["pub(crate) ", "pub(super) ", "pub ", "const ", "async ", "unsafe "] {
+        for prefix in [
+            "pub(crate) ",
+            "pub(super) ",
+            "pub ",
+            "const ",
+            "async ",
+            "unsafe ",
+        ] {
             rest = rest.strip_prefix(prefix).unwrap_or(rest);
         }
         let Some(sig) = rest.strip_prefix("fn ") else {
@@ -554,7 +561,11 @@ fn no_file_over_800_lines_and_no_function_over_150() {
         if file.file_name().is_some_and(|n| n == "tests.rs") {
             continue;
         }
-        let shown = file.strip_prefix(root).unwrap_or(file).display().to_string();
+        let shown = file
+            .strip_prefix(root)
+            .unwrap_or(file)
+            .display()
+            .to_string();
         let text = std::fs::read_to_string(file).expect("a source file");
         let lines = text.lines().count();
         if lines > MAX_FILE_LINES {

@@ -241,7 +241,7 @@ async fn cache_latency(redis: &str, samples: usize) -> Result<Value, String> {
                 secret.clone(),
             )?);
         }
-        b.build()
+        Ok(b.build()?)
     };
     let (filler, reader) = (rt(true)?, rt(true)?);
     filler.check_shared_cache(Duration::from_secs(2)).await?;

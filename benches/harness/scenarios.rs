@@ -176,7 +176,10 @@ pub(crate) async fn next_request<S: tokio::io::AsyncRead + Unpin>(
 }
 
 fn tls_pair() -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
-    midcall::demo::self_signed_tls(vec!["localhost".into(), "*.bench.test".into()])
+    Ok(midcall::demo::self_signed_tls(vec![
+        "localhost".into(),
+        "*.bench.test".into(),
+    ])?)
 }
 
 /// One benchmark action: no duplicate protection (every request is a distinct tool call).
@@ -223,7 +226,7 @@ fn local_runtime(ca: Option<&[u8]>, max_idle: usize) -> Result<Runtime, String> 
     if let Some(ca) = ca {
         b = b.add_root_certificate(ca.to_vec());
     }
-    b.build()
+    Ok(b.build()?)
 }
 
 struct Progress {

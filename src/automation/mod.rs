@@ -14,7 +14,9 @@ mod steps;
 pub use crate::state::CallEnd;
 pub use crate::store::{RunRecord, StepRecord};
 pub use runlog::RunLog;
-pub use runner::{Automations, AutomationsBuilder, StartError, WebhookTarget, REPLAY_WINDOW};
+pub use runner::{
+    Automations, AutomationsBuilder, StartError, StartupError, WebhookTarget, REPLAY_WINDOW,
+};
 pub(crate) use steps::step_endpoint;
 
 /// What an automation run's templates read: call facts, state, transcript and payload.

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::store::{LogConn, RunRecord};
+use crate::store::{LogConn, RunRecord, StoreError};
 
 /// Reads the run log of an outbox database (a SQLite file or a `postgres://` URL).
 #[derive(Debug)]
@@ -12,7 +12,7 @@ pub struct RunLog {
 
 impl RunLog {
     /// Opens an outbox database (a SQLite file must exist).
-    pub fn open(db: impl AsRef<Path>) -> Result<RunLog, String> {
+    pub fn open(db: impl AsRef<Path>) -> Result<RunLog, StoreError> {
         Ok(RunLog {
             conn: LogConn::open(db.as_ref())?,
         })
@@ -25,12 +25,12 @@ impl RunLog {
         automation: Option<&str>,
         status: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<RunRecord>, String> {
+    ) -> Result<Vec<RunRecord>, StoreError> {
         self.conn.runs(None, automation, status, limit as i64)
     }
 
     /// One run by id.
-    pub fn run(&self, id: &str) -> Result<Option<RunRecord>, String> {
+    pub fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
         Ok(self.conn.runs(Some(id), None, None, 1)?.pop())
     }
 }

@@ -23,6 +23,18 @@ use super::steps::*;
 /// whole window a timestamp is accepted in).
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(600);
 
+/// Why automations could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartupError {
+    /// Started outside a tokio runtime (the caller's mistake).
+    #[error("automations must be started inside a tokio runtime")]
+    NoRuntime,
+    /// The run log could not be opened (see [`crate::store::StoreError::is_transient`]).
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// Why runs could not be started.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -116,12 +128,12 @@ impl AutomationsBuilder {
 
     /// Opens the run log in the bus's outbox database, queues again the runs a stopped
     /// process left running, and starts the worker task (call inside a tokio runtime).
-    pub fn start(self) -> Result<Automations, String> {
+    pub fn start(self) -> Result<Automations, StartupError> {
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err("automations must be started inside a tokio runtime".into());
+            return Err(StartupError::NoRuntime);
         }
-        let db = self.bus.store().reopen().map_err(|e| e.to_string())?;
-        let resumed = db.requeue_running().map_err(|e| e.to_string())?;
+        let db = self.bus.store().reopen()?;
+        let resumed = db.requeue_running()?;
         if resumed > 0 {
             tracing::info!(resumed, "automation runs resumed");
         }
@@ -305,7 +317,7 @@ impl Automations {
     }
 
     /// The run log.
-    pub fn log(&self) -> Result<RunLog, String> {
+    pub fn log(&self) -> Result<RunLog, crate::store::StoreError> {
         RunLog::open(self.inner.bus.db_path())
     }
 
@@ -604,5 +616,12 @@ impl Automations {
                 .acquire_many(self.inner.concurrency)
                 .await;
         }
+    }
+}
+
+/// For callers that report errors as text (the command line).
+impl From<StartupError> for String {
+    fn from(e: StartupError) -> Self {
+        e.to_string()
     }
 }

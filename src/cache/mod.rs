@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 pub mod shared;
 
-pub use shared::{SharedCacheConfig, DEFAULT_SHARED_OP_TIMEOUT};
+pub use shared::{SharedCacheConfig, SharedCacheError, DEFAULT_SHARED_OP_TIMEOUT};
 
 use crate::config::{CachePolicy, CacheScope};
 use crate::state::{CallInfo, StatePath};

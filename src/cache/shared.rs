@@ -43,13 +43,15 @@ impl SharedCacheConfig {
     /// `url` (`redis://host:port[/db]`) and the fleet's secret (the same in every process: it
     /// keys the HMAC of every cache key). Checked here: a URL that is not a Redis URL, or a
     /// secret shorter than 16 bytes, is an error naming the URL with its password hidden.
-    pub fn new(url: &str, secret: Secret) -> Result<SharedCacheConfig, String> {
-        redis::Client::open(url).map_err(|e| format!("{}: not a Redis URL: {e}", redact(url)))?;
+    pub fn new(url: &str, secret: Secret) -> Result<SharedCacheConfig, SharedCacheError> {
+        redis::Client::open(url).map_err(|e| {
+            SharedCacheError::Config(format!("{}: not a Redis URL: {e}", redact(url)))
+        })?;
         if secret.expose().len() < 16 {
-            return Err(format!(
+            return Err(SharedCacheError::Config(format!(
                 "{}: the fleet's cache secret must be at least 16 bytes",
                 redact(url)
-            ));
+            )));
         }
         Ok(SharedCacheConfig {
             url: url.to_string(),
@@ -62,6 +64,26 @@ impl SharedCacheConfig {
     pub fn op_timeout(mut self, d: Duration) -> Self {
         self.op_timeout = d.max(Duration::from_micros(100));
         self
+    }
+}
+
+/// Why the shared cache tier cannot be used; the message names its URL (password hidden).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SharedCacheError {
+    /// The configuration is wrong (not a Redis URL, a secret under 16 bytes): the
+    /// operator's to fix.
+    #[error("{0}")]
+    Config(String),
+    /// The server did not answer: it may later.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl SharedCacheError {
+    /// Whether trying again later may succeed (the server was unreachable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SharedCacheError::Unreachable(_))
     }
 }
 
@@ -129,9 +151,10 @@ fn count(op: &'static str, what: &'static str) {
 }
 
 impl SharedTier {
-    pub(crate) fn new(cfg: &SharedCacheConfig) -> Result<SharedTier, String> {
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| format!("{}: not a Redis URL: {e}", redact(&cfg.url)))?;
+    pub(crate) fn new(cfg: &SharedCacheConfig) -> Result<SharedTier, SharedCacheError> {
+        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
+            SharedCacheError::Config(format!("{}: not a Redis URL: {e}", redact(&cfg.url)))
+        })?;
         Ok(SharedTier {
             client,
             conn: Arc::new(OnceLock::new()),
@@ -158,19 +181,28 @@ impl SharedTier {
 
     /// Connects now (the CLI does at start, so an unreachable URL is a clear error) and
     /// starts listening for invalidations.
-    pub(crate) async fn connect_now(self: &Arc<Self>, within: Duration) -> Result<(), String> {
+    pub(crate) async fn connect_now(
+        self: &Arc<Self>,
+        within: Duration,
+    ) -> Result<(), SharedCacheError> {
+        let down = SharedCacheError::Unreachable;
         let mgr = tokio::time::timeout(
             within,
             ConnectionManager::new_with_config(self.client.clone(), Self::manager_config()),
         )
         .await
-        .map_err(|_| format!("{}: no answer within {within:?}", self.shown))?
-        .map_err(|e| format!("{}: {e}", self.shown))?;
+        .map_err(|_| down(format!("{}: no answer within {within:?}", self.shown)))?
+        .map_err(|e| down(format!("{}: {e}", self.shown)))?;
         let mut probe = mgr.clone();
         tokio::time::timeout(within, redis::cmd("PING").query_async::<String>(&mut probe))
             .await
-            .map_err(|_| format!("{}: no answer to PING within {within:?}", self.shown))?
-            .map_err(|e| format!("{}: {e}", self.shown))?;
+            .map_err(|_| {
+                down(format!(
+                    "{}: no answer to PING within {within:?}",
+                    self.shown
+                ))
+            })?
+            .map_err(|e| down(format!("{}: {e}", self.shown)))?;
         let _ = self.conn.set(mgr);
         self.start(true);
         Ok(())
@@ -428,5 +460,12 @@ async fn listen(tier: std::sync::Weak<SharedTier>, client: redis::Client) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// For callers that report errors as text (the command line).
+impl From<SharedCacheError> for String {
+    fn from(e: SharedCacheError) -> Self {
+        e.to_string()
     }
 }

@@ -156,7 +156,7 @@ impl Loaded {
             return Err("no agent file loaded".into());
         }
         if self.many {
-            Agents::many(sets)
+            Ok(Agents::many(sets)?)
         } else {
             Ok(Agents::one(sets[0].clone()))
         }

@@ -61,7 +61,7 @@ pub(crate) fn run(args: CheckArgs) -> Result<ExitCode, String> {
             if args.json {
                 println!(
                     "{}",
-                    json!({"files": args.files, "ok": false, "errors": [e]})
+                    json!({"files": args.files, "ok": false, "errors": [e.to_string()]})
                 );
             } else {
                 eprintln!("error: {}: {e}", args.files.join(", "));

@@ -78,7 +78,7 @@ pub(crate) fn run(a: WebhooksArgs) -> Result<ExitCode, String> {
                             ),
                             Err(e) => println!(
                                 "{}",
-                                json!({"agent": set.agent().id, "webhook": label, "error": e})
+                                json!({"agent": set.agent().id, "webhook": label, "error": e.to_string()})
                             ),
                         }
                     } else {

@@ -42,7 +42,12 @@ impl Agents {
     /// an id with `/`; different `[egress]` sections (one process has one egress policy: run
     /// them apart); and two tenants reading a secret of the same name (one would get the
     /// other's value: an inbound key of one would start the other's automations).
-    pub fn many(sets: Vec<Arc<ActionSet>>) -> Result<Agents, String> {
+    pub fn many(sets: Vec<Arc<ActionSet>>) -> Result<Agents, AgentsError> {
+        Self::many_inner(sets).map_err(AgentsError)
+    }
+
+    /// See [`Self::many`].
+    fn many_inner(sets: Vec<Arc<ActionSet>>) -> Result<Agents, String> {
         let mut by_id = HashMap::new();
         for (i, s) in sets.iter().enumerate() {
             let id = &s.agent().id;
@@ -170,16 +175,16 @@ impl Agents {
 
     /// Refuses agents that read the secret `name` (the admin key's: no agent file may read
     /// it).
-    pub fn refuse_secret(&self, name: &str, what: &str) -> Result<(), String> {
+    pub fn refuse_secret(&self, name: &str, what: &str) -> Result<(), AgentsError> {
         match self
             .sets
             .iter()
             .find(|s| s.secret_names().iter().any(|n| n == name))
         {
-            Some(s) => Err(format!(
+            Some(s) => Err(AgentsError(format!(
                 "agent \"{}\" reads secrets.{name}, the {what}: an agent file may not read it",
                 s.agent().id
-            )),
+            ))),
             None => Ok(()),
         }
     }
@@ -187,5 +192,22 @@ impl Agents {
     /// The agents of `tenant`.
     pub fn of_tenant<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a Arc<ActionSet>> {
         self.sets.iter().filter(move |s| s.agent().tenant == tenant)
+    }
+}
+
+/// Why agents cannot be served together (the agent files' fault): the message names them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AgentsError(pub(crate) String);
+
+impl From<String> for AgentsError {
+    fn from(message: String) -> Self {
+        AgentsError(message)
+    }
+}
+
+impl From<AgentsError> for String {
+    fn from(e: AgentsError) -> Self {
+        e.0
     }
 }

@@ -12,11 +12,11 @@ mod render;
 mod structure;
 mod tools;
 
-pub use agents::Agents;
+pub use agents::{Agents, AgentsError};
 pub use error::{ConfigError, LoadError};
 pub use event_type::EventType;
 pub use load::{Syntax, MAX_CONFIG_BYTES};
 pub use model::*;
 pub use render::{RenderedRequest, RequestError};
 pub use structure::from_str_all;
-pub use tools::{ArgSchema, ArgsError, Format};
+pub use tools::{ArgSchema, ArgsError, Format, SchemaError};

@@ -58,7 +58,12 @@ const MAX_ARG_PROBLEMS: usize = 8;
 
 impl ArgSchema {
     /// Compiles a schema; it must be a valid JSON Schema describing an object.
-    pub fn compile(schema: &Value) -> Result<ArgSchema, String> {
+    pub fn compile(schema: &Value) -> Result<ArgSchema, SchemaError> {
+        Self::compile_inner(schema).map_err(SchemaError)
+    }
+
+    /// See [`Self::compile`].
+    fn compile_inner(schema: &Value) -> Result<ArgSchema, String> {
         let Value::Object(map) = schema else {
             return Err(
                 "must be a JSON Schema object such as { type = \"object\", properties = { ... } }"
@@ -184,5 +189,22 @@ impl ActionSet {
             })
             .collect();
         Value::Array(tools)
+    }
+}
+
+/// An argument schema that is not a JSON Schema of an object (the agent file's fault).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SchemaError(pub(crate) String);
+
+impl From<String> for SchemaError {
+    fn from(message: String) -> Self {
+        SchemaError(message)
+    }
+}
+
+impl From<SchemaError> for String {
+    fn from(e: SchemaError) -> Self {
+        e.0
     }
 }

@@ -162,7 +162,7 @@ impl Mock {
         hosts: &[String],
         rules: &[MockRule],
         secrets: Arc<DemoSecrets>,
-    ) -> Result<Mock, String> {
+    ) -> Result<Mock, MockError> {
         let mut names = hosts.to_vec();
         names.push("localhost".into());
         let (acceptor, cert_der) = self_signed_tls(names)?;
@@ -526,7 +526,16 @@ pub fn parse_route(route: &str) -> Option<(String, String, String)> {
 
 /// A TLS acceptor (HTTP/1.1) with a self-signed certificate for `names`, made now, and the
 /// certificate (DER) for clients to trust: the local servers of `bench`, `simulate` and the mock CRM.
-pub fn self_signed_tls(names: Vec<String>) -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
+pub fn self_signed_tls(
+    names: Vec<String>,
+) -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), MockError> {
+    self_signed_tls_inner(names).map_err(MockError)
+}
+
+/// See [`self_signed_tls`].
+fn self_signed_tls_inner(
+    names: Vec<String>,
+) -> Result<(tokio_rustls::TlsAcceptor, Vec<u8>), String> {
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let cert = rcgen::CertificateParams::new(names)
         .and_then(|p| p.self_signed(&key))
@@ -566,4 +575,21 @@ pub fn hosts(set: &ActionSet) -> Vec<String> {
     out.sort();
     out.dedup();
     out
+}
+
+/// The mock CRM could not start (its certificate, its port).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MockError(pub(crate) String);
+
+impl From<String> for MockError {
+    fn from(message: String) -> Self {
+        MockError(message)
+    }
+}
+
+impl From<MockError> for String {
+    fn from(e: MockError) -> Self {
+        e.0
+    }
 }

@@ -32,6 +32,24 @@ pub const DEFAULT_RETRY_SCHEDULE: [Duration; 7] = [
     Duration::from_secs(36_000),
 ];
 
+/// Why an event bus could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BusError {
+    /// An extra root certificate is unusable (the caller's configuration).
+    #[error("{0}")]
+    Roots(crate::transport::SetupError),
+    /// The outbox could not be opened or migrated (see [`StoreError::is_transient`]).
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// Built outside a tokio runtime where one is needed (the caller's mistake).
+    #[error("{0}")]
+    NoRuntime(String),
+    /// The writer thread could not be started (the machine's resources).
+    #[error("the outbox writer thread: {0}")]
+    Thread(String),
+}
+
 /// Why publishing failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -116,8 +134,8 @@ impl EventBusBuilder {
         self
     }
     /// Trusts every certificate in a PEM bundle as an extra root. Default none.
-    pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Result<Self, String> {
-        let certs = crate::transport::pem_certificates(pem)?;
+    pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Result<Self, BusError> {
+        let certs = crate::transport::pem_certificates(pem).map_err(BusError::Roots)?;
         self.extra_roots.extend(certs.iter().map(|c| c.to_vec()));
         Ok(self)
     }
@@ -171,36 +189,38 @@ impl EventBusBuilder {
 
     /// Opens the outbox, starts the writer thread and the delivery task. Fails on an outbox
     /// that cannot be opened, or outside a tokio runtime when it is to deliver.
-    pub fn build(self) -> Result<EventBus, String> {
+    pub fn build(self) -> Result<EventBus, BusError> {
         self.build_with(None)
     }
 
     /// Builds on `transport` (the runtime's pool) when given.
-    pub(crate) fn build_with(self, shared: Option<Transport>) -> Result<EventBus, String> {
+    pub(crate) fn build_with(self, shared: Option<Transport>) -> Result<EventBus, BusError> {
         if self.deliver && tokio::runtime::Handle::try_current().is_err() {
-            return Err("the event bus must be built inside a tokio runtime to deliver".into());
+            return Err(BusError::NoRuntime(
+                "the event bus must be built inside a tokio runtime to deliver".into(),
+            ));
         }
         let location = Location::of(&self.db);
-        let db = Db::open(&location).map_err(|e| e.to_string())?;
+        let db = Db::open(&location)?;
         let (tx, rx) = mpsc::channel::<Msg>(self.capacity);
         let notify = Arc::new(Notify::new());
         let writer = match &db {
             Db::Sqlite(_, path) => {
-                let conn = sqlite::open(path).map_err(|e| e.to_string())?;
+                let conn = sqlite::open(path)?;
                 let n2 = notify.clone();
                 Writer::Thread(
                     std::thread::Builder::new()
                         .name("midcall-outbox".into())
                         .spawn(move || write_sqlite(conn, rx, n2))
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|e| BusError::Thread(e.to_string()))?,
                 )
             }
             Db::Postgres(pg) => {
                 if tokio::runtime::Handle::try_current().is_err() {
-                    return Err(format!(
+                    return Err(BusError::NoRuntime(format!(
                         "{}: an event bus on PostgreSQL must be built inside a tokio runtime",
                         location.shown()
-                    ));
+                    )));
                 }
                 Writer::Task(tokio::spawn(write_pg(pg.clone(), rx, notify.clone())))
             }
@@ -220,7 +240,7 @@ impl EventBusBuilder {
         }
         let transport = match shared {
             Some(t) => t,
-            None => Transport::new(transport)?,
+            None => Transport::new(transport).map_err(BusError::Roots)?,
         };
         let targets: Targets = Arc::new(std::sync::RwLock::new(None));
         let inner = Arc::new(Inner {
@@ -593,7 +613,7 @@ impl EventBus {
     }
 
     /// The delivery log of this bus's outbox.
-    pub fn log(&self) -> Result<DeliveryLog, String> {
+    pub fn log(&self) -> Result<DeliveryLog, StoreError> {
         DeliveryLog::open(&self.db)
     }
 }
@@ -602,4 +622,11 @@ pub(crate) fn event_id(now: i64) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     format!("{now:x}{:x}{n:x}", std::process::id())
+}
+
+/// For callers that report errors as text (the command line).
+impl From<BusError> for String {
+    fn from(e: BusError) -> Self {
+        e.to_string()
+    }
 }

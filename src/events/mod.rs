@@ -8,7 +8,7 @@ pub mod signing;
 
 pub use crate::store::{AttemptRecord, DeliveryRecord, StoreError};
 pub(crate) use bus::{event_id, DeliveryTargets, ResolvedTarget};
-pub use bus::{EventBus, EventBusBuilder, PublishError, DEFAULT_RETRY_SCHEDULE};
+pub use bus::{BusError, EventBus, EventBusBuilder, PublishError, DEFAULT_RETRY_SCHEDULE};
 pub use log::DeliveryLog;
 
 /// How a `--db` value is shown in messages and banners: a SQLite path as given, a

@@ -167,6 +167,14 @@ pub fn verify_ed25519(
 pub fn public_key_from(
     key: &crate::template::Template,
     secrets: &dyn crate::template::SecretSource,
+) -> Result<String, KeyError> {
+    public_key_from_inner(key, secrets).map_err(KeyError)
+}
+
+/// See [`public_key_from`].
+fn public_key_from_inner(
+    key: &crate::template::Template,
+    secrets: &dyn crate::template::SecretSource,
 ) -> Result<String, String> {
     let inputs = crate::template::RenderInputs::default();
     let ctx = inputs.render_context(secrets);
@@ -225,5 +233,22 @@ mod tests {
         ));
         assert_eq!(public_key("whsk_bm90IGEga2V5"), Err(BadKey));
         assert_eq!(public_key("whsec_AAAA"), Err(BadKey));
+    }
+}
+
+/// A signing key that is missing or malformed; the message never holds the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(pub(crate) String);
+
+impl From<String> for KeyError {
+    fn from(message: String) -> Self {
+        KeyError(message)
+    }
+}
+
+impl From<KeyError> for String {
+    fn from(e: KeyError) -> Self {
+        e.0
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 
 use super::breaker::Breakers;
 use super::dedupe::DEFAULT_DEDUPE_WINDOW;
+use super::error::BuildError;
 use super::runtime::{Parts, Runtime};
 use crate::cache::{ResponseCache, DEFAULT_CACHE_CAPACITY_BYTES};
 use crate::events::EventBusBuilder;
@@ -81,9 +82,9 @@ impl RuntimeBuilder {
     }
 
     /// Trusts every certificate in a PEM bundle as an extra root. Default none.
-    pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Result<Self, String> {
+    pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Result<Self, BuildError> {
         self.extra_roots
-            .extend(crate::transport::pem_certificates(pem)?);
+            .extend(crate::transport::pem_certificates(pem).map_err(BuildError::Roots)?);
         Ok(self)
     }
 
@@ -174,13 +175,12 @@ impl RuntimeBuilder {
     }
 
     /// The idempotency header's name, or `None` to send none. Default `Idempotency-Key`.
-    pub fn idempotency_header(mut self, name: Option<&str>) -> Result<Self, String> {
+    pub fn idempotency_header(mut self, name: Option<&str>) -> Result<Self, BuildError> {
         self.idempotency_header = match name {
             None => None,
-            Some(n) => Some(
-                HeaderName::from_bytes(n.as_bytes())
-                    .map_err(|_| format!("\"{n}\" is not a valid header name"))?,
-            ),
+            Some(n) => Some(HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+                BuildError::IdempotencyHeader(format!("\"{n}\" is not a valid header name"))
+            })?),
         };
         Ok(self)
     }
@@ -188,7 +188,7 @@ impl RuntimeBuilder {
     /// Builds the runtime (and its event bus, when one is attached). Fails on an unusable
     /// root certificate, or with a bus: an outbox that cannot be opened, or outside a tokio
     /// runtime (the bus starts its delivery task). Never panics.
-    pub fn build(self) -> Result<Runtime, String> {
+    pub fn build(self) -> Result<Runtime, BuildError> {
         let transport = Transport::new(TransportConfig {
             policy: self.policy,
             extra_roots: self.extra_roots,
@@ -196,19 +196,23 @@ impl RuntimeBuilder {
             pool_idle_timeout: self.pool_idle_timeout,
             pool_max_idle_per_host: self.pool_max_idle_per_host,
             http2: self.http2,
-        })?;
+        })
+        .map_err(BuildError::Roots)?;
         let event_bus = match self.event_bus {
             None => None,
             Some(b) => Some(
                 b.secrets(self.secrets.clone())
-                    .build_with(Some(transport.clone()))?,
+                    .build_with(Some(transport.clone()))
+                    .map_err(BuildError::Bus)?,
             ),
         };
         let cache = Arc::new(ResponseCache::new(self.cache_capacity_bytes));
         let shared = match &self.shared_cache {
             None => None,
             Some(cfg) => {
-                let tier = Arc::new(crate::cache::shared::SharedTier::new(cfg)?);
+                let tier = Arc::new(
+                    crate::cache::shared::SharedTier::new(cfg).map_err(BuildError::SharedCache)?,
+                );
                 let l1 = Arc::downgrade(&cache);
                 tier.set_on_invalidate(Arc::new(move |fp, scope| {
                     if let Some(c) = l1.upgrade() {

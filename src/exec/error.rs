@@ -394,3 +394,28 @@ impl fmt::Debug for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// Why a [`Runtime`](super::Runtime) could not be built, naming the setting at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// An extra root certificate is unusable (the caller's configuration).
+    #[error("{0}")]
+    Roots(crate::transport::SetupError),
+    /// The idempotency header's name is not a header name (the caller's configuration).
+    #[error("idempotency header: {0}")]
+    IdempotencyHeader(String),
+    /// The event bus could not be built (see [`crate::events::BusError`]).
+    #[error("{0}")]
+    Bus(crate::events::BusError),
+    /// The shared cache tier is misconfigured.
+    #[error("{0}")]
+    SharedCache(crate::cache::SharedCacheError),
+}
+
+/// For callers that report errors as text (the command line).
+impl From<BuildError> for String {
+    fn from(e: BuildError) -> Self {
+        e.to_string()
+    }
+}

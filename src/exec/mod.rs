@@ -39,7 +39,7 @@ pub use apply::action_event;
 pub use budget::Budget;
 pub use builder::*;
 pub use dedupe::DEFAULT_DEDUPE_WINDOW;
-pub use error::{Error, Fault, Retry};
+pub use error::{BuildError, Error, Fault, Retry};
 pub use handle::ToolHandle;
 pub use outcome::{values_json, Outcome, Status, Timings};
 pub use priority::set_thread_nice;

@@ -162,7 +162,10 @@ impl Runtime {
     /// hidden), when it does not answer within `within`. Without one: Ok. Actions never wait
     /// for this (until the tier is reached they treat it as missing); a server calls it at
     /// start so a wrong `--cache-url` is a clear error.
-    pub async fn check_shared_cache(&self, within: Duration) -> Result<(), String> {
+    pub async fn check_shared_cache(
+        &self,
+        within: Duration,
+    ) -> Result<(), crate::cache::SharedCacheError> {
         match self.shared_cache() {
             Some(t) => t.connect_now(within).await,
             None => Ok(()),

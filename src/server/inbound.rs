@@ -313,7 +313,7 @@ fn webhook_route(path: &str) -> Option<(Option<&str>, &str)> {
 /// by spaces): all three headers present, the timestamp within [`SIGNATURE_TOLERANCE_S`] of
 /// `now`, and some `v1` entry a valid signature of `id.timestamp.body` for some secret
 /// (compared in constant time). Returns the webhook-id, to refuse its replay.
-pub fn check_signature<'a>(
+pub(crate) fn check_signature<'a>(
     secrets: &str,
     id: Option<&'a str>,
     timestamp: Option<&str>,
@@ -347,7 +347,7 @@ pub fn check_signature<'a>(
 }
 
 /// Parses an inbound body; the error names line and column.
-pub fn parse_payload(body: &[u8]) -> Result<Value, String> {
+pub(crate) fn parse_payload(body: &[u8]) -> Result<Value, String> {
     serde_json::from_slice(body).map_err(|e| {
         format!(
             "invalid JSON at line {} column {}: {}",
@@ -364,7 +364,7 @@ fn strip_position(m: &str) -> &str {
 }
 
 /// Whether a `Content-Type` is JSON (`application/json` or `application/*+json`).
-pub fn is_json(content_type: &str) -> bool {
+pub(crate) fn is_json(content_type: &str) -> bool {
     let essence = content_type
         .split(';')
         .next()

@@ -8,7 +8,7 @@ mod tests;
 
 pub use transcript::{Speaker, Transcript, TranscriptError, Turn};
 pub(crate) use variables::{json_len, kind as kind_of};
-pub use variables::{ConversationState, StateError, StatePath, DEFAULT_STATE_CAP_BYTES};
+pub use variables::{ConversationState, PathError, StateError, StatePath, DEFAULT_STATE_CAP_BYTES};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

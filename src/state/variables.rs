@@ -19,7 +19,12 @@ pub struct StatePath {
 
 impl StatePath {
     /// Parses `a.b.c`. The error says which segment is wrong and why.
-    pub fn parse(text: &str) -> Result<StatePath, String> {
+    pub fn parse(text: &str) -> Result<StatePath, PathError> {
+        Self::parse_inner(text).map_err(PathError)
+    }
+
+    /// See [`Self::parse`].
+    fn parse_inner(text: &str) -> Result<StatePath, String> {
         if text.is_empty() {
             return Err("state path is empty".into());
         }
@@ -308,4 +313,21 @@ fn str_json_len(s: &str) -> usize {
     let mut c = Counter(0);
     let _ = serde_json::to_writer(&mut c, s);
     c.0
+}
+
+/// A state path that does not parse; the message names the segment and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PathError(pub(crate) String);
+
+impl From<String> for PathError {
+    fn from(message: String) -> Self {
+        PathError(message)
+    }
+}
+
+impl From<PathError> for String {
+    fn from(e: PathError) -> Self {
+        e.0
+    }
 }

@@ -328,7 +328,7 @@ pub(crate) enum LogConn {
 
 impl LogConn {
     /// Opens an existing store (a SQLite file must exist; the logs never create one).
-    pub(crate) fn open(db: &Path) -> Result<LogConn, String> {
+    pub(crate) fn open(db: &Path) -> Result<LogConn, StoreError> {
         match Location::of(db) {
             Location::Sqlite(p) => Ok(LogConn::Sqlite(open_existing(&p)?)),
             Location::Postgres(url) => {
@@ -342,7 +342,7 @@ impl LogConn {
         call: Option<&str>,
         status: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<DeliveryRecord>, String> {
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
         let filter = query::DeliveryFilter {
             call_id: call.map(str::to_string),
             status: status.map(str::to_string),
@@ -350,14 +350,14 @@ impl LogConn {
             ..Default::default()
         };
         match self {
-            LogConn::Sqlite(c) => query::deliveries(c, &filter).map_err(|e| e.to_string()),
+            LogConn::Sqlite(c) => query::deliveries(c, &filter),
             LogConn::Postgres(p) => p.block(|pg| pg.find_deliveries(&filter)),
         }
     }
 
-    pub(crate) fn attempts(&self, delivery: i64) -> Result<Vec<AttemptRecord>, String> {
+    pub(crate) fn attempts(&self, delivery: i64) -> Result<Vec<AttemptRecord>, StoreError> {
         match self {
-            LogConn::Sqlite(c) => outbox::attempts(c, delivery).map_err(|e| e.to_string()),
+            LogConn::Sqlite(c) => outbox::attempts(c, delivery),
             LogConn::Postgres(p) => p.block(|pg| pg.attempts(delivery)),
         }
     }
@@ -368,28 +368,26 @@ impl LogConn {
         since_ms: Option<i64>,
         status: Option<&str>,
         now: i64,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, StoreError> {
         match self {
-            LogConn::Sqlite(c) => {
-                outbox::replay(c, id, since_ms, status, None, now).map_err(|e| e.to_string())
-            }
+            LogConn::Sqlite(c) => outbox::replay(c, id, since_ms, status, None, now),
             LogConn::Postgres(p) => p.block(|pg| pg.replay(id, since_ms, status, None, now)),
         }
     }
 
-    pub(crate) fn contains(&self, id: i64) -> Result<bool, String> {
+    pub(crate) fn contains(&self, id: i64) -> Result<bool, StoreError> {
         match self {
             LogConn::Sqlite(c) => c
                 .prepare_cached("SELECT 1 FROM deliveries WHERE id = ?1")
                 .and_then(|mut s| s.exists([id]))
-                .map_err(|e| e.to_string()),
+                .map_err(StoreError::from),
             LogConn::Postgres(p) => p.block(|pg| pg.contains(id)),
         }
     }
 
-    pub(crate) fn purge(&mut self, before_ms: i64, batch: i64) -> Result<usize, String> {
+    pub(crate) fn purge(&mut self, before_ms: i64, batch: i64) -> Result<usize, StoreError> {
         match self {
-            LogConn::Sqlite(c) => outbox::purge(c, before_ms, batch).map_err(|e| e.to_string()),
+            LogConn::Sqlite(c) => outbox::purge(c, before_ms, batch),
             LogConn::Postgres(p) => p.block(|pg| pg.purge(before_ms, batch)),
         }
     }
@@ -400,11 +398,9 @@ impl LogConn {
         automation: Option<&str>,
         status: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<RunRecord>, String> {
+    ) -> Result<Vec<RunRecord>, StoreError> {
         match self {
-            LogConn::Sqlite(c) => {
-                runlog::query(c, id, automation, status, limit).map_err(|e| e.to_string())
-            }
+            LogConn::Sqlite(c) => runlog::query(c, id, automation, status, limit),
             LogConn::Postgres(p) => p.block(|pg| pg.runs(id, automation, status, limit)),
         }
     }
@@ -412,17 +408,22 @@ impl LogConn {
 
 /// An error from the store (either engine): what failed, and whether trying again later may
 /// succeed (the server is down, restarting or unreachable; the file is locked) or not (the
-/// statement itself failed, the file is not a database).
+/// statement itself failed, the file is not a database, the database does not exist).
 #[derive(Debug, thiserror::Error)]
-#[error("outbox: {message}")]
+#[error("{message}")]
 pub struct StoreError {
     message: String,
     transient: bool,
 }
 
 impl StoreError {
-    /// A failure that trying again will not mend.
-    pub(crate) fn new(message: impl Into<String>) -> StoreError {
+    /// A failure that trying again will not mend, shown as `outbox: <message>`.
+    pub(crate) fn new(message: impl std::fmt::Display) -> StoreError {
+        StoreError::plain(format!("outbox: {message}"))
+    }
+
+    /// A failure that trying again will not mend, shown as it is (it names its database).
+    pub(crate) fn plain(message: impl Into<String>) -> StoreError {
         StoreError {
             message: message.into(),
             transient: false,
@@ -436,7 +437,9 @@ impl StoreError {
 
     /// What failed, without the `outbox: ` prefix.
     pub(crate) fn message(&self) -> &str {
-        &self.message
+        self.message
+            .strip_prefix("outbox: ")
+            .unwrap_or(&self.message)
     }
 }
 
@@ -447,7 +450,7 @@ impl From<rusqlite::Error> for StoreError {
             Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
         );
         StoreError {
-            message: e.to_string(),
+            message: format!("outbox: {e}"),
             transient,
         }
     }
@@ -456,8 +459,15 @@ impl From<rusqlite::Error> for StoreError {
 impl From<pg::PgError> for StoreError {
     fn from(e: pg::PgError) -> Self {
         StoreError {
-            message: format!("postgres: {}", e.message),
+            message: format!("outbox: postgres: {}", e.message),
             transient: e.transient,
         }
+    }
+}
+
+/// For callers that report errors as text (the command line).
+impl From<StoreError> for String {
+    fn from(e: StoreError) -> Self {
+        e.to_string()
     }
 }

@@ -86,7 +86,7 @@ impl EgressPolicy {
 }
 
 /// True for addresses no action may reach by default.
-pub fn is_blocked(ip: IpAddr) -> bool {
+pub(crate) fn is_blocked(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => blocked_v4(v4),
         IpAddr::V6(v6) => blocked_v6(v6),
@@ -152,7 +152,7 @@ fn blocked_v6(ip: Ipv6Addr) -> bool {
 /// Parses a host the way C's `inet_aton` does, which is how many resolvers read it: decimal,
 /// octal (`0177.0.0.1`) and hex (`0x7f.1`) parts, and the short forms `a`, `a.b`, `a.b.c`.
 /// Also plain and bracketed IPv6. `None` for a host name.
-pub fn parse_ip_literal(host: &str) -> Option<IpAddr> {
+pub(crate) fn parse_ip_literal(host: &str) -> Option<IpAddr> {
     let h = host.strip_suffix('.').unwrap_or(host);
     if let Some(inner) = h.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
         return inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6);

@@ -7,7 +7,23 @@ mod egress;
 mod retry_after;
 
 pub use connect::{BoxFuture, Resolve, SystemResolver};
-pub use egress::{is_blocked, parse_ip_literal, EgressPolicy, EgressRefusal};
+pub use egress::{EgressPolicy, EgressRefusal};
+
+/// Whether an address is in a range the egress policy blocks (for the tests and fuzz bodies,
+/// feature `testing`; not API).
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub fn is_blocked(ip: std::net::IpAddr) -> bool {
+    egress::is_blocked(ip)
+}
+
+/// An IP literal in any form a URL parser accepts (for the tests and fuzz bodies, feature
+/// `testing`; not API).
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub fn parse_ip_literal(host: &str) -> Option<std::net::IpAddr> {
+    egress::parse_ip_literal(host)
+}
 pub use retry_after::parse_retry_after;
 
 pub(crate) use connect::{ConnInfo, ConnectError, Connector};
@@ -81,7 +97,7 @@ pub(crate) enum TransportError {
 }
 
 impl Transport {
-    pub(crate) fn new(config: TransportConfig) -> Result<Transport, String> {
+    pub(crate) fn new(config: TransportConfig) -> Result<Transport, SetupError> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for (i, cert) in config.extra_roots.iter().enumerate() {
@@ -311,13 +327,32 @@ impl Deadline {
 /// or one does not parse.
 pub(crate) fn pem_certificates(
     pem: &[u8],
-) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, SetupError> {
     use rustls_pki_types::pem::PemObject;
     let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("not a PEM certificate: {e}"))?;
     if certs.is_empty() {
-        return Err("no PEM certificate found".into());
+        return Err(SetupError("no PEM certificate found".into()));
     }
     Ok(certs)
+}
+
+/// The TLS setup could not be made: a root certificate (PEM or DER) that does not parse or is
+/// refused. Always the caller's configuration; the message names the certificate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SetupError(pub(crate) String);
+
+impl From<String> for SetupError {
+    fn from(message: String) -> Self {
+        SetupError(message)
+    }
+}
+
+/// For callers that report errors as text (the command line).
+impl From<SetupError> for String {
+    fn from(e: SetupError) -> Self {
+        e.to_string()
+    }
 }

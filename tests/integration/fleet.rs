@@ -193,11 +193,15 @@ async fn redis_down_costs_nothing_but_the_hit() {
 #[test]
 fn bad_cache_urls_and_secrets_are_clear_errors_without_the_password() {
     let e = SharedCacheConfig::new("http://u:hunter2@h/", Secret::new(FLEET_SECRET)).unwrap_err();
+    assert!(!e.is_transient(), "a wrong URL is the operator's to fix");
+    let e = e.to_string();
     assert!(
         e.contains("not a Redis URL") && !e.contains("hunter2"),
         "{e}"
     );
     let e = SharedCacheConfig::new("redis://127.0.0.1:6379", Secret::new("short")).unwrap_err();
+    assert!(!e.is_transient());
+    let e = e.to_string();
     assert!(e.contains("16 bytes"), "{e}");
 }
 
@@ -214,6 +218,11 @@ async fn an_unreachable_cache_url_fails_the_start_check_naming_it() {
         .check_shared_cache(Duration::from_millis(500))
         .await
         .unwrap_err();
+    assert!(
+        e.is_transient(),
+        "an unreachable server may answer later: {e}"
+    );
+    let e = e.to_string();
     assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
     assert!(!e.contains("hunter2"), "{e}");
 }
@@ -246,6 +255,8 @@ async fn postgres_migrations_once_newer_refused_and_errors_hide_the_password() {
 
     pg.psql(db, "UPDATE schema_version SET version = 99");
     let e = DeliveryLog::open(&url).unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    let e = e.to_string();
     assert!(
         e.contains("schema version 99") && e.contains("newer midcall"),
         "{e}"
@@ -259,9 +270,16 @@ async fn postgres_migrations_once_newer_refused_and_errors_hide_the_password() {
         .port();
     let bad = format!("postgres://midcall:hunter2@127.0.0.1:{port}/x");
     let e = EventBus::builder(&bad).deliver(false).build().unwrap_err();
+    assert!(
+        matches!(&e, midcall::events::BusError::Store(s) if s.is_transient()),
+        "a server that is not there may be later: {e:?}"
+    );
+    let e = e.to_string();
     assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
     assert!(!e.contains("hunter2") && e.contains("***"), "{e}");
-    let e = DeliveryLog::open("postgres://x@[::1:bad/").unwrap_err();
+    let e = DeliveryLog::open("postgres://x@[::1:bad/")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a PostgreSQL URL"), "{e}");
 }
 

@@ -635,7 +635,11 @@ fn building_a_bus_or_starting_automations_outside_tokio_is_an_error_not_a_panic(
     let e = midcall::EventBus::builder(dir.path().join("outbox.db"))
         .build()
         .unwrap_err();
-    assert!(e.contains("tokio runtime"), "{e}");
+    assert!(
+        matches!(e, midcall::events::BusError::NoRuntime(_)),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("tokio runtime"), "{e}");
     // A bus that does not deliver needs no runtime; the automations' worker does.
     let bus = midcall::EventBus::builder(dir.path().join("outbox.db"))
         .deliver(false)
@@ -645,7 +649,11 @@ fn building_a_bus_or_starting_automations_outside_tokio_is_an_error_not_a_panic(
     let e = midcall::Automations::builder(agent, rt, bus)
         .start()
         .unwrap_err();
-    assert!(e.contains("tokio runtime"), "{e}");
+    assert!(
+        matches!(e, midcall::automation::StartupError::NoRuntime),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("tokio runtime"), "{e}");
 }
 
 #[tokio::test]

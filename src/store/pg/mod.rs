@@ -237,9 +237,10 @@ impl Pg {
 
     /// Connects and brings the schema up to date; the error names the database.
     pub(crate) async fn migrate_checked(&self) -> Result<(), StoreError> {
-        self.migrate()
-            .await
-            .map_err(|e| StoreError::new(format!("{}: {}", self.shown, e.message)))
+        self.migrate().await.map_err(|e| StoreError {
+            message: format!("outbox: {}: {}", self.shown, e.message),
+            transient: e.transient,
+        })
     }
 
     /// The wakes of this database, with a task listening for them (started on first use, in
@@ -352,11 +353,11 @@ impl std::fmt::Debug for PgBlocking {
 }
 
 impl PgBlocking {
-    pub(crate) fn connect(url: &str) -> Result<PgBlocking, String> {
+    pub(crate) fn connect(url: &str) -> Result<PgBlocking, StoreError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(StoreError::new)?;
         let pg = match std::thread::scope(|s| {
             s.spawn(|| {
                 rt.block_on(async {
@@ -372,7 +373,7 @@ impl PgBlocking {
             Err(e) => {
                 // Dropping a runtime inside another's context panics; this does not.
                 rt.shutdown_background();
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         Ok(PgBlocking { rt: Some(rt), pg })
@@ -381,12 +382,12 @@ impl PgBlocking {
     pub(crate) fn block<'a, T: Send, F>(
         &'a self,
         f: impl Fn(&'a Pg) -> F + Send + Sync,
-    ) -> Result<T, String>
+    ) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = R<T>> + Send + 'a,
     {
         let Some(rt) = &self.rt else {
-            return Err("postgres: closed".into());
+            return Err(StoreError::new("postgres: closed"));
         };
         let pg = &self.pg;
         std::thread::scope(|s| {
@@ -408,7 +409,7 @@ impl PgBlocking {
                 })
             })
         })
-        .map_err(|e| StoreError::from(e).to_string())
+        .map_err(StoreError::from)
     }
 }
 

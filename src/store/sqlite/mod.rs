@@ -184,11 +184,14 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// Opens an outbox database that must already exist (the logs read one; they never create it).
-pub(crate) fn open_existing(path: &Path) -> Result<Connection, String> {
+pub(crate) fn open_existing(path: &Path) -> Result<Connection, StoreError> {
     if !path.exists() {
-        return Err(format!("{}: no such outbox database", path.display()));
+        return Err(StoreError::plain(format!(
+            "{}: no such outbox database",
+            path.display()
+        )));
     }
-    open(path).map_err(|e| e.to_string())
+    open(path)
 }
 
 /// A write transaction that takes the write lock when it begins (SQLite `BEGIN IMMEDIATE`), so
