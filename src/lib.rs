@@ -6,45 +6,45 @@
 //! compact result or a fallback line to say.
 //!
 //! # Layout
-//! - [`config`]: the agent config (actions, webhooks, automations, egress) and the event-type
-//!   vocabulary; load TOML/JSON, validate with errors that name file, line, action and field;
-//!   compile once into an [`ActionSet`]; tool definitions for the model and argument
-//!   validation.
-//! - [`template`]: `{{…}}` templates, compiled once, rendered into a URL (percent-encoded per
-//!   component), a header (CR/LF/NUL refused) or a JSON body (types kept); secrets and their
-//!   redaction.
-//! - [`jsonpath`]: RFC 9535 queries behind a small API, and extraction rules that turn a
-//!   response into typed values for state paths.
-//! - [`state`]: `CallInfo`, `ConversationState` (dotted paths, size cap), `Transcript` and
-//!   `CallEnd`.
-//! - [`exec`]: the executor. `builder.rs` configures a [`Runtime`] once (network, secrets,
-//!   event bus); `session.rs` drives a live call ([`CallSession`]: tool handles, duplicate
-//!   protection over done and running calls, cancellation policies, held side effects, the
-//!   call's end; `task.rs` runs one tool call, `handle.rs` is its future); the path of one
-//!   action is `plan.rs` → `obtain.rs` (cache, shared fetch) and `send.rs` (retries, host cap,
-//!   hedge, response checks) → `apply.rs`; beside them `Budget`, `Outcome`, errors with fault
-//!   and retry, the circuit breaker, the per-host gate (`gate.rs`), idempotency keys.
-//! - [`transport`]: hyper-util's pooled client over our connector (egress policy checked on
-//!   every resolved address, `TCP_NODELAY`, rustls with ring, warm-up), one deadline over the
-//!   whole exchange, the body cap, `Retry-After` parsing.
-//! - [`cache`]: the response cache (extraction results, scoped, weighed in bytes, freshness on
-//!   tokio's clock), request coalescing, and the shared tier on Redis (`cache::shared`: HMAC
-//!   keys under the fleet's secret, a deadline on every operation, invalidation by pub/sub).
-//! - [`events`]: event webhooks: envelope and payloads (the post-call payload among them),
-//!   Standard Webhooks signing (HMAC `v1`, ed25519 `v1a`), the durable outbox, delivery with
-//!   retries, ordering and a per-endpoint throttle, the delivery log and replay. Deliveries of other modules' targets are resolved through
-//!   an interface they register.
-//! - [`automation`]: automations (call completed, inbound webhook), their durable run log
-//!   and worker, and the inbound webhook server, for one agent or many (`Agents`: names
-//!   prefixed by agent, replaced whole on a reload); the operator API (`/v1/admin/`) and the
-//!   console (`/console`) on the same server; registers itself with the runtime (call
-//!   completion) and the bus (delivery targets).
-//! - `store` (internal): the durable state the outbox, the delivery log, the run log and
-//!   inbound replay protection share, on one of two engines behind one interface (`Db`): the
-//!   SQLite file (schema and opening in `store`, queries beside their modules) or PostgreSQL
-//!   (`store::pg`: leases with `SKIP LOCKED`, `NOTIFY`, advisory-locked migrations);
-//!   `store::query` is what the operator API reads and changes.
-//! - `cli` (binary only): one file per command.
+//! One room per concern; dependencies point down only, and `tests/layout.rs` checks it (a
+//! module imports only modules of a lower rank, and no file is over 800 lines):
+//! `stack` → `server` → `automation` → `exec` → `events` → `store`, `cache` → `config` →
+//! `transport`, `template`, `jsonpath` → `state`, `time`. A lower room reaches a higher one
+//! only through a trait it owns (`exec::CallCompletion`, `events::DeliveryTargets`).
+//! - [`state`], [`time`]: leaves. Call facts, conversation state (dotted paths, size cap), the
+//!   transcript, the call's end; wall-clock time as text.
+//! - [`template`]: `{{…}}` templates compiled once, rendered into a URL (percent-encoded), a
+//!   header (CR/LF/NUL refused) or a JSON body (types kept); secrets and their redaction.
+//! - [`jsonpath`]: RFC 9535 queries and the extraction rules that turn a response into typed
+//!   values at state paths.
+//! - [`transport`]: hyper-util's pooled client over our connector (the [`EgressPolicy`] it is
+//!   given checked on every resolved address, `TCP_NODELAY`, rustls with ring, warm-up), one
+//!   [`Deadline`] over the whole exchange, the body cap, `Retry-After`.
+//! - [`config`]: the agent files (actions, webhooks, automations, egress): load TOML/JSON,
+//!   validate with errors naming file, line and field, compile once into an [`ActionSet`];
+//!   [`config::Agents`], the compiled set one process serves; tool definitions for the model.
+//! - `store` (internal): every SQL statement and record, on SQLite (`store::sqlite`) or
+//!   PostgreSQL (`store::pg`: `SKIP LOCKED` leases, `NOTIFY`, advisory-locked migrations);
+//!   `store::query`, what the operator API reads; errors with `is_transient()`.
+//! - [`cache`]: the response cache (scoped, weighed in bytes, freshness on tokio's clock),
+//!   coalescing, and the shared tier on Redis (`cache::shared`).
+//! - [`events`]: event webhooks: envelope and payloads, Standard Webhooks signing (HMAC `v1`,
+//!   ed25519 `v1a`), publishing through the durable outbox, delivery with retries, ordering and
+//!   a per-endpoint throttle, the delivery log and replay.
+//! - [`exec`]: the executor. A [`Runtime`] (built once), a [`CallSession`] per live call, and
+//!   the path of one action as steps in order: `plan.rs` → `obtain.rs` → `send.rs` →
+//!   `apply.rs` (the one place an [`Outcome`] is made); budgets and deadlines, errors with
+//!   fault and retry, the breaker, the host gate.
+//! - [`automation`]: automations (call completed, inbound webhook), their run worker and log.
+//! - [`server`]: the HTTP front of `midcall serve`: router (healthz, metrics), inbound webhooks,
+//!   the operator API (`/v1/admin/`) and the console (`/console`).
+//! - [`stack`]: one builder from agent files to a [`Runtime`], its [`EventBus`], the
+//!   [`Automations`] and (feature `demo`) the mock: what `serve`, `simulate`, `exec` and the
+//!   Python package build through.
+//! - `demo` (feature `demo`, on by default): the bundled mock CRM.
+//! - `testing` (feature `testing`): fuzz bodies; not API.
+//! - `cli` (binary only): the operator's commands, one file each; the measurement harness
+//!   behind `midcall bench` is its own binary (`benches/harness`).
 //!
 //! # Example
 //! ```

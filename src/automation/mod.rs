@@ -6,6 +6,10 @@
 //! attempt, so no secret is stored), `run_action` steps go through the executor. A failing
 //! step stops its run and the run log says why. Runs interrupted by a shutdown resume at their
 //! first unfinished step on the next start.
+//!
+//! Serves no HTTP (`server` does) and owns no SQL (`store` does). Hears of a call's end only
+//! through [`CallCompletion`](crate::exec::CallCompletion), which it registers. May call:
+//! `exec`, `events`, `store`, `cache`, `config` and the leaves.
 
 pub(crate) mod runlog;
 mod runner;

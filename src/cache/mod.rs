@@ -1,6 +1,9 @@
 //! The response cache: extraction results (never raw bodies) keyed by scope and rendered
 //! request, weighed in bytes, with freshness read from tokio's clock; request coalescing for
 //! identical requests in flight.
+//!
+//! Knows budgets only as the deadlines it is handed; stores nothing durably. May call:
+//! `config`, `template`, `jsonpath`, `transport`, `state`, `time`; never `store` or above.
 
 use std::collections::HashMap;
 use std::fmt;

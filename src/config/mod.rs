@@ -1,5 +1,9 @@
 //! The agent config: actions, webhooks, automations and egress; loaded from TOML or JSON,
 //! validated, and compiled once into an [`ActionSet`].
+//!
+//! Owns the agent files and the compiled set of agents ([`Agents`]: one file or many, named
+//! by agent), and builds the egress policy the transport enforces. May call: `template`,
+//! `jsonpath`, `transport` (its policy type), `state`, `time`.
 
 mod agents;
 mod compile;

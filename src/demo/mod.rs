@@ -2,6 +2,9 @@
 //! Python package's `mock=True`): one local HTTPS server (a certificate made at start for every host the
 //! agent calls) answering the example agents' endpoints with realistic latencies and a fault on
 //! purpose, plus webhook receivers that verify Standard Webhooks signatures.
+//!
+//! Behind the default-on cargo feature `demo`. May call: `events` (signing), `config`,
+//! `transport`, `template`, `time`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,5 +1,10 @@
 //! Event webhooks: types and envelope, Standard Webhooks signing, a durable SQLite outbox,
 //! delivery with retries, and the delivery log.
+//!
+//! Owns the envelope, signing, publishing (the bus), the delivery worker and the delivery
+//! log; the SQL is `store`'s. Reaches other modules' deliveries only through
+//! `DeliveryTargets`, which they register. May call: `store`, `cache`, `config`,
+//! `transport`, `template`, `jsonpath`, `state`, `time`; never `exec` or above.
 
 mod bus;
 mod deliver;

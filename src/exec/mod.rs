@@ -10,7 +10,13 @@
 //! Around it: `builder.rs` (configuration, once), `runtime.rs` (the process-wide runtime and
 //! the one-shot path), `session.rs` (a live call: duplicate protection, cancellation, held
 //! side effects, the call's end), `task.rs` (one tool call's run on its own task) and
-//! `handle.rs` (one tool call's future, filler and cancel).
+//! `handle.rs` (one tool call's future, filler and cancel). `budget.rs` holds the turn's
+//! budget and each action's deadline under it; `apply.rs` makes every [`Outcome`].
+//!
+//! Nothing below exec knows about budgets except through the deadline it is handed. Tells
+//! automation of a call's end only through [`CallCompletion`], which automation registers.
+//! May call: `events`, `store`, `cache`, `config`, `transport`, `template`, `jsonpath`,
+//! `state`, `time`.
 
 mod apply;
 mod breaker;

@@ -2,6 +2,8 @@
 //!
 //! The engine sits behind [`Query`] so a faster evaluator can replace it without touching
 //! callers; today it is `serde_json_path`, which passes the whole compliance test suite.
+//!
+//! May call: `state` (extracted values are written at state paths); nothing else.
 
 mod extract;
 mod fast;

@@ -1,6 +1,6 @@
 //! The HTTP front of `midcall serve`: one hyper server whose router answers `GET /healthz`,
-//! `GET /metrics`, inbound webhooks ([`inbound`]), the operator API under `/v1/admin/`
-//! ([`admin`]) and the console under `/console` ([`console`], its CSS and script as files).
+//! `GET /metrics`, inbound webhooks (`inbound.rs`), the operator API under `/v1/admin/`
+//! (`admin/`) and the console under `/console` (`console/`, its CSS and script as files).
 //!
 //! May call: `automation` (to start runs and read agents), `store`, `events` and everything
 //! below; nothing above it but `stack` and the binary calls it.

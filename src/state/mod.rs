@@ -1,4 +1,6 @@
 //! Call facts, conversation variables and the transcript: everything an action may read or write.
+//!
+//! A leaf: imports nothing of the crate.
 
 mod transcript;
 mod variables;

@@ -4,6 +4,9 @@
 //! `call`, `state`, `args`, `secrets` and `transcript` in actions (`payload` instead of `args`
 //! in webhook-started automations). The default applies when the value is missing or null; with
 //! no default, a missing value is an error naming the variable, never an empty string.
+//!
+//! Also secrets and their redaction (`Secret`, `Redactor`, URLs with passwords hidden). May
+//! call: `state`; nothing else.
 
 mod body;
 mod secrets;

@@ -1,5 +1,8 @@
 //! Fuzz target bodies, kept in the library so a normal test can replay the corpora on stable
 //! Rust. Each function must never panic, whatever the input.
+//!
+//! Behind the cargo feature `testing` (which `fuzz/` and the tests enable); not API. May
+//! call anything.
 
 use serde_json::Value;
 

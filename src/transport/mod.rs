@@ -1,6 +1,9 @@
 //! HTTP transport: hyper-util's pooled client over our own connector (egress checks on every
 //! resolved address, `TCP_NODELAY`, rustls with ring, per-phase timings), one deadline over the
 //! whole exchange, and a response body capped while it streams.
+//!
+//! It is given an [`EgressPolicy`] value and a [`Deadline`]; it reads no config (`config`
+//! builds the policy from an agent's `[egress]`). May call: `state`, `time`; nothing else.
 
 mod connect;
 mod egress;
