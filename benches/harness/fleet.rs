@@ -98,8 +98,8 @@ pub(crate) async fn child(what: Child, db: &str, sink: &str) -> Result<ExitCode,
 
 fn spawn(args: &[&str]) -> Result<std::process::Child, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // This harness again (`midcall-bench`, which takes the flags with no subcommand).
     Command::new(exe)
-        .arg("bench")
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

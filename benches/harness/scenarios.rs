@@ -294,12 +294,7 @@ fn spawn_upstreams(body_bytes: usize) -> Result<(std::process::Child, Upstreams)
     use std::io::BufRead;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = std::process::Command::new(exe)
-        .args([
-            "bench",
-            "--serve-upstreams",
-            "--body-bytes",
-            &body_bytes.to_string(),
-        ])
+        .args(["--serve-upstreams", "--body-bytes", &body_bytes.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -763,7 +758,7 @@ async fn hit_profile(n: usize) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Busy processes (this binary with `bench --hog`), stopped when dropped.
+/// Busy processes (this harness again, with `--hog`), stopped when dropped.
 pub(crate) struct Hogs(Vec<std::process::Child>);
 
 impl Hogs {
@@ -772,7 +767,7 @@ impl Hogs {
         let mut out = Hogs(Vec::with_capacity(n));
         for _ in 0..n {
             let child = std::process::Command::new(&exe)
-                .args(["bench", "--hog"])
+                .args(["--hog"])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
                 .spawn()

@@ -43,7 +43,7 @@ pub(crate) struct BenchArgs {
     /// Exempt a network from the private-address block (with --actions; repeatable).
     #[arg(long = "allow-network", value_name = "CIDR", requires = "actions")]
     pub(crate) allow_network: Vec<String>,
-    /// Run the local upstreams in a separate process (this binary again), so the upstream's
+    /// Run the local upstreams in a separate process (the harness again), so the upstream's
     /// work does not share the bench's runtime and threads.
     #[arg(long, conflicts_with = "actions")]
     pub(crate) upstream_process: bool,

@@ -671,3 +671,60 @@ fn counts_read_as_english_and_tables_stay_aligned() {
     );
     assert_eq!(col(lines[0], "status"), col(lines[1], "pending"), "{text}");
 }
+
+/// `midcall bench` runs the measurement harness (`midcall-bench`, its own binary) with its
+/// flags, and the harness's own children (the upstream process, the CPU hogs) start: a quick
+/// run completes and reports every scenario with its ratio to raw hyper.
+#[test]
+fn bench_runs_the_harness_with_its_upstream_process_and_hogs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.json");
+    let o = midcall(&[
+        "bench",
+        "--quick",
+        "--upstream-process",
+        "--cpu-hogs",
+        "1",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let names: Vec<&str> = report["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    for want in [
+        "raw_serde",
+        "exec_miss",
+        "exec_hit",
+        "session_miss",
+        "session_hit",
+    ] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
+    let exec_miss = report["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "exec_miss")
+        .unwrap();
+    assert!(
+        exec_miss["ratio_p50"].as_f64().is_some_and(|r| r > 0.0),
+        "{exec_miss}"
+    );
+    assert_eq!(
+        report["deadline_cpu_hogs"]["cpu_hogs"], 1,
+        "the deadline measured beside a hog process: {}",
+        report["deadline_cpu_hogs"]
+    );
+}
