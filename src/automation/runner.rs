@@ -140,7 +140,7 @@ impl AutomationsBuilder {
         let (stop, _) = watch::channel(Stop::Run);
         let agents = Arc::new(RwLock::new(Arc::new(self.agents)));
         let inner = Arc::new(Inner {
-            secrets: self.runtime.secret_source(),
+            secrets: self.runtime.parts().secret_source(),
             agents: agents.clone(),
             runtime: self.runtime,
             bus: self.bus,

@@ -9,9 +9,9 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::error::{Error, Failure, Fault, Kind, Retry};
-use super::obtain::FetchResult;
+use super::outcome::FetchResult;
 use super::outcome::{llm_result, values_object, Outcome, Status, Timings};
-use super::runtime::Runtime;
+use super::parts::Parts;
 use crate::cache::{CacheStatus, ScopeId};
 use crate::config::ActionSpec;
 use crate::events::{Event, EventType};
@@ -28,7 +28,7 @@ pub(crate) struct Applied<'a> {
     pub(crate) span: &'a tracing::Span,
 }
 
-impl Runtime {
+impl Parts {
     /// Applies the result to state (values, or the fallback) and builds the outcome.
     pub(crate) fn apply(
         &self,

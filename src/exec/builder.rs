@@ -11,7 +11,8 @@ use tokio::sync::Semaphore;
 use super::breaker::Breakers;
 use super::dedupe::DEFAULT_DEDUPE_WINDOW;
 use super::error::BuildError;
-use super::runtime::{Parts, Runtime};
+use super::parts::Parts;
+use super::runtime::Runtime;
 use crate::cache::{ResponseCache, DEFAULT_CACHE_CAPACITY_BYTES};
 use crate::events::EventBusBuilder;
 use crate::template::{EnvSecrets, SecretSource};
@@ -235,6 +236,10 @@ impl RuntimeBuilder {
             dedupe_window: self.dedupe_window,
             event_bus,
             gates: Default::default(),
+            user_agent: http::header::HeaderValue::from_static(concat!(
+                "midcall/",
+                env!("CARGO_PKG_VERSION")
+            )),
         }))
     }
 }

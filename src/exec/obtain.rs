@@ -3,30 +3,18 @@
 
 use std::sync::Arc;
 
-use serde_json::Value;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::budget::ActionDeadline;
 use super::error::{Failure, Fault, Kind, Retry};
 use super::outcome::Timings;
+use super::outcome::{FetchResult, Fetched};
+use super::parts::Parts;
 use super::plan::Prepared;
-use super::runtime::Runtime;
 use crate::cache::shared::{SharedKey, SharedTier};
 use crate::cache::{key_headers, CacheStatus, Entry, Join, KeyParts, Lookup, ScopeId};
 use crate::config::{ActionSpec, CachePolicy};
-use crate::state::StatePath;
-
-/// Values fetched and extracted, not yet applied.
-#[derive(Clone)]
-pub(crate) struct Fetched {
-    pub(crate) values: Vec<(StatePath, Value)>,
-    pub(crate) http_status: u16,
-    pub(crate) attempts: u32,
-    pub(crate) timings: Timings,
-}
-
-pub(crate) type FetchResult = Result<Fetched, Box<Failure>>;
 
 /// A cached entry as a fetch result: values, or the remembered 404.
 pub(crate) fn from_entry(e: &Entry, action: &str) -> FetchResult {
@@ -99,7 +87,7 @@ fn shared_key_of(
     })
 }
 
-impl Runtime {
+impl Parts {
     /// The cache step: a fresh entry, a stale one (with one refresh), a fetch shared with
     /// identical requests in flight, or a plain fetch for actions that are not cacheable.
     ///
@@ -108,7 +96,7 @@ impl Runtime {
     /// request and connection. A stale entry's refresh has no waiter and runs to the end
     /// within the action's timeout.
     pub(crate) async fn obtain(
-        &self,
+        self: &Arc<Self>,
         action: &ActionSpec,
         p: Prepared,
         deadline: ActionDeadline,
@@ -211,7 +199,7 @@ impl Runtime {
     /// (made here when the caller has not made it).
     #[allow(clippy::too_many_arguments)]
     fn spawn_shared(
-        &self,
+        self: &Arc<Self>,
         flight: crate::cache::Flight<FetchResult>,
         p: Prepared,
         action: &ActionSpec,
@@ -270,5 +258,42 @@ impl Runtime {
             }
             .instrument(tracing::Span::current()),
         );
+    }
+
+    /// The obtain step with the filler alongside: background actions start and return at
+    /// once; others run until their deadline, and `on_filler` is called when the action is
+    /// still running `filler.after_ms` after `started`.
+    pub(crate) async fn obtain_with_filler(
+        self: &Arc<Self>,
+        action: &ActionSpec,
+        p: Prepared,
+        deadline: ActionDeadline,
+        started: Instant,
+        span: &tracing::Span,
+        on_filler: impl FnOnce(&str),
+    ) -> (FetchResult, CacheStatus, bool) {
+        span.record("url", p.log_url.as_str());
+        if action.is_async() {
+            return (self.spawn_background(p, span), CacheStatus::Bypass, false);
+        }
+        let obtain = self.obtain(action, p, deadline).instrument(span.clone());
+        match action.filler() {
+            Some(filler) => {
+                tokio::pin!(obtain);
+                tokio::select! {
+                    biased;
+                    (r, c) = &mut obtain => (r, c, false),
+                    _ = tokio::time::sleep_until(started + filler.after) => {
+                        on_filler(&filler.say);
+                        let (r, c) = obtain.await;
+                        (r, c, true)
+                    }
+                }
+            }
+            None => {
+                let (r, c) = obtain.await;
+                (r, c, false)
+            }
+        }
     }
 }

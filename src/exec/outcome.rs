@@ -253,3 +253,15 @@ fn truncate(s: &mut String, max: usize) {
         s.push('…');
     }
 }
+
+/// Values fetched and extracted, not yet applied.
+#[derive(Clone)]
+pub(crate) struct Fetched {
+    pub(crate) values: Vec<(crate::state::StatePath, serde_json::Value)>,
+    pub(crate) http_status: u16,
+    pub(crate) attempts: u32,
+    pub(crate) timings: Timings,
+}
+
+/// What the fetch step gives the apply step: values, or the failure.
+pub(crate) type FetchResult = Result<Fetched, Box<super::error::Failure>>;

@@ -10,8 +10,7 @@ use http::header::{HeaderName, HeaderValue};
 use serde_json::Value;
 
 use super::error::{Failure, Fault, Kind, Retry};
-use super::runtime::Runtime;
-use super::ToolCall;
+use super::parts::Parts;
 use crate::cache::{key_headers, CacheKey, KeyParts, ScopeId};
 use crate::config::{ActionSpec, Method, RenderedRequest, RequestError};
 use crate::state::Call;
@@ -51,7 +50,7 @@ pub(crate) struct Idempotency {
     pub(crate) args: Value,
 }
 
-impl Runtime {
+impl Parts {
     /// Validates the arguments, renders the request and checks it against the egress policy.
     pub(crate) fn plan(
         &self,
@@ -150,10 +149,8 @@ impl Runtime {
         })
     }
 
-    /// The request `action` would send for `tool` in `call`, exactly, with every header
-    /// midcall adds (`host`, `user-agent`, `accept`, `content-length`, the idempotency key)
-    /// and secrets redacted by the returned request's `redacted_*` methods. Sends nothing.
-    pub fn render_request(
+    /// See [`Runtime::render_request`](super::Runtime::render_request).
+    pub(crate) fn render_request(
         &self,
         action: &ActionSpec,
         call: &Call,
@@ -189,5 +186,30 @@ impl Runtime {
             body: (!p.body.is_empty()).then(|| p.body.to_vec()),
             redactor: p.redactor,
         })
+    }
+}
+
+/// One tool call from the model: its id (if the model gave one) and its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The model's id for this tool call; keys idempotency when present.
+    pub id: Option<String>,
+    /// The arguments, a JSON object (or null for none).
+    pub args: Value,
+}
+
+impl ToolCall {
+    /// A tool call with an id.
+    pub fn new(id: impl Into<String>, args: Value) -> ToolCall {
+        ToolCall {
+            id: Some(id.into()),
+            args,
+        }
+    }
+}
+
+impl From<Value> for ToolCall {
+    fn from(args: Value) -> ToolCall {
+        ToolCall { id: None, args }
     }
 }

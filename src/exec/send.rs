@@ -3,6 +3,7 @@
 //! the response checks, parse and extraction; and background (`async = true`) actions.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -16,15 +17,19 @@ use super::budget::ActionDeadline;
 use super::error::{classify, describe_transport, Failure, Fault, Kind, Retry};
 use super::gate::Slot;
 use super::idempotency::idempotency_key;
-use super::obtain::{FetchResult, Fetched};
 use super::outcome::Timings;
+use super::outcome::{FetchResult, Fetched};
+use super::parts::Parts;
 use super::plan::Prepared;
-use super::runtime::{Runtime, MIN_RETRY_ATTEMPT};
 use crate::config::Method;
 use crate::jsonpath::Extractor;
 use crate::transport::{parse_retry_after, ConnectError, Deadline, Exchange, TransportError};
 
-impl Runtime {
+/// The least time a retried attempt is assumed to need, on top of the first attempt's own
+/// duration, when deciding whether a 429's Retry-After fits the budget: 2 ms.
+pub const MIN_RETRY_ATTEMPT: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl Parts {
     fn request(
         &self,
         p: &Prepared,
@@ -335,7 +340,7 @@ fn checked(
     })
 }
 
-impl Runtime {
+impl Parts {
     /// How long a read waits before its hedge, if it is hedged now.
     fn hedge_delay(&self, p: &Prepared) -> Option<std::time::Duration> {
         match p.hedge? {
@@ -403,7 +408,11 @@ impl Runtime {
     }
 
     /// Starts a background action; the caller gets `accepted` or, when full, `rejected`.
-    pub(crate) fn spawn_background(&self, p: Prepared, span: &tracing::Span) -> FetchResult {
+    pub(crate) fn spawn_background(
+        self: &Arc<Self>,
+        p: Prepared,
+        span: &tracing::Span,
+    ) -> FetchResult {
         let Some(permit) = self.background_permit() else {
             return Err(Failure::new(
                 Kind::Overloaded,

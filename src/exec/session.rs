@@ -16,8 +16,10 @@ use super::dedupe::{dedupe_key, RecentToolCalls};
 use super::error::{Failure, Fault, Kind, Retry};
 use super::handle::ToolHandle;
 use super::outcome::{Outcome, Status};
+use super::parts::action_span;
 use super::plan::Prepared;
-use super::runtime::{action_span, Runtime, ToolCall, WarmReport};
+use super::plan::ToolCall;
+use super::runtime::{Runtime, WarmReport};
 use super::task::Task;
 use crate::cache::CacheStatus;
 use crate::config::{ActionSet, ActionSpec, Hold};
@@ -351,13 +353,13 @@ impl CallSession {
     fn refuse(&self, name: &str, tool_call_id: Option<String>, f: Failure) -> ToolHandle {
         let (tx, rx) = oneshot::channel();
         let span = action_span(name, &self.info());
-        let limit = self.inner.runtime.llm_result_max_bytes();
+        let limit = self.inner.runtime.parts().llm_result_max_bytes();
         let o = super::apply::ended(name, tool_call_id, f, None, Some(limit));
         {
             let mut live = self.live();
             live.records.push(o.clone());
             let call = live.call.as_ref().expect("a session always holds its call");
-            self.inner.runtime.report(&o, call, &span);
+            self.inner.runtime.parts().report(&o, call, &span);
         }
         let _ = tx.send(o);
         ToolHandle::new(name, rx, Arc::new(watch::channel(None).0), true)
@@ -386,14 +388,17 @@ impl CallSession {
         };
         if let Some(k) = key {
             if live.inflight.contains_key(&k)
-                || live.recent.find(k, runtime.dedupe_window()).is_some()
+                || live
+                    .recent
+                    .find(k, runtime.parts().dedupe_window())
+                    .is_some()
             {
                 return Err(None);
             }
         }
-        let p = runtime.plan(action, call, tool).map_err(|_| None)?;
+        let p = runtime.parts().plan(action, call, tool).map_err(|_| None)?;
         let fresh = p.cache.as_ref().and_then(|(cache_key, _)| {
-            match runtime.cache().lookup(cache_key).now_or_never()? {
+            match runtime.parts().cache().lookup(cache_key).now_or_never()? {
                 crate::cache::Lookup::Fresh(e) => Some(e),
                 _ => None,
             }
@@ -412,10 +417,11 @@ impl CallSession {
             started,
             span: &span,
         };
-        let outcome = runtime.apply(action, call, result, how);
+        let outcome = runtime.parts().apply(action, call, result, how);
         if let Some(k) = key {
             if matches!(outcome.status, Status::Ok | Status::CacheHit) {
-                live.recent.remember(k, &outcome, runtime.dedupe_window());
+                live.recent
+                    .remember(k, &outcome, runtime.parts().dedupe_window());
             }
         }
         live.records.push(outcome.clone());

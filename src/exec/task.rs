@@ -14,8 +14,10 @@ use super::budget::{ActionDeadline, Budget};
 use super::error::{Failure, Kind, Retry};
 use super::handle::FillerSlot;
 use super::outcome::{Outcome, Status};
+use super::parts::action_span;
 use super::plan::Prepared;
-use super::runtime::{action_span, Runtime, ToolCall};
+use super::plan::ToolCall;
+use super::runtime::Runtime;
 use super::session::CallSession;
 use crate::cache::CacheStatus;
 use crate::config::{ActionSpec, OnInterrupt};
@@ -59,7 +61,7 @@ enum Next {
 /// How a task's path ended, before it is applied.
 enum Ended {
     /// A result to apply (values or a failure).
-    Result(super::obtain::FetchResult, CacheStatus, bool),
+    Result(super::outcome::FetchResult, CacheStatus, bool),
     /// An earlier or concurrent identical call's outcome.
     Deduplicated(Outcome),
 }
@@ -164,7 +166,8 @@ impl Task {
                 let mut live = self.session.live();
                 let running = match self.key {
                     Some(key) => {
-                        if let Some(o) = live.recent.find(key, path.runtime.dedupe_window()) {
+                        if let Some(o) = live.recent.find(key, path.runtime.parts().dedupe_window())
+                        {
                             return Err(Ended::Deduplicated(o.clone()));
                         }
                         let running = live.inflight.get(&key).cloned();
@@ -184,7 +187,7 @@ impl Task {
                         let call = live.call.as_ref().expect("a session always holds its call");
                         let planned = match self.planned.take() {
                             Some(p) => Ok(*p),
-                            None => path.runtime.plan(&action, call, &self.tool),
+                            None => path.runtime.parts().plan(&action, call, &self.tool),
                         };
                         Next::Planned(Box::new(planned))
                     }
@@ -236,10 +239,14 @@ impl Task {
         let deadline = ActionDeadline::new(&action, &self.budget, path.started);
         let filler = self.filler.clone();
         let started = path.started;
-        let obtain =
-            runtime.obtain_with_filler(&action, p, deadline, started, &path.span, move |line| {
-                filler.fire(line)
-            });
+        let obtain = runtime.parts().obtain_with_filler(
+            &action,
+            p,
+            deadline,
+            started,
+            &path.span,
+            move |line| filler.fire(line),
+        );
         tokio::pin!(obtain);
         tokio::select! {
             biased;
@@ -251,7 +258,7 @@ impl Task {
                     path.detached = true;
                     self.filler.disarm();
                     let f = cancelled(action.name(), why);
-                    let o = ended(action.name(), self.tool.id.clone(), *f, Some(started), Some(runtime.llm_result_max_bytes()));
+                    let o = ended(action.name(), self.tool.id.clone(), *f, Some(started), Some(runtime.parts().llm_result_max_bytes()));
                     if let Some(reply) = self.reply.take() {
                         let _ = reply.send(o);
                     }
@@ -273,7 +280,7 @@ impl Task {
         let outcome = match end {
             Ended::Deduplicated(earlier) => {
                 let o = deduplicated(earlier, self.tool.id.clone(), path.started);
-                runtime.report(&o, call, &path.span);
+                runtime.parts().report(&o, call, &path.span);
                 o
             }
             Ended::Result(result, cache, filler_fired) => {
@@ -285,13 +292,14 @@ impl Task {
                     started: path.started,
                     span: &path.span,
                 };
-                runtime.apply(&path.action, call, result, how)
+                runtime.parts().apply(&path.action, call, result, how)
             }
         };
         if let (Some(key), Some(tx)) = (self.key, path.leader.take()) {
             live.inflight.remove(&key);
             if matches!(outcome.status, Status::Ok | Status::CacheHit) {
-                live.recent.remember(key, &outcome, runtime.dedupe_window());
+                live.recent
+                    .remember(key, &outcome, runtime.parts().dedupe_window());
             }
             // Waiters get this outcome; a cancelled one sends nothing and they go themselves.
             if outcome.status != Status::Cancelled {

@@ -524,6 +524,10 @@ async fn start_run(addr: std::net::SocketAddr, automation: &str, body: &str) -> 
         .unwrap_or(0)
 }
 
+/// Three processes, a kill and a database restart on a 2-core machine: a minute for each wait,
+/// which only a lost event or run can exceed.
+const LONG: Duration = Duration::from_secs(60);
+
 /// 1,000 events published durably by one process and 100 webhook-started runs spread over
 /// three `midcall serve` processes on one PostgreSQL database; one server is killed with
 /// SIGKILL mid-delivery and PostgreSQL is restarted in the middle. Every event and every run's
@@ -579,7 +583,7 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
             .unwrap()
             .len()
     };
-    wait_until("the first lookup run", WAIT, || {
+    wait_until("the first lookup run", LONG, || {
         ready(succeeded("lookup") == 1)
     })
     .await;
@@ -588,7 +592,7 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
         start_run(servers[1].addr, "lookup", r#"{"p": "ada"}"#).await,
         202
     );
-    wait_until("the second lookup run", WAIT, || {
+    wait_until("the second lookup run", LONG, || {
         ready(succeeded("lookup") == 2)
     })
     .await;
@@ -632,11 +636,11 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
             .collect::<BTreeSet<_>>()
             .len()
     };
-    wait_until("200 delivered", WAIT, || ready(delivered(&got) >= 200)).await;
+    wait_until("200 delivered", LONG, || ready(delivered(&got) >= 200)).await;
     let killed = servers.remove(0);
     drop(killed); // SIGKILL, mid-delivery
     let at_kill = delivered(&got);
-    wait_until("500 delivered", WAIT, || ready(delivered(&got) >= 500)).await;
+    wait_until("500 delivered", LONG, || ready(delivered(&got) >= 500)).await;
     pg.restart();
     let at_restart = delivered(&got);
     wait_until(
@@ -664,7 +668,7 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
         "fleet: 1000 events + 100 runs delivered; {duplicates} duplicate attempts (same webhook-id); killed at {at_kill}, restarted at {at_restart}"
     );
     // A run's delivery can arrive before the run's own end is recorded: wait for the ends.
-    wait_until("every run finished", WAIT, || {
+    wait_until("every run finished", LONG, || {
         ready(
             log.runs(Some("notify"), None, 1000)
                 .unwrap()
@@ -688,7 +692,7 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
             .iter()
             .all(|d| d.status == "delivered")
     };
-    wait_until("every delivery recorded", WAIT, || ready(all_recorded())).await;
+    wait_until("every delivery recorded", LONG, || ready(all_recorded())).await;
     let deliveries = dlog.deliveries(None, None, 5000).unwrap();
     assert_eq!(deliveries.len(), 1100);
     let pending: Vec<_> = deliveries
@@ -703,7 +707,7 @@ async fn three_serve_processes_deliver_everything_through_a_kill_and_a_database_
         start_run(servers[0].addr, "lookup", r#"{"p": "grace"}"#).await,
         202
     );
-    wait_until("a lookup with Redis down", WAIT, || {
+    wait_until("a lookup with Redis down", LONG, || {
         ready(succeeded("lookup") == 3)
     })
     .await;

@@ -68,7 +68,7 @@ pub(crate) fn loopback_policy() -> midcall::EgressPolicy {
 
 /// The usual limit of [`wait_until`] and [`wait_for`]: the events waited for take
 /// milliseconds, so only a hang reaches it.
-pub(crate) const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How often [`wait_for`] checks again.
 const POLL: std::time::Duration = std::time::Duration::from_millis(10);

@@ -86,16 +86,34 @@ CREATE TABLE IF NOT EXISTS endpoints (
 "#;
 
 /// Opens (and creates) an outbox database with WAL and synchronous=FULL.
+///
+/// Switching a new file to WAL takes an exclusive lock for which SQLite may answer "database is
+/// locked" at once, without waiting (processes opening an empty file together): such a
+/// transient failure is tried again, for up to 10 s.
 pub(crate) fn open(path: &Path) -> Result<Connection, StoreError> {
-    open_at(path).map_err(|e| {
+    let mut tries = 0;
+    let result = loop {
+        match open_at(path) {
+            Err(e) if e.is_transient() && tries < 200 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => break r,
+        }
+    };
+    result.map_err(|e| {
         let why = e.message().to_string();
-        if why.contains("not a database") {
-            StoreError::new(format!(
-                "{} is not an outbox database (a SQLite file midcall made): {why}",
+        let message = if why.contains("not a database") {
+            format!(
+                "outbox: {} is not an outbox database (a SQLite file midcall made): {why}",
                 path.display()
-            ))
+            )
         } else {
-            StoreError::new(format!("{}: {why}", path.display()))
+            format!("outbox: {}: {why}", path.display())
+        };
+        StoreError {
+            message,
+            transient: e.is_transient(),
         }
     })
 }
