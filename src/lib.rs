@@ -72,6 +72,30 @@
 //! assert!(req.redacted_text().contains("Bearer ***"));
 //! ```
 
+/// An error whose one cause is named by its message (the layer's fault is in its doc): a
+/// `String` newtype with `Display`, `Error`, and conversions to and from `String`.
+macro_rules! text_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        #[error("{0}")]
+        pub struct $name(pub(crate) String);
+
+        impl From<String> for $name {
+            fn from(message: String) -> Self {
+                $name(message)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(e: $name) -> Self {
+                e.0
+            }
+        }
+    };
+}
+pub(crate) use text_error;
+
 pub mod automation;
 pub mod cache;
 pub mod config;

@@ -195,19 +195,7 @@ impl Agents {
     }
 }
 
-/// Why agents cannot be served together (the agent files' fault): the message names them.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct AgentsError(pub(crate) String);
-
-impl From<String> for AgentsError {
-    fn from(message: String) -> Self {
-        AgentsError(message)
-    }
-}
-
-impl From<AgentsError> for String {
-    fn from(e: AgentsError) -> Self {
-        e.0
-    }
+crate::text_error! {
+    /// Why agents cannot be served together (the agent files' fault): the message names them.
+    AgentsError
 }

@@ -192,19 +192,7 @@ impl ActionSet {
     }
 }
 
-/// An argument schema that is not a JSON Schema of an object (the agent file's fault).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct SchemaError(pub(crate) String);
-
-impl From<String> for SchemaError {
-    fn from(message: String) -> Self {
-        SchemaError(message)
-    }
-}
-
-impl From<SchemaError> for String {
-    fn from(e: SchemaError) -> Self {
-        e.0
-    }
+crate::text_error! {
+    /// An argument schema that is not a JSON Schema of an object (the agent file's fault).
+    SchemaError
 }

@@ -580,19 +580,7 @@ pub fn hosts(set: &ActionSet) -> Vec<String> {
     out
 }
 
-/// The mock CRM could not start (its certificate, its port).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct MockError(pub(crate) String);
-
-impl From<String> for MockError {
-    fn from(message: String) -> Self {
-        MockError(message)
-    }
-}
-
-impl From<MockError> for String {
-    fn from(e: MockError) -> Self {
-        e.0
-    }
+crate::text_error! {
+    /// The mock CRM could not start (its certificate, its port).
+    MockError
 }

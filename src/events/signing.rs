@@ -236,19 +236,7 @@ mod tests {
     }
 }
 
-/// A signing key that is missing or malformed; the message never holds the key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct KeyError(pub(crate) String);
-
-impl From<String> for KeyError {
-    fn from(message: String) -> Self {
-        KeyError(message)
-    }
-}
-
-impl From<KeyError> for String {
-    fn from(e: KeyError) -> Self {
-        e.0
-    }
+crate::text_error! {
+    /// A signing key that is missing or malformed; the message never holds the key.
+    KeyError
 }

@@ -315,19 +315,7 @@ fn str_json_len(s: &str) -> usize {
     c.0
 }
 
-/// A state path that does not parse; the message names the segment and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct PathError(pub(crate) String);
-
-impl From<String> for PathError {
-    fn from(message: String) -> Self {
-        PathError(message)
-    }
-}
-
-impl From<PathError> for String {
-    fn from(e: PathError) -> Self {
-        e.0
-    }
+crate::text_error! {
+    /// A state path that does not parse; the message names the segment and why.
+    PathError
 }
