@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::outcome::{Status, Timings};
+use super::timings::Timings;
 use crate::transport::{ConnectError, EgressRefusal, TransportError};
 
 /// Who caused a failure.
@@ -58,28 +58,6 @@ pub(crate) enum Kind {
     HostBusy,
 }
 
-impl Kind {
-    /// The one place an end state is derived from what went wrong.
-    pub(crate) fn status(self) -> Status {
-        match self {
-            Kind::Timeout => Status::TimedOut,
-            Kind::Connect | Kind::Tls | Kind::Transport => Status::TransportError,
-            Kind::HttpStatus(_) => Status::HttpError,
-            Kind::RateLimited => Status::RateLimited,
-            Kind::CircuitOpen => Status::CircuitOpen,
-            Kind::InvalidResponse | Kind::State => Status::InvalidResponse,
-            Kind::Egress
-            | Kind::InvalidArguments
-            | Kind::Render
-            | Kind::Overloaded
-            | Kind::HostBusy
-            | Kind::UnknownTool
-            | Kind::CallEnded => Status::Rejected,
-            Kind::Cancelled => Status::Cancelled,
-        }
-    }
-}
-
 /// A failed attempt to get values: the error and what is known of the exchange. Its status
 /// is always `error.kind.status()`.
 #[derive(Clone)]
@@ -103,10 +81,6 @@ impl Failure {
             attempts: 0,
             timings: Timings::default(),
         })
-    }
-
-    pub(crate) fn status(&self) -> Status {
-        self.error.inner.kind.status()
     }
 
     pub(crate) fn http(mut self: Box<Self>, code: u16) -> Box<Self> {
@@ -373,6 +347,12 @@ impl Error {
     /// The tool call was cancelled (barge-in, a cancelled or dropped handle).
     pub fn is_cancelled(&self) -> bool {
         self.inner.kind == Kind::Cancelled
+    }
+}
+
+impl Error {
+    pub(crate) fn kind(&self) -> Kind {
+        self.inner.kind
     }
 }
 

@@ -36,6 +36,7 @@ mod runtime;
 mod send;
 mod session;
 mod task;
+mod timings;
 
 #[cfg(test)]
 mod tests;

@@ -1,12 +1,11 @@
 //! What an action produced: status, values, the result for the model, the line to say.
 
-use std::time::Duration;
-
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use super::error::Error;
+use super::error::{Error, Failure, Kind};
+pub use super::timings::Timings;
 use crate::state::StatePath;
 
 /// How an action ended.
@@ -60,47 +59,6 @@ impl Status {
     /// Ok, cache hit or accepted: no fallback applies.
     pub fn is_success(self) -> bool {
         matches!(self, Status::Ok | Status::CacheHit | Status::Accepted)
-    }
-}
-
-/// Where the time went, where it could be measured. `connect` and `tls` are present only when
-/// the action opened a new connection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Timings {
-    /// DNS and TCP connect.
-    pub connect: Option<Duration>,
-    /// TLS handshake.
-    pub tls: Option<Duration>,
-    /// Request sent to response headers received (includes connecting).
-    pub ttfb: Option<Duration>,
-    /// Reading the body.
-    pub body: Option<Duration>,
-    /// Parsing the JSON.
-    pub parse: Option<Duration>,
-    /// Running the extraction queries.
-    pub extract: Option<Duration>,
-    /// Everything, from the call to `execute` to the outcome.
-    pub total: Duration,
-}
-
-impl Serialize for Timings {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let us = |d: Duration| d.as_micros() as u64;
-        let mut m = s.serialize_map(None)?;
-        for (k, v) in [
-            ("connect_us", self.connect),
-            ("tls_us", self.tls),
-            ("ttfb_us", self.ttfb),
-            ("body_us", self.body),
-            ("parse_us", self.parse),
-            ("extract_us", self.extract),
-        ] {
-            if let Some(v) = v {
-                m.serialize_entry(k, &us(v))?;
-            }
-        }
-        m.serialize_entry("total_us", &us(self.total))?;
-        m.end()
     }
 }
 
@@ -264,4 +222,33 @@ pub(crate) struct Fetched {
 }
 
 /// What the fetch step gives the apply step: values, or the failure.
-pub(crate) type FetchResult = Result<Fetched, Box<super::error::Failure>>;
+pub(crate) type FetchResult = Result<Fetched, Box<Failure>>;
+
+impl Kind {
+    /// The one place an end state is derived from what went wrong.
+    pub(crate) fn status(self) -> Status {
+        match self {
+            Kind::Timeout => Status::TimedOut,
+            Kind::Connect | Kind::Tls | Kind::Transport => Status::TransportError,
+            Kind::HttpStatus(_) => Status::HttpError,
+            Kind::RateLimited => Status::RateLimited,
+            Kind::CircuitOpen => Status::CircuitOpen,
+            Kind::InvalidResponse | Kind::State => Status::InvalidResponse,
+            Kind::Egress
+            | Kind::InvalidArguments
+            | Kind::Render
+            | Kind::Overloaded
+            | Kind::HostBusy
+            | Kind::UnknownTool
+            | Kind::CallEnded => Status::Rejected,
+            Kind::Cancelled => Status::Cancelled,
+        }
+    }
+}
+
+impl Failure {
+    /// The end state this failure gives its tool call.
+    pub(crate) fn status(&self) -> Status {
+        self.error.kind().status()
+    }
+}
