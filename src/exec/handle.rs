@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use tokio::sync::{oneshot, watch};
 
 use super::apply::cancelled;
+use super::live::{interrupt, Interrupt};
 use super::outcome::Outcome;
-use super::session::{interrupt, Interrupt};
 
 type FillerCallback = Box<dyn FnOnce(&str) + Send>;
 

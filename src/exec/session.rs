@@ -2,7 +2,6 @@
 //! one recorded end state; duplicate protection over calls done and still running;
 //! cancellation by policy; side effects held to the end of the turn; the call's end.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -12,14 +11,15 @@ use tokio::time::Instant;
 
 use super::apply::Applied;
 use super::budget::Budget;
-use super::dedupe::{dedupe_key, RecentToolCalls};
+use super::dedupe::dedupe_key;
 use super::error::{Failure, Fault, Kind, Retry};
 use super::handle::ToolHandle;
+use super::live::{interrupt, Interrupt, Live, Session, StartReport};
 use super::outcome::{Outcome, Status};
 use super::parts::action_span;
 use super::plan::Prepared;
 use super::plan::ToolCall;
-use super::runtime::{Runtime, WarmReport};
+use super::runtime::Runtime;
 use super::task::Task;
 use crate::cache::CacheStatus;
 use crate::config::{ActionSet, ActionSpec, Hold};
@@ -27,16 +27,6 @@ use crate::events::{post_call_payload, Event};
 use crate::state::{
     Call, CallEnd, CallInfo, ConversationState, StateError, StatePath, Transcript, Turn,
 };
-
-/// What [`Runtime::start_call`] did before the first turn.
-#[derive(Debug, Clone, Default)]
-pub struct StartReport {
-    /// Connections opened ahead of the first turn (prefetched hosts count as warmed when they
-    /// answered).
-    pub warm: WarmReport,
-    /// The prefetch actions' outcomes, in file order.
-    pub prefetched: Vec<Outcome>,
-}
 
 /// Why a call's end could not be recorded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,30 +52,6 @@ pub enum EndError {
 pub struct CallSession {
     pub(super) inner: Arc<Session>,
 }
-
-pub(super) struct Session {
-    pub(super) runtime: Runtime,
-    pub(super) agent: Arc<ActionSet>,
-    pub(super) live: Mutex<Live>,
-    /// Tool calls not yet ended.
-    pub(super) running: watch::Sender<usize>,
-    pub(super) report: OnceLock<StartReport>,
-}
-
-#[derive(Default)]
-pub(super) struct Live {
-    pub(super) call: Option<Call>,
-    pub(super) recent: RecentToolCalls,
-    pub(super) inflight: HashMap<u128, watch::Receiver<Option<Outcome>>>,
-    pub(super) interrupts: HashMap<u64, Arc<Interrupt>>,
-    pub(super) held: Vec<oneshot::Sender<bool>>,
-    pub(super) records: Vec<Outcome>,
-    pub(super) next_id: u64,
-    pub(super) ended: bool,
-}
-
-/// Set once, with why, when a tool call is to stop.
-pub(super) type Interrupt = watch::Sender<Option<&'static str>>;
 
 impl std::fmt::Debug for CallSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,7 +132,7 @@ impl Runtime {
 
 impl CallSession {
     pub(super) fn live(&self) -> std::sync::MutexGuard<'_, Live> {
-        self.inner.live.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.live()
     }
 
     fn with_call<T>(&self, f: impl FnOnce(&mut Call) -> T) -> T {
@@ -479,7 +445,7 @@ impl CallSession {
         let handle = ToolHandle::new(action.name(), rx, stop.clone(), false);
         let filler = handle.filler.clone();
         let task = Task {
-            session: self.clone(),
+            session: self.inner.clone(),
             id,
             action,
             tool,
@@ -494,15 +460,4 @@ impl CallSession {
         tokio::spawn(task.run());
         handle
     }
-}
-
-pub(super) fn interrupt(i: &Interrupt, why: &'static str) {
-    i.send_if_modified(|v| {
-        if v.is_none() {
-            *v = Some(why);
-            true
-        } else {
-            false
-        }
-    });
 }

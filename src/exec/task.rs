@@ -13,12 +13,12 @@ use super::apply::{cancelled, deduplicated, ended, Applied};
 use super::budget::{ActionDeadline, Budget};
 use super::error::{Failure, Kind, Retry};
 use super::handle::FillerSlot;
+use super::live::Session;
 use super::outcome::{Outcome, Status};
 use super::parts::action_span;
 use super::plan::Prepared;
 use super::plan::ToolCall;
 use super::runtime::Runtime;
-use super::session::CallSession;
 use crate::cache::CacheStatus;
 use crate::config::{ActionSpec, OnInterrupt};
 
@@ -37,7 +37,7 @@ async fn stopped(rx: &mut watch::Receiver<Option<&'static str>>) -> &'static str
 
 /// One tool call's run, on its own task.
 pub(super) struct Task {
-    pub(super) session: CallSession,
+    pub(super) session: Arc<Session>,
     pub(super) id: u64,
     pub(super) action: Arc<ActionSpec>,
     pub(super) tool: ToolCall,
@@ -89,7 +89,7 @@ fn cancelled_end(action: &ActionSpec, why: &str) -> Ended {
 
 impl Task {
     pub(super) async fn run(mut self) {
-        let runtime = self.session.inner.runtime.clone();
+        let runtime = self.session.runtime.clone();
         let action = self.action.clone();
         let span = {
             let live = self.session.live();
@@ -121,7 +121,7 @@ impl Task {
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(outcome);
         }
-        self.session.inner.running.send_modify(|n| *n -= 1);
+        self.session.running.send_modify(|n| *n -= 1);
     }
 
     /// Duplicate protection, plan, the hold, obtain: how the call ended, before it is applied.
@@ -315,7 +315,7 @@ impl Task {
 /// Ends a tool call that stopped without reaching its end (a panic on its task): it leaves
 /// the in-flight table and the running count and is recorded `cancelled`.
 struct Guard {
-    session: CallSession,
+    session: Arc<Session>,
     id: u64,
     key: Option<u128>,
     leader: bool,
@@ -340,7 +340,6 @@ impl Drop for Guard {
             live.records.push(o);
         }
         self.session
-            .inner
             .running
             .send_modify(|n| *n = n.saturating_sub(1));
     }
