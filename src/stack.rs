@@ -210,31 +210,21 @@ impl StackBuilder {
                         source,
                     })?;
         }
+        // The bus is built on the runtime's pool, so the roots above serve its webhooks too.
         if let Some((db, tune)) = self.outbox {
-            let mut bus = tune(EventBus::builder(&db).agents(&self.agents));
-            for (what, pem) in &self.roots {
-                bus = bus
-                    .add_root_certificates_pem(pem)
-                    .map_err(|source| StackError::Roots {
-                        what: what.clone(),
-                        source: BuildError::Bus(source),
-                    })?;
-            }
-            builder = builder.event_bus(bus);
+            builder = builder.event_bus(tune(EventBus::builder(&db).agents(&self.agents)));
         }
-        let checked = self.shared_cache.is_some();
         if let Some(cfg) = self.shared_cache {
             builder = builder.shared_cache(cfg);
         }
         let runtime = (self.runtime)(builder.egress(policy))
             .build()
             .map_err(StackError::Runtime)?;
-        if checked {
-            runtime
-                .check_shared_cache(Duration::from_secs(2))
-                .await
-                .map_err(StackError::SharedCache)?;
-        }
+        // Without a shared tier this answers at once.
+        runtime
+            .check_shared_cache(Duration::from_secs(2))
+            .await
+            .map_err(StackError::SharedCache)?;
         let automations = match runtime.event_bus().cloned() {
             Some(bus) => Some(
                 Automations::for_agents(self.agents, runtime.clone(), bus)

@@ -37,10 +37,8 @@ fn harness() -> Result<ExitCode, String> {
             exe.display()
         ));
     }
-    let flags: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip_while(|a| a != "bench")
-        .skip(1)
-        .collect();
+    // `midcall bench FLAGS…`: the subcommand is the first argument (there are no global flags).
+    let flags: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
     let status = std::process::Command::new(&exe)
         .args(flags)
         .status()

@@ -102,6 +102,15 @@ pub(crate) fn egress_policy(
     Ok(policy)
 }
 
+/// A stack that could not be built, named by the flag at fault (`--db`, `--cache-url`).
+pub(crate) fn stack_error(e: midcall::StackError) -> String {
+    match e {
+        midcall::StackError::Runtime(e) => format!("--db: {e}"),
+        midcall::StackError::SharedCache(e) => format!("--cache-url: {e}"),
+        e => e.to_string(),
+    }
+}
+
 /// "1 delivery", "2 deliveries".
 pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use midcall::server::MetricsRender;
-use midcall::{Automations, InboundServer, SecretSource, Stack, StackError};
+use midcall::{Automations, InboundServer, SecretSource, Stack};
 
 use super::agents::Loaded;
 
@@ -211,11 +211,7 @@ async fn stack(a: &ServeArgs, agents: &midcall::config::Agents) -> Result<Stack,
     if a.mock {
         builder = builder.mock(Vec::new(), Arc::new(DemoSecrets::env_first()));
     }
-    builder.build().await.map_err(|e| match e {
-        StackError::Runtime(e) => format!("--db: {e}"),
-        StackError::SharedCache(e) => format!("--cache-url: {e}"),
-        e => e.to_string(),
-    })
+    builder.build().await.map_err(super::stack_error)
 }
 
 /// What is served, where: the first lines a `serve` prints.

@@ -16,8 +16,8 @@ use midcall::events::{DeliveryLog, Event};
 use midcall::exec::Budget;
 use midcall::time;
 use midcall::{
-    ActionSet, Automations, Call, CallEnd, CallInfo, CallSession, Outcome, Stack, StackError,
-    StatePath, ToolCall, Turn,
+    ActionSet, Automations, Call, CallEnd, CallInfo, CallSession, Outcome, Stack, StatePath,
+    ToolCall, Turn,
 };
 
 use midcall::demo::{hosts, DemoSecrets, Received};
@@ -366,11 +366,7 @@ async fn build_stack(
     if let Some(cfg) = shared {
         builder = builder.shared_cache(cfg);
     }
-    builder.build().await.map_err(|e| match e {
-        StackError::Runtime(e) => format!("--db: {e}"),
-        StackError::SharedCache(e) => format!("--cache-url: {e}"),
-        e => e.to_string(),
-    })
+    builder.build().await.map_err(crate::cli::stack_error)
 }
 
 /// The simulated call's facts.
