@@ -18,7 +18,6 @@ use super::outcome::{Outcome, Status};
 use super::parts::action_span;
 use super::plan::Prepared;
 use super::plan::ToolCall;
-use super::runtime::Runtime;
 use crate::cache::CacheStatus;
 use crate::config::{ActionSpec, OnInterrupt};
 
@@ -68,8 +67,6 @@ enum Ended {
 
 /// What a task's path carries from step to step.
 struct Path {
-    runtime: Runtime,
-    action: Arc<ActionSpec>,
     span: tracing::Span,
     /// When it started; reset when a held call is let go at the end of the turn.
     started: Instant,
@@ -89,12 +86,10 @@ fn cancelled_end(action: &ActionSpec, why: &str) -> Ended {
 
 impl Task {
     pub(super) async fn run(mut self) {
-        let runtime = self.session.runtime.clone();
-        let action = self.action.clone();
         let span = {
             let live = self.session.live();
             let call = live.call.as_ref().expect("a session always holds its call");
-            action_span(action.name(), &call.info)
+            action_span(self.action.name(), &call.info)
         };
         // Whatever happens below (a panicking filler callback included), the call ends once.
         let mut guard = Guard {
@@ -102,13 +97,11 @@ impl Task {
             id: self.id,
             key: self.key,
             leader: false,
-            action: action.clone(),
+            action: self.action.clone(),
             tool_call_id: self.tool.id.clone(),
             armed: true,
         };
         let mut path = Path {
-            runtime,
-            action,
             span,
             started: Instant::now(),
             leader: None,
@@ -130,15 +123,15 @@ impl Task {
             Ok(p) => p,
             Err(ended) => return ended,
         };
-        let action = path.action.clone();
+        let action = &self.action;
         // Held to the end of the turn: nothing is sent before it.
         if let Some(held) = self.held.take() {
             tokio::select! {
                 biased;
-                why = stopped(&mut self.stop) => return cancelled_end(&action, why),
+                why = stopped(&mut self.stop) => return cancelled_end(action, why),
                 go = held => {
                     if go != Ok(true) {
-                        return cancelled_end(&action, "barge-in before the end of the turn");
+                        return cancelled_end(action, "barge-in before the end of the turn");
                     }
                     path.started = Instant::now();
                 }
@@ -147,9 +140,11 @@ impl Task {
         // Stopped before anything was handed to the transport: nothing is sent at all.
         let stopped_already = *self.stop.borrow();
         if let Some(why) = stopped_already {
-            return cancelled_end(&action, why);
+            return cancelled_end(action, why);
         }
-        self.obtain(path, p).await
+        let (ended, detached) = self.obtain(path, p).await;
+        path.detached = detached;
+        ended
     }
 
     /// An earlier success or an identical call running (waited for) answers this one; else
@@ -159,15 +154,15 @@ impl Task {
         path: &mut Path,
         guard: &mut Guard,
     ) -> Result<Prepared, Ended> {
-        let action = path.action.clone();
-        let wait_until = ActionDeadline::new(&action, &self.budget, path.started);
+        let action = &self.action;
+        let runtime = self.session.runtime.parts();
+        let wait_until = ActionDeadline::new(action, &self.budget, path.started);
         loop {
             let next = {
                 let mut live = self.session.live();
                 let running = match self.key {
                     Some(key) => {
-                        if let Some(o) = live.recent.find(key, path.runtime.parts().dedupe_window())
-                        {
+                        if let Some(o) = live.recent.find(key, runtime.dedupe_window()) {
                             return Err(Ended::Deduplicated(o.clone()));
                         }
                         let running = live.inflight.get(&key).cloned();
@@ -187,7 +182,7 @@ impl Task {
                         let call = live.call.as_ref().expect("a session always holds its call");
                         let planned = match self.planned.take() {
                             Some(p) => Ok(*p),
-                            None => path.runtime.parts().plan(&action, call, &self.tool),
+                            None => runtime.plan(action, call, &self.tool),
                         };
                         Next::Planned(Box::new(planned))
                     }
@@ -202,7 +197,7 @@ impl Task {
             };
             let got = tokio::select! {
                 biased;
-                why = stopped(&mut self.stop) => return Err(cancelled_end(&action, why)),
+                why = stopped(&mut self.stop) => return Err(cancelled_end(action, why)),
                 // Waiting on another call never runs past this call's own budget.
                 _ = tokio::time::sleep_until(wait_until.deadline.timer_instant()) => {
                     // As obtain decides: the caller's fault only when the turn's budget, not
@@ -232,40 +227,36 @@ impl Task {
     }
 
     /// Obtain, with the filler and the interrupt policy: a call stopped after its request
-    /// went out finishes detached when the action says so (its handle hears `cancelled`).
-    async fn obtain(&mut self, path: &mut Path, p: Prepared) -> Ended {
-        let (runtime, action) = (path.runtime.clone(), path.action.clone());
+    /// went out finishes detached when the action says so (its handle hears `cancelled`; the
+    /// flag says so).
+    async fn obtain(&mut self, path: &Path, p: Prepared) -> (Ended, bool) {
+        let (runtime, action) = (self.session.runtime.parts(), &self.action);
         let sent = p.sent.clone();
-        let deadline = ActionDeadline::new(&action, &self.budget, path.started);
+        let deadline = ActionDeadline::new(action, &self.budget, path.started);
         let filler = self.filler.clone();
         let started = path.started;
-        let obtain = runtime.parts().obtain_with_filler(
-            &action,
-            p,
-            deadline,
-            started,
-            &path.span,
-            move |line| filler.fire(line),
-        );
+        let obtain =
+            runtime.obtain_with_filler(action, p, deadline, started, &path.span, move |line| {
+                filler.fire(line)
+            });
         tokio::pin!(obtain);
         tokio::select! {
             biased;
-            (r, c, f) = &mut obtain => Ended::Result(r, c, f),
+            (r, c, f) = &mut obtain => (Ended::Result(r, c, f), false),
             why = stopped(&mut self.stop) => {
                 if action.on_interrupt() == OnInterrupt::Finish && sent.load(Ordering::Acquire) {
                     // The request is out: finish it detached; the handle hears `cancelled`
                     // and no filler line is spoken for it any more.
-                    path.detached = true;
                     self.filler.disarm();
                     let f = cancelled(action.name(), why);
-                    let o = ended(action.name(), self.tool.id.clone(), *f, Some(started), Some(runtime.parts().llm_result_max_bytes()));
+                    let o = ended(action.name(), self.tool.id.clone(), *f, Some(started), Some(runtime.llm_result_max_bytes()));
                     if let Some(reply) = self.reply.take() {
                         let _ = reply.send(o);
                     }
                     let (r, c, f) = obtain.await;
-                    Ended::Result(r, c, f)
+                    (Ended::Result(r, c, f), true)
                 } else {
-                    cancelled_end(&action, why)
+                    (cancelled_end(action, why), false)
                 }
             }
         }
@@ -273,14 +264,14 @@ impl Task {
 
     /// The outcome applied to the call and recorded; waiters of an identical call get it.
     fn record(&mut self, path: &mut Path, end: Ended) -> Outcome {
-        let runtime = &path.runtime;
+        let runtime = self.session.runtime.parts();
         let mut live = self.session.live();
         let live = &mut *live;
         let call = live.call.as_mut().expect("a session always holds its call");
         let outcome = match end {
             Ended::Deduplicated(earlier) => {
                 let o = deduplicated(earlier, self.tool.id.clone(), path.started);
-                runtime.parts().report(&o, call, &path.span);
+                runtime.report(&o, call, &path.span);
                 o
             }
             Ended::Result(result, cache, filler_fired) => {
@@ -292,14 +283,13 @@ impl Task {
                     started: path.started,
                     span: &path.span,
                 };
-                runtime.parts().apply(&path.action, call, result, how)
+                runtime.apply(&self.action, call, result, how)
             }
         };
         if let (Some(key), Some(tx)) = (self.key, path.leader.take()) {
             live.inflight.remove(&key);
             if matches!(outcome.status, Status::Ok | Status::CacheHit) {
-                live.recent
-                    .remember(key, &outcome, runtime.parts().dedupe_window());
+                live.recent.remember(key, &outcome, runtime.dedupe_window());
             }
             // Waiters get this outcome; a cancelled one sends nothing and they go themselves.
             if outcome.status != Status::Cancelled {
