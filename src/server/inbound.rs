@@ -142,9 +142,13 @@ impl Caller<'_> {
         };
         let (rate, burst) = (set.inbound().rate_per_second, set.inbound().burst);
         let mut limiters = self.s.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        let limiter = limiters
-            .entry(agent_id.to_string())
-            .or_insert_with(|| RateLimiter::new(rate, burst));
+        // Looked up by &str: no String per request once the agent's bucket exists.
+        if !limiters.contains_key(agent_id) {
+            limiters.insert(agent_id.to_string(), RateLimiter::new(rate, burst));
+        }
+        let Some(limiter) = limiters.get_mut(agent_id) else {
+            return Some(error(StatusCode::SERVICE_UNAVAILABLE, "try again")); // inserted above
+        };
         // A reload may have changed the agent's rate.
         limiter.configure(rate, burst);
         let now = Instant::now();
