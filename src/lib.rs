@@ -96,6 +96,27 @@ macro_rules! text_error {
 }
 pub(crate) use text_error;
 
+/// The layers' errors as text, for callers that report them so (the command line), so `?`
+/// works in a function that returns `Result<_, String>`.
+macro_rules! into_text {
+    ($($error:ty),* $(,)?) => {
+        $(impl From<$error> for String {
+            fn from(e: $error) -> Self {
+                e.to_string()
+            }
+        })*
+    };
+}
+into_text!(
+    transport::SetupError,
+    cache::SharedCacheError,
+    store::StoreError,
+    events::BusError,
+    exec::BuildError,
+    automation::StartupError,
+    stack::StackError,
+);
+
 pub mod automation;
 pub mod cache;
 pub mod config;

@@ -241,10 +241,3 @@ impl StackBuilder {
         })
     }
 }
-
-/// For callers that report errors as text (the command line).
-impl From<StackError> for String {
-    fn from(e: StackError) -> Self {
-        e.to_string()
-    }
-}

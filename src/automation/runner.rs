@@ -618,10 +618,3 @@ impl Automations {
         }
     }
 }
-
-/// For callers that report errors as text (the command line).
-impl From<StartupError> for String {
-    fn from(e: StartupError) -> Self {
-        e.to_string()
-    }
-}

@@ -462,10 +462,3 @@ async fn listen(tier: std::sync::Weak<SharedTier>, client: redis::Client) {
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
-
-/// For callers that report errors as text (the command line).
-impl From<SharedCacheError> for String {
-    fn from(e: SharedCacheError) -> Self {
-        e.to_string()
-    }
-}

@@ -623,10 +623,3 @@ pub(crate) fn event_id(now: i64) -> String {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     format!("{now:x}{:x}{n:x}", std::process::id())
 }
-
-/// For callers that report errors as text (the command line).
-impl From<BusError> for String {
-    fn from(e: BusError) -> Self {
-        e.to_string()
-    }
-}

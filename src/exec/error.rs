@@ -392,10 +392,3 @@ pub enum BuildError {
     #[error("{0}")]
     SharedCache(crate::cache::SharedCacheError),
 }
-
-/// For callers that report errors as text (the command line).
-impl From<BuildError> for String {
-    fn from(e: BuildError) -> Self {
-        e.to_string()
-    }
-}

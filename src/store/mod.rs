@@ -464,10 +464,3 @@ impl From<pg::PgError> for StoreError {
         }
     }
 }
-
-/// For callers that report errors as text (the command line).
-impl From<StoreError> for String {
-    fn from(e: StoreError) -> Self {
-        e.to_string()
-    }
-}

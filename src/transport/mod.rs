@@ -352,10 +352,3 @@ impl From<String> for SetupError {
         SetupError(message)
     }
 }
-
-/// For callers that report errors as text (the command line).
-impl From<SetupError> for String {
-    fn from(e: SetupError) -> Self {
-        e.to_string()
-    }
-}
